@@ -1,0 +1,3 @@
+from keeneye.cli import app
+
+app()
