@@ -1,0 +1,138 @@
+"""The model bundle: one folder that every consumer (predict, evaluate, serve, export) starts from.
+
+`model.keras` takes raw RGB uint8 images and returns the positive-class probability; it loads
+with plain `keras.saving.load_model` (no custom objects, no keeneye import). `metadata.json`
+says how to read its output. A bundle is built in a hidden staging folder and renamed into
+place only when complete, so a crash never leaves a half-written bundle under a run's name and
+an earlier run is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from keeneye.errors import BundleError
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+CONFIG_FILE = "config.json"
+BUNDLE_FORMAT_VERSION = 1
+
+
+@dataclass
+class Bundle:
+    path: Path
+    model: Any  # keras.Model
+    metadata: dict
+
+    @property
+    def class_names(self) -> tuple[str, str]:
+        negative, positive = self.metadata["class_names"]
+        return negative, positive
+
+    @property
+    def positive_class(self) -> str:
+        return self.metadata["positive_class"]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["input"]["image_size"])
+
+
+def unique_run_folder(output_dir: Path, name: str) -> Path:
+    """`output_dir/name`, or `name-2`, `name-3`, ... if taken: runs are never overwritten."""
+    candidate = output_dir / name
+    suffix = 2
+    while candidate.exists():
+        candidate = output_dir / f"{name}-{suffix}"
+        suffix += 1
+    return candidate
+
+
+class StagedRun:
+    """A hidden staging folder that becomes `output_dir/<name>` on `publish()`."""
+
+    def __init__(self, output_dir: Path, name: str) -> None:
+        self.output_dir = Path(output_dir)
+        self.name = name
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.staging = self.output_dir / f".staging-{name}-{uuid.uuid4().hex[:8]}"
+        self.staging.mkdir()
+        self.final: Path | None = None
+
+    def publish(self) -> Path:
+        for _ in range(100):
+            target = unique_run_folder(self.output_dir, self.name)
+            try:
+                os.rename(self.staging, target)  # atomic; fails if a non-empty target appeared meanwhile
+            except OSError:
+                continue
+            self.final = target
+            return target
+        raise BundleError(f"could not publish run folder under {self.output_dir}")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_run(output_dir: Path, name: str) -> Iterator[StagedRun]:
+    """Write into `run.staging`; published on success, removed on any error."""
+    run = StagedRun(output_dir, name)
+    try:
+        yield run
+    except BaseException:
+        run.discard()
+        raise
+    if run.final is None:
+        run.publish()
+
+
+def default_run_name(prefix: str = "train") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_metadata(folder: Path, metadata: dict) -> None:
+    """Written last: its presence marks a complete bundle."""
+    temporary = folder / f".{METADATA_FILE}.tmp"
+    temporary.write_text(json.dumps(metadata, indent=2, allow_nan=False))
+    os.replace(temporary, folder / METADATA_FILE)
+
+
+def load_bundle(path: str | os.PathLike, load_model: bool = True) -> Bundle:
+    """Load a bundle folder; a clear error if it is missing or incomplete."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise BundleError(f"model bundle {folder} does not exist (expected a run folder such as runs/<name>).")
+    metadata_path = folder / METADATA_FILE
+    model_path = folder / MODEL_FILE
+    if not metadata_path.is_file() or not model_path.is_file():
+        missing = [p.name for p in (model_path, metadata_path) if not p.is_file()]
+        raise BundleError(f"{folder} is not a complete keeneye bundle: missing {', '.join(missing)}.")
+    try:
+        metadata = json.loads(metadata_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{metadata_path}: unreadable metadata ({exc}).") from None
+    if metadata.get("bundle_format") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{folder}: bundle format {metadata.get('bundle_format')!r} is not supported (expected {BUNDLE_FORMAT_VERSION}).")
+    model = None
+    if load_model:
+        import keras
+
+        try:
+            model = keras.saving.load_model(model_path, compile=False)
+        except Exception as exc:
+            raise BundleError(f"{model_path}: could not load the model ({type(exc).__name__}: {exc}).") from None
+    return Bundle(folder, model, metadata)

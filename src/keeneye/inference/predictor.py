@@ -1,0 +1,139 @@
+"""Predict from a model bundle: images or paths in, probabilities and labels out."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from keeneye.bundle import Bundle, load_bundle
+from keeneye.data.decode import decode_image_bytes
+from keeneye.data.scan import skip_reason
+from keeneye.inference.engines import KerasEngine
+from keeneye.training.features import iter_batches
+
+PREDICTION_COLUMNS = ["path", "probability", "label", "error"]
+ENGINES = ("auto", "keras")
+
+
+def make_engine(model, engine: str = "auto"):
+    """The engine that runs the bundle's model; 'auto' picks the fastest available one."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    return KerasEngine(model)
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict]]:
+    """Files, folders (recursive) and glob patterns -> (image paths, rows for inputs not used).
+
+    Inside folders and globs, files that are not images by name are reported as skipped;
+    a file named explicitly is always tried.
+    """
+    paths: list[str] = []
+    problems: list[dict] = []
+
+    def add_found(path: Path) -> None:
+        reason = skip_reason(path)
+        if reason is None:
+            paths.append(str(path))
+        else:
+            problems.append({"path": str(path), "error": f"skipped: {reason}"})
+
+    for item in inputs:
+        text = str(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            for found in sorted(p for p in path.rglob("*") if p.is_file()):
+                add_found(found.resolve())
+        elif path.is_file():
+            paths.append(str(path.resolve()))
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
+            files = [Path(m).resolve() for m in matches if Path(m).is_file()]
+            if not files:
+                problems.append({"path": text, "error": "no files match this pattern"})
+            for found in files:
+                add_found(found)
+        else:
+            problems.append({"path": text, "error": "no such file or folder"})
+    return paths, problems
+
+
+class Predictor:
+    """Runs a bundle's model on images; `threshold` and labels come from the bundle's metadata.
+
+    A sample is predicted positive when its probability is >= the threshold (everywhere in keeneye).
+    """
+
+    def __init__(self, bundle: Bundle, engine: str = "auto", batch_size: int = 32, workers: int = 2) -> None:
+        self.bundle = bundle
+        self.engine = make_engine(bundle.model, engine)
+        self.batch_size = batch_size
+        self.workers = workers
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, engine: str = "auto", batch_size: int = 32) -> "Predictor":
+        return cls(load_bundle(path), engine=engine, batch_size=batch_size)
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name
+
+    def label_for(self, probabilities: np.ndarray) -> np.ndarray:
+        negative, positive = self.bundle.class_names
+        return np.where(probabilities >= self.bundle.threshold, positive, negative)
+
+    def predict_images(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Probabilities for RGB uint8 images of any size (resized as in training)."""
+        size = self.bundle.image_size
+        import cv2
+
+        def fit(image: np.ndarray) -> np.ndarray:
+            image = np.asarray(image, dtype=np.uint8)
+            if image.shape[:2] != (size, size):
+                interpolation = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_LINEAR
+                image = cv2.resize(image, (size, size), interpolation=interpolation)
+            return image
+
+        batch = np.stack([fit(image) for image in images]) if len(images) else np.empty((0, size, size, 3), np.uint8)
+        outputs = [self.engine(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
+        return np.concatenate(outputs).reshape(-1) if outputs else np.empty(0, np.float32)
+
+    def predict_bytes(self, data: bytes) -> float:
+        """Probability for one encoded image (raises DecodeError if it cannot be decoded)."""
+        return float(self.predict_images([decode_image_bytes(data, self.bundle.image_size)])[0])
+
+    def predict_paths(self, paths: Sequence[str], progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+        """One row per path, in order: probability and label, or the reason it failed."""
+        probabilities = np.full(len(paths), np.nan, dtype=np.float64)
+        errors: list[str | None] = [None] * len(paths)
+        for keys, batch, failures in iter_batches(enumerate(paths), self.bundle.image_size, self.batch_size, self.workers):
+            for key, reason in failures:
+                errors[key] = reason
+            if keys:
+                probabilities[keys] = self.engine(batch).reshape(-1)
+            if progress:
+                progress(len(keys) + len(failures))
+        ok = ~np.isnan(probabilities)
+        labels = np.where(ok, self.label_for(np.nan_to_num(probabilities)), None)
+        return pd.DataFrame(
+            {"path": list(paths), "probability": probabilities, "label": labels, "error": errors},
+            columns=PREDICTION_COLUMNS,
+        )
+
+    def predict(self, inputs: Iterable[str | os.PathLike], progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+        """Files, folders or globs -> one row per file found (errors included, never silently dropped)."""
+        paths, problems = expand_inputs(inputs)
+        return with_problem_rows(self.predict_paths(paths, progress), problems)
+
+
+def with_problem_rows(frame: pd.DataFrame, problems: list[dict]) -> pd.DataFrame:
+    """Append the inputs that were not predicted (from `expand_inputs`) as rows with their reason."""
+    if not problems:
+        return frame
+    extra = pd.DataFrame(problems).reindex(columns=PREDICTION_COLUMNS)
+    return pd.concat([frame, extra], ignore_index=True) if len(frame) else extra

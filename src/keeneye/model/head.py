@@ -1,0 +1,32 @@
+"""The trainable head on pooled features, and its composition with the backbone."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+
+
+def build_head(input_dim: int, dense_units: Sequence[int], dropout: float, seed: int | None = None) -> keras.Model:
+    """Pooled features (N, D) -> probability of the positive class (N, 1).
+
+    Dropout / Dense(relu) blocks then a sigmoid unit. Trained on cached features, then attached
+    to the backbone unchanged, so the bundle computes exactly what was trained.
+    """
+    features = keras.Input((input_dim,), name="pooled_features")
+    x = features
+    for index, units in enumerate(dense_units):
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, seed=None if seed is None else seed + index, name=f"dropout_{index}")(x)
+        x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, seed=seed, name="dropout_out")(x)
+    probability = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    return keras.Model(features, probability, name="head")
+
+
+def build_classifier(feature_extractor: keras.Model, head: keras.Model) -> keras.Model:
+    """Raw RGB uint8 image -> probability: the model that goes into the bundle."""
+    image = keras.Input(feature_extractor.input_shape[1:], dtype="uint8", name="image")
+    probability = head(feature_extractor(image))
+    return keras.Model(image, probability, name="keeneye_classifier")

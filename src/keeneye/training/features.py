@@ -1,0 +1,186 @@
+"""Pooled backbone features for every manifest row, computed once and cached on disk.
+
+With a frozen backbone and no augmentation, training the head on stored features is the same
+computation as running the whole network every epoch, many times faster. Decoding runs in a
+small thread pool (OpenCV releases the GIL) overlapped with the forward pass, with a bounded
+queue so memory stays flat however large the dataset is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from keeneye.data.decode import DecodeError, load_image
+
+FEATURE_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """`$KEENEYE_CACHE_DIR`, else `$XDG_CACHE_HOME/keeneye`, else `~/.cache/keeneye`."""
+    if os.environ.get("KEENEYE_CACHE_DIR"):
+        return Path(os.environ["KEENEYE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "keeneye"
+
+
+def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha256: str) -> str:
+    """Features are only reusable for the same network, weights and input size."""
+    return f"{backbone}-a{alpha}-s{image_size}-w{weights_sha256[:16]}-v{FEATURE_FORMAT_VERSION}"
+
+
+class EmbeddingCache:
+    """Features keyed by image content hash, stored as append-only `.npz` shards in one folder.
+
+    Each run that computes new features adds one shard, written to a temporary name and renamed,
+    so a crash never leaves a shard that loads half-written.
+    """
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.folder = Path(root) / "embeddings" / key
+
+    def load(self) -> dict[str, np.ndarray]:
+        features: dict[str, np.ndarray] = {}
+        if not self.folder.is_dir():
+            return features
+        for shard in sorted(self.folder.glob("*.npz")):
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    for sha1, vector in zip(data["sha1"], data["features"]):
+                        features[str(sha1)] = vector
+            except (OSError, ValueError, KeyError):
+                continue  # an unreadable shard only costs recomputation
+        return features
+
+    def add(self, sha1s: list[str], vectors: np.ndarray) -> Path | None:
+        if not sha1s:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        temporary = self.folder / f".{name}.tmp.npz"
+        np.savez(temporary, sha1=np.asarray(sha1s), features=np.asarray(vectors, dtype=np.float32))
+        final = self.folder / f"{name}.npz"
+        os.replace(temporary, final)
+        return final
+
+
+@dataclass
+class EmbeddingResult:
+    """Features aligned with the manifest's rows; rows that could not be decoded are dropped."""
+
+    features: np.ndarray  # (n_rows, D) float32, NaN for dropped rows
+    dropped: pd.DataFrame  # index = manifest index, column "reason"
+    n_cached: int = 0
+    n_computed: int = 0
+    seconds: float = 0.0
+    cache_folder: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return ~np.isnan(self.features).any(axis=1)
+
+
+def iter_decoded(
+    paths: Iterable[tuple[int, str]], image_size: int, workers: int, prefetch: int
+) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """Decode in a thread pool, in order, with at most `prefetch` images in flight."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="keeneye-decode") as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        for key, path in paths:
+            pending.append((key, pool.submit(load_image, path, image_size)))
+            if len(pending) >= prefetch:
+                yield _result(*pending.popleft())
+        while pending:
+            yield _result(*pending.popleft())
+
+
+def _result(key: int, future: Future) -> tuple[int, np.ndarray | None, str | None]:
+    try:
+        return key, future.result(), None
+    except DecodeError as exc:
+        return key, None, exc.reason
+
+
+def iter_batches(
+    paths: Iterable[tuple[int, str]], image_size: int, batch_size: int, workers: int = 2
+) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+    """Yield (keys, uint8 batch, failures) with decoding overlapped with the consumer's work."""
+    keys: list[int] = []
+    images: list[np.ndarray] = []
+    failures: list[tuple[int, str]] = []
+    for key, image, reason in iter_decoded(paths, image_size, workers, prefetch=2 * batch_size):
+        if image is None:
+            failures.append((key, reason or "could not be decoded"))
+        else:
+            keys.append(key)
+            images.append(image)
+        if len(images) == batch_size:
+            yield keys, np.stack(images), failures
+            keys, images, failures = [], [], []
+    if images or failures:
+        yield keys, (np.stack(images) if images else np.empty((0, image_size, image_size, 3), np.uint8)), failures
+
+
+def embed_manifest(
+    manifest: pd.DataFrame,
+    engine: Callable[[np.ndarray], np.ndarray],
+    feature_dim: int,
+    image_size: int,
+    cache: EmbeddingCache | None,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> EmbeddingResult:
+    """Features for every row: from the cache when the content hash is known, else computed."""
+    start = time.perf_counter()
+    features = np.full((len(manifest), feature_dim), np.nan, dtype=np.float32)
+    positions = {index: position for position, index in enumerate(manifest.index)}
+    cached = cache.load() if cache is not None else {}
+    todo: list[tuple[int, str]] = []
+    n_cached = 0
+    for index, row in manifest.iterrows():
+        vector = cached.get(row["sha1"]) if row["sha1"] else None
+        if vector is not None and vector.shape == (feature_dim,):
+            features[positions[index]] = vector
+            n_cached += 1
+        else:
+            todo.append((index, row["path"]))
+    if progress and n_cached:
+        progress(n_cached)
+
+    dropped: dict[int, str] = {}
+    new_sha1s: list[str] = []
+    new_vectors: list[np.ndarray] = []
+    sha1_by_index = manifest["sha1"]
+    for keys, batch, failures in iter_batches(todo, image_size, batch_size, workers):
+        dropped.update(failures)
+        if keys:
+            output = engine(batch)
+            for key, vector in zip(keys, output):
+                features[positions[key]] = vector
+                if sha1_by_index[key]:
+                    new_sha1s.append(sha1_by_index[key])
+                    new_vectors.append(vector)
+        if progress:
+            progress(len(keys) + len(failures))
+    if cache is not None and new_sha1s:
+        cache.add(new_sha1s, np.stack(new_vectors))
+    dropped_frame = pd.DataFrame({"reason": pd.Series(dropped, dtype=object)})
+    return EmbeddingResult(
+        features=features,
+        dropped=dropped_frame,
+        n_cached=n_cached,
+        n_computed=len(todo) - len(dropped),
+        seconds=time.perf_counter() - start,
+        cache_folder=cache.folder if cache is not None else None,
+    )
