@@ -396,17 +396,6 @@ def test_wrong_type_or_range(project: Path, sections: dict, expected: str) -> No
     assert "\n" not in message  # a single problem is a single line
 
 
-def test_imagenet_alpha_and_size_combination(project: Path) -> None:
-    message = bad(project, model={"alpha": 1.4, "image_size": 160})
-    assert message.endswith(
-        "model: ImageNet weights for alpha 1.4 exist only at image_size 224, not 160; "
-        "use image_size 224 or an alpha of 1.0 or less"
-    )
-    # fine without ImageNet weights, or at 224
-    config_from_dict({"data_folder_path": "data", "model": {"alpha": 1.4, "image_size": 160, "weights": "none"}}, project)
-    config_from_dict({"data_folder_path": "data", "model": {"alpha": 1.4}}, project)
-
-
 def test_several_problems_are_listed_one_per_line(project: Path) -> None:
     path = write(
         project,

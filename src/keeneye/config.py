@@ -133,8 +133,8 @@ class ModelConfig(BaseModel):
         Field(
             description=(
                 "MobileNetV2 width multiplier: smaller is faster and less accurate, larger is slower and more "
-                "accurate. ImageNet weights exist for 0.35, 0.5, 0.75, 1.0, 1.3 and 1.4 (1.3 and 1.4 only at "
-                "image_size 224)."
+                "accurate. ImageNet weights exist for every value; keeneye loads the alpha's 224 px no-top "
+                "file for any image_size."
             )
         ),
         _Expect("one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4", ("integer", "number")),
@@ -191,19 +191,6 @@ class ModelConfig(BaseModel):
                 {"resolved": str(resolved)},
             )
         return str(resolved)
-
-    @model_validator(mode="after")
-    def _check_imagenet_combination(self) -> "ModelConfig":
-        # Keras has ImageNet weights for alpha 1.3 and 1.4 only at 224 px; at 96..192 px it would try
-        # to download a file that does not exist (other sizes fall back to the 224 weights).
-        if self.weights == "imagenet" and self.alpha in (1.3, 1.4) and self.image_size in (96, 128, 160, 192):
-            raise PydanticCustomError(
-                "model_combination",
-                "ImageNet weights for alpha {alpha} exist only at image_size 224, not {size}; "
-                "use image_size 224 or an alpha of 1.0 or less",
-                {"alpha": self.alpha, "size": self.image_size},
-            )
-        return self
 
 
 class HeadConfig(BaseModel):
@@ -656,8 +643,6 @@ def _format_error(err: Mapping[str, Any], data: Any, origins: Mapping[Tuple[str,
     value = _lookup(data, path)
     shown = _show(value) if value is not _MISSING else _show(err.get("input"))
 
-    if etype == "model_combination":
-        return key, f"{label}: {err['msg']}"
     if etype == "run_name":
         return key, f"{label}: {shown} {err['msg']}; expected {expect.text if expect else 'a folder name'}"
     if etype in _PATH_ERRORS:

@@ -16,9 +16,10 @@ import keras
 
 from keeneye.errors import WeightsError
 
-# Keras publishes MobileNetV2 weights for these input sizes; any other size uses the 224 file
-# (the convolution weights do not depend on the input size), exactly as keras.applications does.
-IMAGENET_ROWS = (96, 128, 160, 192, 224)
+# Keras publishes MobileNetV2 weights per input size; keeneye always uses the 224 px no-top file of
+# the chosen alpha for every input size (the convolution weights do not depend on it), so an
+# air-gapped user needs exactly one file per alpha.
+IMAGENET_ROWS = 224
 IMAGENET_BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 FEATURE_LAYER_NAME = "features"
 
@@ -44,9 +45,8 @@ def sha256_of_file(path: Path) -> str:
 
 
 def imagenet_weights_filename(alpha: float, image_size: int) -> str:
-    """The file name Keras uses for the no-top MobileNetV2 ImageNet weights."""
-    rows = image_size if image_size in IMAGENET_ROWS else 224
-    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
+    """The Keras file name of the no-top MobileNetV2 ImageNet weights used for any `image_size`."""
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{IMAGENET_ROWS}_no_top.h5"
 
 
 def keras_models_cache_dir() -> Path:
