@@ -282,7 +282,7 @@ def predict(
     frame = with_problem_rows(frame, problems)
     failed = frame["error"].notna()
     for row in frame[failed].itertuples():
-        console.print(f"[yellow]not predicted:[/] {escape(str(row.path))}: {escape(str(row.error))}", highlight=False)
+        console.print(f"[yellow]not predicted:[/] {escape(str(row.path))}: {escape(str(row.error))}", highlight=False, soft_wrap=True)
     if output is not None:
         write_predictions(frame, Path(output))
         console.print(f"{int((~failed).sum())} predicted, {int(failed.sum())} not; written to {output}")
