@@ -21,10 +21,14 @@ SHARED_WEIGHTS = SHARED / "weights" / WEIGHTS_NAME
 CASTING = SHARED / "data" / "casting" / "casting_data"
 
 # Keras reads $KERAS_HOME when it is first imported: set it up before any test imports keras.
+# Tests get an isolated home holding only the alpha-1.0 file (from the caller's $KERAS_HOME, as
+# .ci/run provides it, else from ../shared), so a user's own Keras cache cannot change outcomes.
+_PROVIDED = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models" / WEIGHTS_NAME
 _KERAS_HOME = Path(tempfile.mkdtemp(prefix="keeneye-test-keras-home-"))
 (_KERAS_HOME / "models").mkdir()
-if SHARED_WEIGHTS.is_file():
-    shutil.copy(SHARED_WEIGHTS, _KERAS_HOME / "models" / WEIGHTS_NAME)
+WEIGHTS = next((path for path in (_PROVIDED, SHARED_WEIGHTS) if path.is_file()), SHARED_WEIGHTS)
+if WEIGHTS.is_file():
+    shutil.copy(WEIGHTS, _KERAS_HOME / "models" / WEIGHTS_NAME)
 os.environ["KERAS_HOME"] = str(_KERAS_HOME)
 os.environ["KEENEYE_CACHE_DIR"] = tempfile.mkdtemp(prefix="keeneye-test-cache-")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,7 +47,7 @@ def _need(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def imagenet_weights() -> Path:
     """The genuine MobileNetV2 no-top weights file (also available as 'imagenet' via $KERAS_HOME)."""
-    return _need(SHARED_WEIGHTS)
+    return _need(WEIGHTS)
 
 
 @pytest.fixture(scope="session")

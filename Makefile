@@ -1,0 +1,29 @@
+# keeneye: `make demo` trains and evaluates on a generated dataset; `make test` runs the test suite.
+# Both create .venv and install the package into it first (pip install -e .[dev]).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Optional: WEIGHTS=/path/to/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 for offline machines
+WEIGHTS ?=
+
+.PHONY: install demo test benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/keeneye demo $(if $(WEIGHTS),--set model.weights=$(abspath $(WEIGHTS)))
+
+test: install
+	$(BIN)/python -m pytest -q
+
+benchmark: install
+	$(BIN)/python benchmarks/train_casting.py
+
+clean:
+	rm -rf demo_run .pytest_cache benchmarks/results

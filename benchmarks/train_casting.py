@@ -1,0 +1,133 @@
+"""Benchmark: `keeneye train` on the full casting set vs a bare batched MobileNetV2 forward pass.
+
+Measured in one process, side by side (timings on shared machines are noisy; ratios hold up):
+  - the whole train (scan + hashing + decode + embeddings, head training, threshold, evaluation, bundle),
+    cold: a fresh embedding cache, so every image goes through the backbone;
+  - one bare batched forward pass (Keras, batch 32) over the same training images, images decoded
+    beforehand per batch and only the forward calls timed: the floor any frozen-backbone trainer pays;
+  - peak RSS of the train (read before the bare pass runs);
+  - test F1 on the whole test split and without the 64 test images that are byte-identical
+    copies of training images (DUPLICATES_train_test.tsv).
+Targets (issue 2): test F1 >= 0.97, train within 1.5x of the bare pass, peak RSS < 2 GB.
+
+    python benchmarks/train_casting.py [--data ../shared/data/casting] [--out benchmarks/results/train_casting.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+def bare_forward_seconds(paths: list[str], weights: Path, batch_size: int = 32) -> float:
+    """Sum of the forward-call times of a plain Keras MobileNetV2 (+ GAP) over all images."""
+    import numpy as np
+
+    from keeneye.data.decode import load_image
+    from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
+
+    model = build_feature_extractor(1.0, 224, ResolvedWeights(str(weights), weights, None))
+    model.predict_on_batch(np.zeros((batch_size, 224, 224, 3), np.uint8))  # trace once, like any real run
+    total = 0.0
+    for start in range(0, len(paths), batch_size):
+        batch = np.stack([load_image(p, 224) for p in paths[start : start + batch_size]])
+        begin = time.perf_counter()
+        model.predict_on_batch(batch)
+        total += time.perf_counter() - begin
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "casting")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train_casting.json")
+    args = parser.parse_args()
+
+    import pandas as pd
+    from rich.console import Console
+
+    from keeneye import api
+    from keeneye.config import config_from_dict
+
+    work = Path(tempfile.mkdtemp(prefix="keeneye-bench-casting-"))
+    config = config_from_dict(
+        {
+            "data_folder_path": str(args.data / "casting_data"),
+            "output_dir": str(work / "runs"),
+            "run_name": "casting",
+            "cache_dir": str(work / "cache"),
+            "model": {"weights": str(args.weights)},
+            "training": {"epochs": 50, "seed": 0},
+        },
+        base_dir=work,
+    )
+    rss_before = peak_rss_mb()
+    started = time.perf_counter()
+    result = api.train(config, console=Console(stderr=True))
+    train_seconds = time.perf_counter() - started
+    train_peak_rss = peak_rss_mb()
+
+    manifest = pd.read_csv(result.run_dir / "manifest.csv")
+    train_paths = manifest.loc[manifest["split"].isin(["training", "validation"]), "path"].tolist()
+    bare = bare_forward_seconds(train_paths, args.weights)
+
+    predictions = pd.read_csv(result.run_dir / "predictions.csv")
+    duplicates = pd.read_csv(args.data / "DUPLICATES_train_test.tsv", sep="\t", header=None, names=["test", "train"])
+    leaked = {str((args.data / p).resolve()) for p in duplicates["test"]}
+    clean = predictions[~predictions["path"].map(lambda p: str(Path(p).resolve())).isin(leaked)]
+    from keeneye.evaluation.metrics import binary_metrics
+
+    negative, positive = result.class_names
+    clean_metrics = binary_metrics((clean["label"] == positive).astype(int).to_numpy(), clean["probability"].to_numpy(),
+                                   result.threshold, result.class_names)
+
+    rows = {
+        "train images (training + validation)": len(train_paths),
+        "test images": int(result.metrics["n"]),
+        "test F1 (all test images)": round(result.metrics["at_threshold"]["f1"], 4),
+        "test F1 (without 64 leaked duplicates)": round(clean_metrics["at_threshold"]["f1"], 4),
+        "test images without duplicates": int(clean_metrics["n"]),
+        "scan + embeddings (s)": round(result.timings["scan_and_embeddings_s"], 1),
+        "head training (s)": round(result.timings["head_training_s"], 1),
+        "threshold + evaluation (s)": round(result.timings["evaluation_s"], 1),
+        "whole train (s)": round(train_seconds, 1),
+        "bare Keras forward pass, training images (s)": round(bare, 1),
+        "train / bare forward pass": round(train_seconds / bare, 3),
+        "bare forward throughput (images/s)": round(len(train_paths) / bare, 1),
+        "peak RSS during train (MB)": round(train_peak_rss, 0),
+        "peak RSS before train (MB)": round(rss_before, 0),
+    }
+    targets = {
+        "test F1 >= 0.97": rows["test F1 (all test images)"] >= 0.97,
+        "train <= 1.5x bare forward": rows["train / bare forward pass"] <= 1.5,
+        "peak RSS < 2 GB": train_peak_rss < 2048,
+    }
+    width = max(map(len, rows))
+    print("\nkeeneye train on casting (cold embedding cache), CPU cores:", os.cpu_count())
+    for key, value in rows.items():
+        print(f"  {key:<{width}}  {value}")
+    for key, ok in targets.items():
+        print(f"  target {key:<{width - 7}}  {'met' if ok else 'NOT met'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"results": rows, "targets": targets, "timings": result.timings,
+                                    "python": sys.version.split()[0]}, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
