@@ -66,7 +66,7 @@ def test_schema_prints_valid_json() -> None:
     result = runner.invoke(app, ["config", "schema"])
     assert result.exit_code == 0, result.output
     schema = json.loads(result.stdout)
-    assert schema["required"] == ["data_folder_path"]
+    assert schema["oneOf"][0] == {"required": ["data_folder_path"]}  # or data.manifest_path
     assert schema["properties"]["data_folder_path"]["description"]
 
 

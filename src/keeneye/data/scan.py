@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from keeneye.data.decode import IMAGE_EXTENSIONS
+from keeneye.data.split import split_validation  # noqa: F401  (moved to keeneye.data.split; kept importable here)
 from keeneye.errors import DataError
 
 MANIFEST_COLUMNS = ["path", "label", "split", "group", "sha1"]
@@ -164,21 +164,3 @@ def scan_evaluation_folder(root: str | os.PathLike, class_names: tuple[str, str]
             f"(the model's classes), found: {', '.join(found) or 'none'}."
         )
     return ScanResult(*_frames(rows, skipped), class_names)
-
-
-def split_validation(manifest: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """Move a stratified, seeded share of the training rows to `validation` (never from testing)."""
-    manifest = manifest.copy()
-    if fraction <= 0:
-        return manifest
-    rng = np.random.default_rng(seed)
-    for label in sorted(manifest["label"].unique()):
-        index = manifest.index[(manifest["split"] == "training") & (manifest["label"] == label)].to_numpy()
-        n_validation = int(round(len(index) * fraction))
-        if len(index) >= 2:
-            n_validation = min(max(n_validation, 1), len(index) - 1)
-        else:
-            n_validation = 0
-        chosen = rng.choice(np.sort(index), size=n_validation, replace=False)
-        manifest.loc[chosen, "split"] = "validation"
-    return manifest

@@ -1,0 +1,221 @@
+"""CSV manifest -> the same manifest DataFrame as a folder scan (`path, label, split, group, sha1`).
+
+The second way in, for labels that live in a spreadsheet::
+
+    path,label,split,group
+    images/0001.png,defect,,part-17
+    images/0002.png,ok,testing,part-18
+
+* ``path`` and ``label`` are required; ``split`` (training, validation or testing; empty means
+  training) and ``group`` (images of one physical part, video or session) are optional. Other
+  columns are ignored, so a spreadsheet can be exported as it is. Column names are matched
+  without regard to case or surrounding spaces; ``,``, ``;`` and tab separators are recognised.
+* Relative paths are relative to the CSV file's folder; absolute paths are kept.
+* Every bad row is reported with its line number (the header is line 1) in one
+  :class:`~keeneye.errors.DataError`: a missing file, an empty path or label, an unknown split,
+  a file listed twice, a label beyond the two classes.
+
+:func:`load_data` is the single entry point used by ``train`` and ``audit``: a folder scan or a
+CSV manifest, then groups from ``data.group_pattern`` where the manifest has none.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from keeneye.data.scan import MANIFEST_COLUMNS, SKIPPED_COLUMNS, ScanResult, file_sha1, resolve_class_names, scan_folder
+from keeneye.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from keeneye.config import Config
+
+__all__ = ["SPLIT_VALUES", "read_manifest", "load_data"]
+
+#: Accepted values of the ``split`` column (lower-cased, stripped); empty means training.
+SPLIT_VALUES = {
+    "": "training", "training": "training", "train": "training",
+    "validation": "validation", "val": "validation", "valid": "validation",
+    "testing": "testing", "test": "testing",
+}
+REQUIRED_COLUMNS = ("path", "label")
+OPTIONAL_COLUMNS = ("split", "group")
+MAX_LISTED = 20
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (line {line}, byte {exc.start}); save the manifest as UTF-8 CSV.") from None
+
+
+def _delimiter(header_line: str) -> str:
+    """',' unless the header clearly uses ';' or tab (spreadsheet exports in some locales)."""
+    if "," in header_line:
+        return ","
+    for candidate in (";", "\t"):
+        if candidate in header_line:
+            return candidate
+    return ","
+
+
+def _records(text: str, delimiter: str):
+    """(first line number, cells) per CSV record; quoted fields may span lines."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    previous_end = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        start = previous_end + 1
+        previous_end = reader.line_num
+        yield start, cells
+
+
+def _problem_message(path: Path, problems: list[tuple[int, str]]) -> str:
+    problems = sorted(problems)
+    lines = [f"  line {line}: {text}" for line, text in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    rows = len({line for line, _ in problems})
+    noun = "bad row" if rows == 1 else "bad rows"
+    return f"{path}: {rows} {noun} (line numbers of the file; the header is line 1):\n" + "\n".join(lines)
+
+
+def read_manifest(csv_path: str | os.PathLike, positive_class: str | None = None) -> ScanResult:
+    """Read a CSV manifest into a :class:`ScanResult` (the same shape as :func:`scan_folder`)."""
+    path = Path(csv_path).expanduser().resolve()
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist or is not a file.")
+    text = _read_text(path)
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    if not first_line:
+        raise DataError(f"{path}: the manifest is empty; expected a header line such as path,label,split,group.")
+    delimiter = _delimiter(first_line)
+    records = _records(text, delimiter)
+    header_line, header = next((r for r in records if any(c.strip() for c in r[1])), (0, []))
+    names = [c.strip().lower() for c in header]
+    repeated = sorted(n for n, k in Counter(n for n in names if n).items() if k > 1)
+    if repeated:
+        raise DataError(f"{path}: line {header_line}: the header names {', '.join(repeated)} more than once.")
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise DataError(
+            f"{path}: line {header_line}: the header has no {' and no '.join(missing)} column "
+            f"(found: {', '.join(repr(c) for c in header) or 'nothing'}); expected columns path,label and optionally split,group."
+        )
+    position = {name: names.index(name) for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if name in names}
+    folder = path.parent
+
+    problems: list[tuple[int, str]] = []
+    rows: list[dict] = []
+    labelled: list[tuple[int, str]] = []  # (line, label) of every row with a label, good or bad
+    first_seen: dict[str, int] = {}
+    for line, cells in records:
+        if not any(c.strip() for c in cells):
+            continue  # blank line
+        if len(cells) > len(header):
+            problems.append((line, f"{len(cells)} fields but the header has {len(header)} (an unquoted '{delimiter}' in a value?)"))
+            continue
+        cells = [c.strip() for c in cells] + [""] * (len(header) - len(cells))
+        value = {name: cells[i] for name, i in position.items()}
+        bad = False
+        raw_path, label = value["path"], value["label"]
+        resolved = None
+        if not raw_path:
+            problems.append((line, "empty path"))
+            bad = True
+        else:
+            candidate = Path(os.path.expanduser(raw_path))
+            resolved = Path(os.path.abspath(candidate if candidate.is_absolute() else folder / candidate))
+            if not resolved.exists():
+                problems.append((line, f"file not found: {raw_path} (resolved to {resolved})"))
+                bad = True
+            elif not resolved.is_file():
+                problems.append((line, f"{raw_path} is a folder, not a file (resolved to {resolved})"))
+                bad = True
+            elif str(resolved) in first_seen:
+                problems.append((line, f"{raw_path} is listed again (first on line {first_seen[str(resolved)]})"))
+                bad = True
+            else:
+                first_seen[str(resolved)] = line
+        if not label:
+            problems.append((line, "empty label"))
+            bad = True
+        else:
+            labelled.append((line, label))
+        split_text = value.get("split", "")
+        split = SPLIT_VALUES.get(split_text.lower())
+        if split is None:
+            problems.append((line, f"unknown split {split_text!r}; expected training, validation, testing or empty (= training)"))
+            bad = True
+        if bad:
+            continue
+        rows.append({"path": str(resolved), "label": label, "split": split, "group": value.get("group") or None})
+
+    label_counts = Counter(label for _, label in labelled)
+    if len(label_counts) > 2:
+        kept = {label for label, _ in label_counts.most_common(2)}
+        summary = ", ".join(f"{label!r} ({n} rows)" for label, n in label_counts.most_common())
+        for line, label in labelled:
+            if label not in kept:
+                problems.append((line, f"label {label!r} is a third label; a manifest has exactly two ({summary})"))
+    if problems:
+        raise DataError(_problem_message(path, problems))
+    if not rows:
+        raise DataError(f"{path}: no images listed (only a header).")
+    try:
+        class_names = resolve_class_names(list(label_counts), positive_class)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+
+    for row in rows:
+        row["sha1"] = file_sha1(Path(row["path"]))
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest["group"] = pd.Series([row["group"] for row in rows], dtype=object, index=manifest.index)  # None, not NaN
+    return ScanResult(manifest, pd.DataFrame([], columns=SKIPPED_COLUMNS), class_names)
+
+
+def load_data(cfg: "Config") -> ScanResult:
+    """The manifest a run starts from: a CSV manifest or a folder scan, with groups from `data.group_pattern`."""
+    from keeneye.data.split import assign_groups
+
+    if cfg.data.manifest_path is not None:
+        scan = read_manifest(cfg.data.manifest_path, cfg.positive_class)
+    else:
+        scan = scan_folder(cfg.data_folder_path, cfg.positive_class)
+    if cfg.data.group_pattern:
+        scan.manifest = assign_groups(scan.manifest, cfg.data.group_pattern)
+    return scan
+
+
+def run_testing_manifest(run_dir: str | os.PathLike, class_names: tuple[str, str]) -> ScanResult | None:
+    """The testing images a run was evaluated on, from its `manifest.csv` (None when it has none).
+
+    Runs record which rows they evaluated (column `evaluated`: testing, readable, and not left out
+    as leaked); older runs fall back to every testing row.
+    """
+    path = Path(run_dir) / "manifest.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path, dtype={"path": str, "label": str, "split": str, "group": object, "sha1": object})
+    if "evaluated" in frame.columns:
+        rows = frame[frame["evaluated"].astype(bool)]
+    else:
+        rows = frame[frame["split"] == "testing"]
+    rows = rows[rows["label"].isin(class_names)]
+    manifest = rows[MANIFEST_COLUMNS].reset_index(drop=True).astype({"group": object})
+    return ScanResult(manifest, pd.DataFrame([], columns=SKIPPED_COLUMNS), class_names)
