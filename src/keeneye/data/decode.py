@@ -46,6 +46,7 @@ __all__ = [
     "DecodeError",
     "decode_image_bytes",
     "load_image",
+    "probe",
 ]
 
 #: File extensions (lowercase, with the dot) that a folder scanner treats as images.
@@ -317,3 +318,40 @@ def load_image(path: str | os.PathLike[str], size: int | None = None) -> np.ndar
     except OSError as exc:
         raise DecodeError(f"unreadable: {exc.strerror or exc}") from exc
     return decode_image_bytes(data, size)
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the first IFD of a classic TIFF (what OpenCV decodes)."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (offset,) = struct.unpack_from(order + "I", data, 4)
+        (count,) = struct.unpack_from(order + "H", data, offset)
+        width = height = None
+        for i in range(min(count, 1024)):
+            tag, kind = struct.unpack_from(order + "HH", data, offset + 2 + 12 * i)
+            if tag not in (256, 257):
+                continue
+            if kind == 3:
+                (value,) = struct.unpack_from(order + "H", data, offset + 2 + 12 * i + 8)
+            elif kind == 4:
+                (value,) = struct.unpack_from(order + "I", data, offset + 2 + 12 * i + 8)
+            else:
+                return None
+            if tag == 256:
+                width = value
+            else:
+                height = value
+    except struct.error:
+        return None
+    return (width, height) if width is not None and height is not None else None
+
+
+def probe(data: bytes) -> tuple[str | None, tuple[int, int] | None, bool]:
+    """(format, declared (width, height), header cut short) from the first bytes; nothing is decoded."""
+    fmt = _sniff_format(data)
+    if fmt is None:
+        return None, None, False
+    if fmt == "TIFF":
+        return fmt, _tiff_size(data), False
+    jpeg = _jpeg_header(data) if fmt == "JPEG" else None
+    return fmt, _header_size(fmt, data, jpeg), bool(jpeg and jpeg.ran_out)

@@ -1,0 +1,76 @@
+"""Serving settings: every limit of the REST service in one validated, JSON-serialisable object."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from keeneye.data.decode import MAX_PIXELS
+from keeneye.errors import ConfigError
+
+MiB = 1024 * 1024
+
+#: Formats the decoder can read, by the names `keeneye.data.decode` sniffs from magic bytes.
+KNOWN_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+_FORMAT_ALIASES = {"JPG": "JPEG", "JPE": "JPEG", "TIF": "TIFF"}
+DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+
+
+class ServeSettings(BaseModel):
+    """Limits and batching of `keeneye serve` / `create_app` (all optional; defaults are safe)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: str = Field("auto", description="Inference engine passed to Predictor ('auto' picks the fastest available).")
+    batching: bool = Field(True, description="Merge images of concurrent requests into one forward pass.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one forward pass.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a request that finds the model idle waits for others to join its batch (under load, queued requests run at once).")
+    max_body_bytes: int = Field(32 * MiB, ge=1024, description="Largest request body (413 beyond it).")
+    max_image_bytes: int = Field(16 * MiB, ge=1, description="Largest single encoded image (reported per image beyond it).")
+    max_pixels: int = Field(
+        50_000_000, ge=1, le=MAX_PIXELS,
+        description="Largest width x height, read from the image header before decoding (decompression bombs).",
+    )
+    max_images_per_request: int = Field(32, ge=1, le=4096, description="Most images in one request (413 beyond it).")
+    allowed_formats: Tuple[str, ...] = Field(DEFAULT_FORMATS, description="Accepted image formats (detected from the bytes, not the name).")
+    max_pending_images: int = Field(1024, ge=1, description="Images waiting for the model before new requests get 503 (back-pressure).")
+    request_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the model per request (503 beyond it).")
+    decode_threads: int = Field(2, ge=1, le=64, description="Threads that parse and decode uploads off the event loop.")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish.")
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _normalise_formats(cls, value):
+        if isinstance(value, str):
+            value = [part for part in value.split(",")]
+        names = []
+        for item in value:
+            name = str(item).strip().upper().lstrip(".")
+            name = _FORMAT_ALIASES.get(name, name)
+            if name not in KNOWN_FORMATS:
+                raise ValueError(f"unknown image format {item!r} (known: {', '.join(KNOWN_FORMATS)})")
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise ValueError("at least one image format must be allowed")
+        return tuple(names)
+
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, value: str) -> str:
+        if not value or not value.strip():
+            raise ValueError("must name an engine, e.g. 'auto'")
+        return value.strip()
+
+
+def make_settings(**values) -> ServeSettings:
+    """ServeSettings from keyword values (None means 'default'); one ConfigError listing every mistake."""
+    try:
+        return ServeSettings(**{key: value for key, value in values.items() if value is not None})
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "settings"
+            lines.append(f"serve setting {key}={error.get('input')!r}: {error['msg']}")
+        raise ConfigError("\n".join(lines)) from None
