@@ -218,7 +218,7 @@ def test_schema_describes_every_property() -> None:
     schema = config_json_schema()
     json.dumps(schema)  # serialisable
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert set(schema["$defs"]) == {"ModelConfig", "HeadConfig", "TrainingConfig", "EvaluationConfig"}
+    assert set(schema["$defs"]) == {"ModelConfig", "HeadConfig", "TrainingConfig", "EvaluationConfig", "DataConfig"}
     count = 0
     for name, obj in _objects(schema):
         assert obj.get("additionalProperties") is False, name
@@ -226,12 +226,13 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 10 + 4 + 2 + 7 + 2  # "$schema" + every field
+    assert count == 1 + 11 + 4 + 2 + 7 + 2 + 6  # "$schema" + every field
 
 
 def test_schema_required_and_excluded_fields() -> None:
     schema = config_json_schema()
-    assert schema["required"] == ["data_folder_path"]
+    assert "required" not in schema  # data_folder_path or data.manifest_path, exactly one:
+    assert [alternative["required"] for alternative in schema["oneOf"]] == [["data_folder_path"], ["data"]]
     assert "config_path" not in schema["properties"]
     assert "$schema" in schema["properties"]
     for name, obj in _objects(schema):
@@ -312,8 +313,9 @@ def test_nan_is_rejected(project: Path) -> None:
 def test_missing_data_folder_path(project: Path) -> None:
     path = write(project, {"training": {"epochs": 3}})
     assert error_of(path) == (
-        f"{path}: data_folder_path: required key is missing; expected the path of an existing folder with one "
-        "sub-folder of images per class (relative paths are resolved against the config file's folder)"
+        f"{path}: data_folder_path: required key is missing; expected the path of an existing folder holding "
+        "training/<class>/ and testing/<class>/ (relative paths are resolved against the config file's folder), "
+        "or set data.manifest_path to a CSV manifest instead"
     )
 
 
@@ -425,7 +427,7 @@ def test_data_folder_does_not_exist(project: Path) -> None:
     path = write(project, {"data_folder_path": "images/train"})
     assert error_of(path) == (
         f'{path}: data_folder_path: "images/train" resolved to {project / "images" / "train"}, which does not exist; '
-        "expected the path of an existing folder with one sub-folder of images per class "
+        "expected the path of an existing folder holding training/<class>/ and testing/<class>/ "
         "(relative paths are resolved against the config file's folder)"
     )
 
@@ -576,3 +578,76 @@ def test_number_for_a_string_field_is_named_a_number(project: Path) -> None:
     assert "run_name: expected a folder name of letters, digits, '.', '_' and '-' only, or null, got 1.5 (a number)" in bad(
         project, run_name=1.5
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The data section: CSV manifest instead of a folder, group-aware splitting, audit
+# ----------------------------------------------------------------------------------------------
+
+
+def test_data_section_defaults(project: Path) -> None:
+    cfg = load_config(write(project, {"data_folder_path": "data"}))
+    d = cfg.data
+    assert d.manifest_path is None and d.group_pattern is None and d.drop_leaked_test is False
+    assert d.test_fraction == 0.2 and 0 < d.near_duplicate_similarity <= 1 and d.near_duplicate_hash_distance >= 0
+
+
+def test_manifest_replaces_the_data_folder(project: Path) -> None:
+    (project / "lists").mkdir()
+    (project / "lists" / "labels.csv").write_text("path,label\n")
+    cfg = load_config(write(project, {"data": {"manifest_path": "lists/labels.csv", "group_pattern": "^(v\\d+)_"}}))
+    assert cfg.data_folder_path is None
+    assert cfg.data.manifest_path == project / "lists" / "labels.csv" and cfg.data.manifest_path.is_absolute()
+    saved = project / "saved.json"
+    save_config(cfg, saved)
+    assert load_config(saved).data.manifest_path == cfg.data.manifest_path  # round trip with data_folder_path null
+
+
+def test_manifest_and_folder_together_is_an_error(project: Path) -> None:
+    (project / "labels.csv").write_text("path,label\n")
+    message = bad(project, data={"manifest_path": "labels.csv"})
+    assert message == (
+        f"{project / 'config.json'}: data_folder_path and data.manifest_path are both set; keep one: the images come "
+        "either from a folder or from a CSV manifest (to drop the folder with --set, use --set data_folder_path=null)"
+    )
+
+
+def test_null_data_folder_without_manifest(project: Path) -> None:
+    message = error_of(write(project, {"data_folder_path": None}))
+    assert "data_folder_path: is null and data.manifest_path is not set; give one of them" in message
+    assert "data.manifest_path" in message and "\n" not in message
+
+
+def test_manifest_path_errors(project: Path) -> None:
+    path = write(project, {"data": {"manifest_path": "missing.csv"}})
+    assert error_of(path) == (
+        f'{path}: data.manifest_path: "missing.csv" resolved to {project / "missing.csv"}, which does not exist; '
+        "expected the path of an existing CSV file with columns path,label[,split,group], or null "
+        "(relative paths are resolved against the config file's folder)"
+    )
+    assert "which is a directory, not a file" in error_of(write(project, {"data": {"manifest_path": "data"}}))
+
+
+DATA_CASES = [
+    ({"group_pattern": "(unclosed"}, 'data.group_pattern: "(unclosed" is not a valid regular expression (missing ), unterminated subpattern at position 0); expected a regular expression (Python syntax), or null'),
+    ({"group_pattern": 3}, "data.group_pattern: expected a regular expression (Python syntax), or null, got 3 (an integer)"),
+    ({"test_fraction": 0.95}, "data.test_fraction: expected a number >= 0 and < 0.9, e.g. 0.2, got 0.95"),
+    ({"drop_leaked_test": "yes"}, 'data.drop_leaked_test: expected true or false, got "yes" (a string)'),
+    ({"drop_leaked_test": 1}, "data.drop_leaked_test: expected true or false, got 1 (an integer)"),
+    ({"near_duplicate_similarity": 0}, "data.near_duplicate_similarity: expected a number > 0 and <= 1, e.g. 0.95, got 0"),
+    ({"near_duplicate_hash_distance": 65}, "data.near_duplicate_hash_distance: expected an integer from -1 to 64, got 65"),
+    ({"split": "group"}, "data.split: unknown key; valid keys in 'data' are: manifest_path, group_pattern, test_fraction, drop_leaked_test, near_duplicate_similarity, near_duplicate_hash_distance"),
+]
+
+
+@pytest.mark.parametrize("section, expected", DATA_CASES, ids=[e.split(":")[0] + "-" + str(i) for i, (_, e) in enumerate(DATA_CASES)])
+def test_data_section_errors(project: Path, section: dict, expected: str) -> None:
+    message = bad(project, data=section)
+    assert message == f"{project / 'config.json'}: {expected}", message
+
+
+def test_data_override_with_set(project: Path) -> None:
+    (project / "labels.csv").write_text("path,label\n")
+    path = write(project, {"data_folder_path": "data"})
+    cfg = load_config(path, ["data_folder_path=null", "data.manifest_path=labels.csv", "data.drop_leaked_test=true"])
+    assert cfg.data_folder_path is None and cfg.data.manifest_path == project / "labels.csv" and cfg.data.drop_leaked_test

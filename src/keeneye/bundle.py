@@ -17,7 +17,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from keeneye.errors import BundleError
 
@@ -88,16 +88,98 @@ class StagedRun:
 
 
 @contextmanager
-def staged_run(output_dir: Path, name: str) -> Iterator[StagedRun]:
-    """Write into `run.staging`; published on success, removed on any error."""
+def staged_run(output_dir: Path, name: str, on_error: Callable[[], None] | None = None) -> Iterator[StagedRun]:
+    """Write into `run.staging`; published on success, removed on any error (then `on_error` runs too)."""
     run = StagedRun(output_dir, name)
     try:
         yield run
     except BaseException:
         run.discard()
+        if on_error is not None:
+            on_error()
         raise
     if run.final is None:
         run.publish()
+
+
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_INFO = "run.json"
+
+
+class PartialRun:
+    """`output_dir/<name>.partial/`: the resumable state of a run whose bundle is not published yet.
+
+    A bundle only ever appears at `output_dir/<name>` complete (built in a hidden staging folder and
+    renamed, see :class:`StagedRun`); an interrupted run cannot leave anything there. What it leaves
+    is this folder, created when training starts and removed once the bundle is published (or when
+    writing the bundle fails: resuming covers training, not a broken bundle write):
+
+        <name>.partial/config.json    the resolved config (run_name filled in): what --resume trains with
+                       run.json       run name, fingerprint of the data rows, when it started
+                       head/          checkpoints of the head phase   (keeneye.training.fit.run_phase)
+                       fine_tune/     checkpoints of the fine-tuning phase
+
+    `keeneye train --resume runs/<name>` (or `.../<name>.partial`) reloads the config, re-scans and
+    re-embeds (from the embedding cache), checks the data rows are the same, skips finished phases
+    and continues the unfinished one from its last finished epoch. It holds no model.keras and no
+    metadata.json, so no tool mistakes it for a bundle.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name[: -len(PARTIAL_SUFFIX)]
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / CONFIG_FILE
+
+    def phase_dir(self, phase: str) -> Path:
+        return self.folder / phase
+
+    @staticmethod
+    def folder_for(output_dir: Path, name: str) -> Path:
+        return Path(output_dir) / f"{name}{PARTIAL_SUFFIX}"
+
+    @classmethod
+    def start(cls, output_dir: Path, name: str, data_fingerprint: str) -> "PartialRun":
+        folder = cls.folder_for(output_dir, name)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            raise BundleError(
+                f"{folder} holds an interrupted run named {name!r} (or one still running): continue it with "
+                f"`keeneye train --resume {Path(output_dir) / name}`, "
+                "or delete that folder, or choose another run_name."
+            ) from None
+        info = {"run_name": name, "data_fingerprint": data_fingerprint, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        temporary = folder / f".{PARTIAL_INFO}.tmp"
+        temporary.write_text(json.dumps(info, indent=2))
+        os.replace(temporary, folder / PARTIAL_INFO)
+        return cls(folder)
+
+    @classmethod
+    def find(cls, path: str | os.PathLike) -> "PartialRun":
+        """The partial run for `runs/<name>` or `runs/<name>.partial`; a clear error when there is none."""
+        given = Path(path).expanduser().resolve()
+        folder = given if given.name.endswith(PARTIAL_SUFFIX) else given.with_name(given.name + PARTIAL_SUFFIX)
+        if (folder / CONFIG_FILE).is_file() and (folder / PARTIAL_INFO).is_file():
+            return cls(folder)
+        if (given / METADATA_FILE).is_file():
+            raise BundleError(f"{given} is a finished run (it has {METADATA_FILE}); there is nothing to resume.")
+        raise BundleError(
+            f"no interrupted run to resume at {given}: expected {folder} with {CONFIG_FILE} and {PARTIAL_INFO} "
+            "(left by a train that stopped before publishing its bundle)."
+        )
+
+    def info(self) -> dict:
+        return json.loads((self.folder / PARTIAL_INFO).read_text())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def default_run_name(prefix: str = "train") -> str:

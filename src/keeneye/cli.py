@@ -52,14 +52,25 @@ def config_check(
 
 @app.command()
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="Path to config.json."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Path to config.json (required unless --resume)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue an interrupted run from its last finished epoch: runs/<name> (its state is in runs/<name>.partial)."
+    ),
 ) -> None:
     """Train on <data_folder_path>/training, evaluate on testing; writes runs/<name>/ (the model bundle)."""
     from keeneye import api
     from keeneye.config import load_config
+    from keeneye.errors import ConfigError
 
     try:
+        if resume is not None:
+            if config is not None or set_:
+                raise ConfigError("--resume continues a run with the config saved in it: give no --config and no --set.")
+            api.train(resume=resume, console=console)
+            return
+        if config is None:
+            raise ConfigError("train needs --config config.json (or --resume runs/<name> to continue an interrupted run).")
         cfg = load_config(config, set_ or [])
         api.train(cfg, console=console)
     except KeeneyeError as exc:
@@ -124,6 +135,100 @@ def demo(
         _fail(exc)
     f1 = evaluation.metrics["at_threshold"]["f1"]
     console.print(f"[bold green]demo done:[/] test F1 {f1:.4f}; model bundle {result.run_dir}")
+
+
+@app.command()
+def serve(
+    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes (each loads its own model)."),
+    engine: str = typer.Option("auto", "--engine", help="Inference engine."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Merge concurrent requests into one forward pass."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Most images per forward pass [32]."),
+    max_batch_wait_ms: Optional[float] = typer.Option(None, "--max-batch-wait-ms", help="How long a request that finds the model idle waits for others to join its batch [5]."),
+    max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body in MiB [32]."),
+    max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Largest single image file in MiB [16]."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest width x height, checked from the header [50000000]."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Most images per request [32]."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Accepted formats, comma-separated [jpeg,png,bmp,tiff,webp]."),
+    decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Threads decoding uploads [2]."),
+    max_pending_images: Optional[int] = typer.Option(None, "--max-pending-images", help="Queued images before 503 [1024]."),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Longest wait for the model per request, s [60]."),
+    shutdown_timeout: Optional[float] = typer.Option(None, "--shutdown-timeout", help="Grace period for in-flight requests on SIGTERM, s [30]."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    """Serve a bundle over HTTP (POST /predict, /health, /ready, /metadata, /stats, /docs); SIGTERM drains."""
+    from keeneye.serving import make_settings
+
+    mib = lambda value: None if value is None else int(value * 1024 * 1024)  # noqa: E731
+    try:
+        settings = make_settings(
+            engine=engine, batching=batching, max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms,
+            max_body_bytes=mib(max_body_mb), max_image_bytes=mib(max_image_mb), max_pixels=max_pixels,
+            max_images_per_request=max_images, allowed_formats=formats, decode_threads=decode_threads,
+            max_pending_images=max_pending_images, request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
+        )
+        from keeneye.serving.server import serve as run_server
+
+        run_server(run_dir, settings, host=host, port=port, workers=workers, log_level=log_level.lower())
+    except KeeneyeError as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, tflite or savedmodel."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", "-q", help="float16 or int8 (onnx, tflite); int8 is calibrated on the bundle's training images."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File (SavedModel: folder) to write; its folder must exist (default: runs/<name>/exports/)."),
+    max_diff: Optional[float] = typer.Option(None, "--max-diff", help="Largest probability difference from model.keras allowed (default 1e-4; float16 0.15; int8 not checked)."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Smallest share of equal decisions at the threshold (default 0.99; float16 0.98; int8 0.95)."),
+    max_f1_drop: Optional[float] = typer.Option(None, "--max-f1-drop", help="Largest test F1 drop allowed (default: float16 0.01; int8 0.03)."),
+) -> None:
+    """Export a bundle for deployment, verified against model.keras on held-out images (exit 3 if it disagrees)."""
+    from keeneye.inference.export import export_bundle, tolerance_for
+
+    try:
+        tolerance = tolerance_for(quantize, max_diff, min_agreement, max_f1_drop)
+        export_bundle(run_dir, fmt, quantize=quantize, output=output, tolerance=tolerance, console=console)
+    except KeeneyeError as exc:
+        _fail(exc)
+
+
+@app.command()
+def audit(
+    config: Path = typer.Option(..., "--config", "-c", help="Path to config.json."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for audit.json and audit.txt [<output_dir>/audits/audit-<time>/]."),
+) -> None:
+    """Audit the data as train would split it: counts, sizes, unreadable files, duplicates, near-duplicates, leakage."""
+    from keeneye.config import load_config
+    from keeneye.data.audit import audit_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+        audit_config(cfg, output=out, console=console)
+    except KeeneyeError as exc:
+        _fail(exc)
+
+
+@app.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    images: List[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the Grad-CAM overlays (PNG) and explanations.csv."),
+) -> None:
+    """Grad-CAM heat maps: where the model looked. Exit 1 only when nothing could be explained."""
+    from keeneye.explain import explain as explain_images
+
+    try:
+        frame = explain_images(run_dir, images, out, console=err_console)
+    except KeeneyeError as exc:
+        _fail(exc)
+    if frame["overlay"].isna().all():
+        err_console.print("[bold red]error:[/] no image could be explained.")
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m keeneye`

@@ -40,6 +40,9 @@ __all__ = [
     "HeadConfig",
     "TrainingConfig",
     "EvaluationConfig",
+    "DataConfig",
+    "AugmentationConfig",
+    "FineTuneConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -280,6 +283,207 @@ class TrainingConfig(BaseModel):
         ),
         _Expect('"none" or "balanced"', ("string",)),
     ] = "none"
+    oversample: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Oversample the minority class: every epoch draws extra minority-class training images (with "
+                "replacement, seeded) until both classes are seen equally often. An alternative to class_weight "
+                "\"balanced\" (use one, not both). The threshold is still chosen on the untouched validation images."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+    deterministic: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Make TensorFlow ops deterministic (tf.config.experimental.enable_op_determinism): two runs with the "
+                "same seed, config and hardware give bit-identical weights, at some cost in speed (mostly on GPU)."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+    mixed_precision: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Train in mixed precision (Keras \"mixed_float16\": float16 compute, float32 weights and output "
+                "layer) when a GPU is present; ignored on CPU, where float16 is slower. The saved model is float32."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+    distribute: Annotated[
+        Literal["auto", "off", "mirrored", "multi_worker"],
+        Field(
+            description=(
+                '"auto": several machines when the TF_CONFIG environment variable describes a cluster '
+                "(MultiWorkerMirroredStrategy), else all local GPUs (MirroredStrategy with two or more, one GPU "
+                'otherwise), else the CPU. "mirrored": MirroredStrategy over the local GPUs, or over the logical '
+                'CPU devices when there is no GPU. "multi_worker": MultiWorkerMirroredStrategy (needs TF_CONFIG). '
+                '"off": the default device only. batch_size is the global batch, split across the replicas.'
+            )
+        ),
+        _Expect('"auto", "off", "mirrored" or "multi_worker"', ("string",)),
+    ] = "auto"
+
+
+# MobileNetV2's layer names (keras.applications); fine_tune.unfreeze may name one of them.
+_MOBILENET_V2_LAYER_RE = re.compile(
+    r"^(Conv1|bn_Conv1|Conv1_relu|Conv_1|Conv_1_bn|out_relu"
+    r"|expanded_conv_(depthwise|depthwise_BN|depthwise_relu|project|project_BN)"
+    r"|block_([1-9]|1[0-6])_(expand|expand_BN|expand_relu|pad|depthwise|depthwise_BN|depthwise_relu|project|project_BN|add))$"
+)
+
+
+class AugmentationConfig(BaseModel):
+    """Random image transformations (Keras preprocessing layers) applied to training images only."""
+
+    model_config = _FORBID
+
+    flip: Annotated[
+        Literal["none", "horizontal", "vertical", "horizontal_and_vertical"],
+        Field(description="Random mirror flips (keras.layers.RandomFlip); \"none\" turns them off."),
+        _Expect('"none", "horizontal", "vertical" or "horizontal_and_vertical"', ("string",)),
+    ] = "horizontal_and_vertical"
+    rotation: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            le=0.5,
+            description=(
+                "Largest random rotation, as a fraction of a full turn (keras.layers.RandomRotation): 0.05 is up to "
+                "18 degrees either way, 0.5 any angle; 0 turns it off. Uncovered corners are filled by reflection."
+            ),
+        ),
+        _Expect("a number from 0 to 0.5, e.g. 0.05", ("integer", "number")),
+    ] = 0.05
+    brightness: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            le=1,
+            description=(
+                "Largest random brightness shift, as a fraction of the 0-255 range (keras.layers.RandomBrightness); "
+                "0 turns it off."
+            ),
+        ),
+        _Expect("a number from 0 to 1, e.g. 0.1", ("integer", "number")),
+    ] = 0.1
+    contrast: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            le=1,
+            description="Largest random contrast change, as a fraction (keras.layers.RandomContrast); 0 turns it off.",
+        ),
+        _Expect("a number from 0 to 1, e.g. 0.1", ("integer", "number")),
+    ] = 0.1
+    zoom: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            lt=1,
+            description=(
+                "Largest random zoom in or out about the centre, as a fraction of the image side "
+                "(keras.layers.RandomZoom); 0 turns it off."
+            ),
+        ),
+        _Expect("a number >= 0 and < 1, e.g. 0.1", ("integer", "number")),
+    ] = 0.1
+    crop: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            lt=0.5,
+            description=(
+                "Random crop at a random position keeping 1 - crop of each side, resized back to image_size "
+                "(keras.layers.RandomCrop then Resizing); 0 turns it off."
+            ),
+        ),
+        _Expect("a number >= 0 and < 0.5, e.g. 0.1", ("integer", "number")),
+    ] = 0.0
+    frozen_views: Annotated[
+        StrictInt,
+        Field(
+            ge=0,
+            le=16,
+            description=(
+                "For head training on the frozen backbone: this many augmented copies of every training image are "
+                "embedded (each run, not cached) and added to the training features. 0 (default) trains the head on "
+                "the cached features of the original images only. Fine-tuning augments online instead (see "
+                "fine_tune.augment)."
+            ),
+        ),
+        _Expect("an integer from 0 to 16", ("integer",)),
+    ] = 0
+
+
+class FineTuneConfig(BaseModel):
+    """Fine-tuning: after the head, train the top of the backbone too, on images, at a low learning rate."""
+
+    model_config = _FORBID
+
+    enabled: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Run the fine-tuning phase after the head is trained. The model with the better validation F1 "
+                "(head only, or fine-tuned) is kept."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+    unfreeze: Annotated[
+        Union[Annotated[StrictInt, Field(ge=1)], Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "Which MobileNetV2 layers to train: a number of layers counted from the top (MobileNetV2 has 154; "
+                "layers without weights count too), or the name of the layer to unfreeze from, up to the top (e.g. "
+                "\"block_13_expand\"). BatchNormalization layers always stay frozen, in inference mode."
+            )
+        ),
+        _Expect('an integer >= 1 or a MobileNetV2 layer name such as "block_13_expand"', ("integer", "string")),
+    ] = 30
+    learning_rate: Annotated[
+        StrictFloat,
+        Field(gt=0, description="Learning rate of the optimizer (Adam) while fine-tuning: much lower than the head's."),
+        _Expect("a number > 0, e.g. 0.00001", ("integer", "number")),
+    ] = 1e-5
+    epochs: Annotated[
+        StrictInt,
+        Field(ge=1, description="Maximum number of fine-tuning passes over the training images."),
+        _Expect("an integer >= 1", ("integer",)),
+    ] = 10
+    patience: Annotated[
+        StrictInt,
+        Field(
+            ge=0,
+            description=(
+                "Stop fine-tuning after this many epochs without improvement of the validation loss, keeping the "
+                "best weights. 0 disables early stopping."
+            ),
+        ),
+        _Expect("an integer >= 0", ("integer",)),
+    ] = 3
+    augment: Annotated[
+        bool,
+        Strict(),
+        Field(description="Apply the augmentation section's random transformations to the images while fine-tuning."),
+        _Expect("true or false", ("boolean",)),
+    ] = True
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _check_unfreeze(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, str) and not _MOBILENET_V2_LAYER_RE.match(value):
+            raise PydanticCustomError("layer_name", "is not a MobileNetV2 layer name")
+        return value
 
 
 class EvaluationConfig(BaseModel):
@@ -291,7 +495,7 @@ class EvaluationConfig(BaseModel):
         Union[Literal["auto"], Annotated[StrictFloat, Field(gt=0, lt=1)]],
         Field(
             description=(
-                "Probability above which an image is called positive. \"auto\" chooses it on the validation "
+                "Probability at or above which an image is called positive. \"auto\" chooses it on the validation "
                 "images (falling back to 0.5 when there are too few, see min_validation_per_class); a number "
                 "strictly between 0 and 1 fixes it."
             )
@@ -311,22 +515,137 @@ class EvaluationConfig(BaseModel):
     ] = 5
 
 
+class DataConfig(BaseModel):
+    """Where the images come from (a CSV manifest instead of a folder), how they are split, and the data audit."""
+
+    model_config = _FORBID
+
+    manifest_path: Annotated[
+        Optional[Path],
+        BeforeValidator(_reject_empty_path),
+        Field(
+            description=(
+                "A CSV manifest to read the images from instead of data_folder_path: columns path and label "
+                "(exactly two labels), optional split (training, validation or testing; empty means training) and "
+                "group (images of one physical part, video or session: never split apart). Paths inside the CSV "
+                "are relative to the CSV's folder. Must exist; "
+                f"{_RELATIVE_NOTE}; stored absolute. null: use data_folder_path."
+            )
+        ),
+        _Expect("the path of an existing CSV file with columns path,label[,split,group], or null", ("string", "null")),
+    ] = None
+    group_pattern: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "A regular expression that takes each image's group from its file name (e.g. \"^(vid\\d+)_\" for a "
+                "video id prefix): the first capture group, or the whole match when there is none. Images of one "
+                "group are never split between training, validation and testing. Fills only the groups that the "
+                "manifest leaves empty; a file name that does not match is its own group. null: no pattern."
+            )
+        ),
+        _Expect("a regular expression (Python syntax), or null", ("string", "null")),
+    ] = None
+    test_fraction: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            lt=0.9,
+            description=(
+                "When the data has no testing images (a CSV manifest without testing rows), the fraction of the "
+                "images held out for testing, per class and group-aware like validation. Ignored when testing "
+                "images are given."
+            ),
+        ),
+        _Expect("a number >= 0 and < 0.9, e.g. 0.2", ("integer", "number")),
+    ] = 0.2
+    drop_leaked_test: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Leave out of the evaluation the testing images that the audit finds leaked from training or "
+                "validation (identical files, near-duplicates, or a shared group), so that test scores are honest. "
+                "false: keep them and only warn."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+    near_duplicate_similarity: Annotated[
+        StrictFloat,
+        Field(
+            gt=0,
+            le=1,
+            description=(
+                "Cosine similarity of the backbone embeddings (centred on the training mean) at or above which a "
+                "testing image counts as a near-duplicate of a training or validation image (checked during train, "
+                "after embedding)."
+            ),
+        ),
+        _Expect("a number > 0 and <= 1, e.g. 0.95", ("integer", "number")),
+    ] = 0.95
+    near_duplicate_hash_distance: Annotated[
+        StrictInt,
+        Field(
+            ge=-1,
+            le=64,
+            description=(
+                "Largest Hamming distance between the 256-bit perceptual hashes (dHash) of two images for them to "
+                "count as near-duplicates (0: identical at thumbnail size; 10 catches shifted or re-lit copies of "
+                "the same part); -1 turns the hash check off. Works without the network, in keeneye audit as well "
+                "as in train."
+            ),
+        ),
+        _Expect("an integer from -1 to 64", ("integer",)),
+    ] = 10
+
+    @field_validator("manifest_path")
+    @classmethod
+    def _check_manifest(cls, value: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if value is None:
+            return None
+        resolved = _resolve(value, _base_dir(info))
+        if not resolved.exists():
+            raise PydanticCustomError(
+                "path_not_found", "resolved to {resolved}, which does not exist", {"resolved": str(resolved)}
+            )
+        if not resolved.is_file():
+            raise PydanticCustomError(
+                "path_not_file",
+                "resolved to {resolved}, which is a directory, not a file",
+                {"resolved": str(resolved)},
+            )
+        return resolved
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _check_group_pattern(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise PydanticCustomError("regex_invalid", "is not a valid regular expression ({problem})", {"problem": str(exc)})
+        return value
+
+
 class Config(BaseModel):
     """A keeneye run configuration (config.json). Relative paths are resolved against the config file's folder."""
 
     model_config = _FORBID
 
     data_folder_path: Annotated[
-        Path,
+        Optional[Path],
         BeforeValidator(_reject_empty_path),
         Field(
             description=(
-                "Required. The folder of training images, with one sub-folder per class (exactly two classes), "
-                f"e.g. data/ok and data/defect. Must exist; {_RELATIVE_NOTE} (also for --set), and it is "
+                "Required unless data.manifest_path is set (then leave it out). The folder holding "
+                "training/<class>/ and testing/<class>/ (or train/, test/), with exactly two classes, "
+                f"e.g. data/training/ok and data/training/defect. Must exist; {_RELATIVE_NOTE} (also for --set), and it is "
                 "stored absolute."
             )
         ),
-        _Expect("the path of an existing folder with one sub-folder of images per class", ("string",)),
+        _Expect("the path of an existing folder holding training/<class>/ and testing/<class>/", ("string",)),
     ]
     positive_class: Annotated[
         Optional[Annotated[StrictStr, Field(min_length=1)]],
@@ -404,6 +723,21 @@ class Config(BaseModel):
         Field(description="Threshold and evaluation settings (an object)."),
         _Expect("an object", ("object",)),
     ] = Field(default_factory=EvaluationConfig)
+    data: Annotated[
+        DataConfig,
+        Field(description="CSV manifest, group-aware splitting and data audit settings (an object)."),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=DataConfig)
+    augmentation: Annotated[
+        AugmentationConfig,
+        Field(description="Random transformations of training images, for fine-tuning and optionally the head (an object)."),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=AugmentationConfig)
+    fine_tune: Annotated[
+        FineTuneConfig,
+        Field(description="Optional fine-tuning of the top of the backbone after the head (an object)."),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=FineTuneConfig)
 
     _config_path: Optional[Path] = PrivateAttr(default=None)
 
@@ -424,9 +758,21 @@ class Config(BaseModel):
             data = {k: v for k, v in data.items() if k != "$schema"}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _manifest_replaces_folder(cls, data: Any) -> Any:
+        # With data.manifest_path the data folder is not needed: a missing data_folder_path is not an error.
+        if isinstance(data, dict) and "data_folder_path" not in data:
+            section = data.get("data")
+            if isinstance(section, dict) and section.get("manifest_path") is not None:
+                data = {**data, "data_folder_path": None}
+        return data
+
     @field_validator("data_folder_path")
     @classmethod
-    def _check_data_folder(cls, value: Path, info: ValidationInfo) -> Path:
+    def _check_data_folder(cls, value: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if value is None:
+            return None  # allowed only with data.manifest_path (checked below)
         resolved = _resolve(value, _base_dir(info))
         if not resolved.exists():
             raise PydanticCustomError(
@@ -462,6 +808,14 @@ class Config(BaseModel):
         if not _RUN_NAME_RE.match(value) or value in (".", ".."):
             raise PydanticCustomError("run_name", "is not a safe folder name")
         return value
+
+    @model_validator(mode="after")
+    def _check_data_source(self) -> "Config":
+        if self.data_folder_path is None and self.data.manifest_path is None:
+            raise PydanticCustomError("data_source_missing", "is null")
+        if self.data_folder_path is not None and self.data.manifest_path is not None:
+            raise PydanticCustomError("data_source_both", "both set")
+        return self
 
     @model_validator(mode="after")
     def _resolve_defaults(self, info: ValidationInfo) -> "Config":
@@ -638,11 +992,26 @@ def _format_error(err: Mapping[str, Any], data: Any, origins: Mapping[Tuple[str,
 
     if etype == "missing":
         expected = expect.text if expect else "a value"
+        if key == "data_folder_path":
+            expected += f" ({_RELATIVE_NOTE}), or set data.manifest_path to a CSV manifest instead"
+            return key, f"{label}: required key is missing; expected {expected}"
         return key, f"{label}: required key is missing; expected {expected} ({_RELATIVE_NOTE})"
+    if etype == "data_source_missing":
+        return "data_folder_path", (
+            f"data_folder_path: is null and data.manifest_path is not set; give one of them: "
+            f"{_expect_of(Config, 'data_folder_path').text}, or a CSV manifest as data.manifest_path ({_RELATIVE_NOTE})"
+        )
+    if etype == "data_source_both":
+        return "data_folder_path", (
+            "data_folder_path and data.manifest_path are both set; keep one: the images come either from a "
+            "folder or from a CSV manifest (to drop the folder with --set, use --set data_folder_path=null)"
+        )
 
     value = _lookup(data, path)
     shown = _show(value) if value is not _MISSING else _show(err.get("input"))
 
+    if etype == "regex_invalid":
+        return key, f"{label}: {shown} {err['msg']}; expected {expect.text if expect else 'a regular expression'}"
     if etype == "run_name":
         return key, f"{label}: {shown} {err['msg']}; expected {expect.text if expect else 'a folder name'}"
     if etype in _PATH_ERRORS:
@@ -900,6 +1269,14 @@ def config_json_schema() -> dict:
     """JSON Schema (draft 2020-12) of config.json, with a description for every field."""
     schema = Config.model_json_schema()
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    # data_folder_path is required unless data.manifest_path is given (and not both).
+    schema["required"] = [k for k in schema.get("required", []) if k != "data_folder_path"]
+    if not schema["required"]:
+        del schema["required"]
+    schema["oneOf"] = [
+        {"required": ["data_folder_path"]},
+        {"required": ["data"], "properties": {"data": {"required": ["manifest_path"], "properties": {"manifest_path": {"type": "string"}}}}},
+    ]
     schema["properties"] = {
         "$schema": {
             "type": "string",

@@ -13,18 +13,17 @@ import pandas as pd
 from keeneye.bundle import Bundle, load_bundle
 from keeneye.data.decode import decode_image_bytes
 from keeneye.data.scan import skip_reason
-from keeneye.inference.engines import KerasEngine
+from keeneye.inference import engines as _engines
 from keeneye.training.features import iter_batches
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "error"]
-ENGINES = ("auto", "keras")
+ENGINES = _engines.ENGINE_CHOICES  # ("auto", "onnx", "keras")
 
 
-def make_engine(model, engine: str = "auto"):
-    """The engine that runs the bundle's model; 'auto' picks the fastest available one."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    return KerasEngine(model)
+def make_engine(model, engine: str = "auto", bundle: Bundle | None = None):
+    """The engine that runs the bundle's model: 'auto' = ONNX Runtime on CPU (the bundle's
+    model.onnx, else a cached conversion), Keras on GPU or as the fallback; see inference/engines.py."""
+    return _engines.make_engine(model, engine, bundle=bundle)
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict]]:
@@ -71,7 +70,7 @@ class Predictor:
 
     def __init__(self, bundle: Bundle, engine: str = "auto", batch_size: int = 32, workers: int = 2) -> None:
         self.bundle = bundle
-        self.engine = make_engine(bundle.model, engine)
+        self.engine = make_engine(bundle.model, engine, bundle=bundle)
         self.batch_size = batch_size
         self.workers = workers
 

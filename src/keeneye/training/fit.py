@@ -1,7 +1,35 @@
-"""Train the head on cached features: binary cross-entropy, Adam, early stopping on validation loss."""
+"""Training phases that can be interrupted and resumed: the head on cached features, and the loop both phases share.
+
+A phase is ``model.fit`` over a :mod:`keeneye.training.pipeline` dataset (order fixed by seed and
+epoch) with one callback, :class:`PhaseCheckpoint`, that does early stopping on the validation
+loss, keeps the best weights and, after every finished epoch, writes everything a resumed run
+needs into the phase's checkpoint folder:
+
+    <phase folder>/epoch-0007/weights.npz     model weights after epoch 7
+                             optimizer.npz   optimizer state (Adam moments, iteration count)
+                             state.json      history so far, early-stopping state, best epoch
+    <phase folder>/best-0005.npz             the best weights so far (epoch 5)
+    <phase folder>/final/                    written once the phase is over: best weights + history
+
+Each epoch folder is written under a temporary name and renamed, so a crash leaves the previous
+epoch's checkpoint intact. Random layers (dropout, augmentation) are re-seeded from (seed,
+epoch) at the start of every epoch, so nothing random carries over from one epoch to the next
+except through the saved weights. Together with the plan-ordered data this makes a run resumed
+after epoch k compute what the uninterrupted run computed (bit for bit on CPU with op
+determinism; the tests check it).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
 import numpy as np
 import pandas as pd
 from sklearn.utils.class_weight import compute_class_weight
@@ -9,12 +37,249 @@ from sklearn.utils.class_weight import compute_class_weight
 from keeneye.config import HeadConfig, TrainingConfig
 from keeneye.model.head import build_head
 
+FINAL = "final"
+STATE_FILE = "state.json"
+
 
 def balanced_class_weight(labels: np.ndarray) -> dict[int, float]:
     """scikit-learn's 'balanced' weights: n_samples / (2 * n_class)."""
     classes = np.unique(labels)
     weights = compute_class_weight("balanced", classes=classes, y=labels)
     return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def sample_weights(labels: np.ndarray, class_weight: str) -> np.ndarray:
+    """Per-row weights: the class weight of each row's label ("balanced"), else 1."""
+    labels = np.asarray(labels).astype(int)
+    if class_weight != "balanced" or len(labels) == 0:
+        return np.ones(len(labels), np.float32)
+    table = balanced_class_weight(labels)
+    return np.array([table[int(v)] for v in labels], np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint files
+# ------------------------------------------------------------------------------------------------
+
+
+def _save_arrays(path: Path, arrays: Sequence[np.ndarray]) -> None:
+    temporary = path.with_name(f".{path.stem}-{uuid.uuid4().hex[:8]}.tmp.npz")
+    np.savez(temporary, **{f"a{i:05d}": np.asarray(a) for i, a in enumerate(arrays)})
+    os.replace(temporary, path)
+
+
+def _load_arrays(path: Path) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return [data[key] for key in sorted(data.files)]
+
+
+def _optimizer_variables(model) -> list:
+    return list(model.optimizer.variables)
+
+
+def _restore_optimizer(model, arrays: list[np.ndarray]) -> None:
+    """Build the optimizer's slots for the trainable weights, then load the saved values into them."""
+    optimizer = model.optimizer
+    with model.distribute_strategy.scope():
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+    variables = _optimizer_variables(model)
+    if len(variables) != len(arrays):
+        raise RuntimeError(f"checkpoint holds {len(arrays)} optimizer values, the optimizer has {len(variables)}")
+    for variable, value in zip(variables, arrays):
+        variable.assign(value)
+
+
+@dataclass
+class PhaseState:
+    """What survives an interruption: progress, history and the early-stopping bookkeeping."""
+
+    epochs_done: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: float | None = None
+    best_epoch: int = 0  # 1-based; 0: none yet
+    wait: int = 0
+    stopped: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PhaseState":
+        return cls(**json.loads(text))
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    """The newest complete epoch folder (its state.json is written last), or None."""
+    if folder is None or not folder.is_dir():
+        return None
+    complete = [p for p in folder.glob("epoch-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE_FILE).is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def final_result(folder: Path | None) -> tuple[list[np.ndarray], PhaseState] | None:
+    """(best weights, state) of a phase that already finished, or None."""
+    if folder is None or not (folder / FINAL / STATE_FILE).is_file():
+        return None
+    return _load_arrays(folder / FINAL / "weights.npz"), PhaseState.from_json((folder / FINAL / STATE_FILE).read_text())
+
+
+def write_final(folder: Path | None, weights: list[np.ndarray], state: PhaseState) -> None:
+    """Mark a phase finished: its result, then its epoch checkpoints are no longer needed."""
+    if folder is None:
+        return
+    temporary = folder / f".{FINAL}-{uuid.uuid4().hex[:8]}.tmp"
+    temporary.mkdir(parents=True)
+    _save_arrays(temporary / "weights.npz", weights)
+    (temporary / STATE_FILE).write_text(state.to_json())
+    shutil.rmtree(folder / FINAL, ignore_errors=True)
+    os.rename(temporary, folder / FINAL)
+    for stale in list(folder.glob("epoch-*")) + list(folder.glob("best-*.npz")):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The callback
+# ------------------------------------------------------------------------------------------------
+
+
+def seed_state_variables(model) -> list:
+    """The state variables of the model's random layers (keras.random.SeedGenerator: [seed, counter])."""
+    seen: set[int] = set()
+    found = []
+    for variable in model.variables:
+        if variable.name == "seed_generator_state" and id(variable) not in seen:
+            seen.add(id(variable))
+            found.append(variable)
+    return found
+
+
+class PhaseCheckpoint(keras.callbacks.Callback):
+    """Early stopping on `monitor` with the best weights kept, per-epoch reseeding and per-epoch checkpoints."""
+
+    def __init__(self, folder: Path | None, monitor: str, patience: int, state: PhaseState,
+                 best_weights: list[np.ndarray] | None) -> None:
+        super().__init__()
+        self.folder = folder
+        self.monitor = monitor
+        self.patience = patience
+        self.state = state
+        self.best_weights = best_weights
+        self._seeds: list[tuple[object, int]] = []
+
+    def on_train_begin(self, logs=None) -> None:
+        self._seeds = [(v, int(np.asarray(v.numpy())[0])) for v in seed_state_variables(self.model)]
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        # Random layers draw from (layer seed, epoch): an epoch's randomness does not depend on
+        # how many epochs ran in this process before it (resume), nor on the previous epochs' draws.
+        for variable, first in self._seeds:
+            variable.assign(np.array([first, epoch << 20], dtype=variable.dtype))
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        logs = dict(logs or {})
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        state = self.state
+        state.history.append(row)
+        state.epochs_done = epoch + 1
+        value = row.get(self.monitor)
+        improved = value is not None and np.isfinite(value) and (state.best is None or value < state.best)
+        if improved:
+            state.best, state.best_epoch, state.wait = float(value), epoch + 1, 0
+            if self.patience > 0:
+                self.best_weights = self.model.get_weights()
+        else:
+            state.wait += 1
+        if self.patience > 0 and state.wait >= self.patience:
+            state.stopped = True
+            self.model.stop_training = True
+        self._write(epoch + 1, improved)
+
+    def _write(self, epoch: int, improved: bool) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if improved and self.patience > 0:
+            _save_arrays(self.folder / f"best-{epoch:04d}.npz", self.best_weights)
+        temporary = self.folder / f"epoch-{epoch:04d}.{uuid.uuid4().hex[:8]}.tmp"
+        temporary.mkdir()
+        _save_arrays(temporary / "weights.npz", self.model.get_weights())
+        _save_arrays(temporary / "optimizer.npz", [np.asarray(v.numpy()) for v in _optimizer_variables(self.model)])
+        (temporary / STATE_FILE).write_text(self.state.to_json())
+        final = self.folder / f"epoch-{epoch:04d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(temporary, final)
+        for old in self.folder.glob("epoch-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        for old in self.folder.glob("best-*.npz"):
+            if old.name != f"best-{self.state.best_epoch:04d}.npz":
+                old.unlink(missing_ok=True)
+
+    def on_train_end(self, logs=None) -> None:
+        if self.patience > 0 and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+
+@dataclass
+class PhaseOutcome:
+    history: pd.DataFrame  # epoch, loss, ..., val_loss, ...; attrs: best_epoch, monitor, resumed_from
+    weights: list[np.ndarray]  # the weights the phase ends with (the best epoch's with early stopping)
+
+
+def run_phase(
+    model, train_dataset_for, steps_per_epoch: int, epochs: int, validation, monitor: str, patience: int,
+    folder: Path | None, callbacks: Sequence = (), verbose: int = 0,
+) -> PhaseOutcome:
+    """fit `model` (compiled) for up to `epochs`, resuming from `folder` when it holds a checkpoint.
+
+    `train_dataset_for(first_epoch)` returns the dataset for epochs first_epoch .. epochs-1.
+    """
+    finished = final_result(folder)
+    if finished is not None:  # the phase ended before the interruption: reuse its result
+        weights, state = finished
+        model.set_weights(weights)
+        return PhaseOutcome(_history(state, monitor, resumed_from=state.epochs_done), weights)
+
+    state, best_weights, resumed_from = PhaseState(), None, 0
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is not None:
+        state = PhaseState.from_json((checkpoint / STATE_FILE).read_text())
+        model.set_weights(_load_arrays(checkpoint / "weights.npz"))
+        _restore_optimizer(model, _load_arrays(checkpoint / "optimizer.npz"))
+        best_file = folder / f"best-{state.best_epoch:04d}.npz"
+        best_weights = _load_arrays(best_file) if best_file.is_file() else None
+        resumed_from = state.epochs_done
+    keeper = PhaseCheckpoint(folder, monitor, patience, state, best_weights)
+    if state.stopped or state.epochs_done >= epochs:
+        keeper.set_model(model)
+        keeper.on_train_end()
+    else:
+        model.fit(
+            train_dataset_for(state.epochs_done), steps_per_epoch=steps_per_epoch, epochs=epochs,
+            initial_epoch=state.epochs_done, validation_data=validation, callbacks=[keeper, *callbacks], shuffle=False,
+            verbose=verbose,
+        )
+    weights = model.get_weights()
+    write_final(folder, weights, state)
+    return PhaseOutcome(_history(state, monitor, resumed_from), weights)
+
+
+def _history(state: PhaseState, monitor: str, resumed_from: int) -> pd.DataFrame:
+    frame = pd.DataFrame(state.history)
+    if frame.empty:
+        frame = pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    frame["epoch"] = frame["epoch"].astype(int)
+    frame.attrs["best_epoch"] = state.best_epoch if state.best_epoch else len(frame)
+    frame.attrs["monitor"] = monitor
+    frame.attrs["resumed_from"] = resumed_from
+    return frame
+
+
+# ------------------------------------------------------------------------------------------------
+# The head on cached features
+# ------------------------------------------------------------------------------------------------
 
 
 def fit_head(
@@ -25,41 +290,65 @@ def fit_head(
     head_config: HeadConfig,
     training_config: TrainingConfig,
     verbose: int = 0,
+    checkpoint_dir: Path | None = None,
+    callbacks: Sequence = (),
+    strategy=None,
 ):
-    """Returns (head model with the best weights restored, history DataFrame with an `epoch` column)."""
-    import keras
+    """Returns (head model with the best weights restored, history DataFrame with an `epoch` column).
 
-    keras.utils.set_random_seed(training_config.seed)
-    head = build_head(train_features.shape[1], head_config.dense_units, head_config.dropout, seed=training_config.seed)
-    head.compile(
-        optimizer=keras.optimizers.Adam(training_config.learning_rate),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
-    )
-    has_validation = len(val_labels) > 0 and len(np.unique(val_labels)) > 0
-    monitor = "val_loss" if has_validation else "loss"
-    callbacks = []
-    if training_config.early_stopping_patience > 0:  # 0 disables early stopping (documented in the config)
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=monitor, patience=training_config.early_stopping_patience, restore_best_weights=True
-            )
+    Binary cross-entropy, Adam, early stopping on the validation loss (training loss without
+    validation rows). ``training.class_weight`` weights the samples; ``training.oversample`` draws
+    extra minority rows each epoch. With `checkpoint_dir` the phase can be resumed (see module doc).
+    The returned head is always created outside `strategy` (plain variables, ready to be saved);
+    under a strategy a copy is trained inside its scope and its weights copied back.
+    """
+    import keras
+    import tensorflow as tf
+
+    from keeneye.training.pipeline import EpochPlan, feature_dataset
+
+    seed = training_config.seed
+    keras.utils.set_random_seed(seed)
+    dim = train_features.shape[1]
+    head = build_head(dim, head_config.dense_units, head_config.dropout, seed=seed)
+    strategy = strategy or tf.distribute.get_strategy()
+    distributed = strategy is not tf.distribute.get_strategy()
+    with strategy.scope():
+        trained = build_head(dim, head_config.dense_units, head_config.dropout, seed=seed) if distributed else head
+        if distributed:
+            trained.set_weights(head.get_weights())
+        trained.compile(
+            optimizer=keras.optimizers.Adam(training_config.learning_rate),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
         )
-    class_weight = balanced_class_weight(train_labels) if training_config.class_weight == "balanced" else None
-    history = head.fit(
-        train_features,
-        train_labels.astype("float32"),
-        validation_data=(val_features, val_labels.astype("float32")) if has_validation else None,
-        epochs=training_config.epochs,
-        batch_size=training_config.batch_size,
-        class_weight=class_weight,
-        callbacks=callbacks,
-        shuffle=True,
-        verbose=verbose,
+    has_validation = len(val_labels) > 0
+    monitor = "val_loss" if has_validation else "loss"
+    plan = EpochPlan(train_labels, training_config.batch_size, seed, shuffle=True, oversample=training_config.oversample)
+    weights = sample_weights(train_labels, training_config.class_weight)
+    validation = None
+    if has_validation:
+        val_plan = EpochPlan(val_labels, max(training_config.batch_size, 256), seed, shuffle=False)
+        validation = feature_dataset(val_features, val_labels, None, val_plan, [0])
+        validation = validation.apply(tf.data.experimental.assert_cardinality(val_plan.steps_per_epoch))
+    outcome = run_phase(
+        trained,
+        lambda first: feature_dataset(train_features, train_labels, weights, plan, range(first, training_config.epochs)),
+        plan.steps_per_epoch, training_config.epochs, validation, monitor, training_config.early_stopping_patience,
+        checkpoint_dir, callbacks, verbose,
     )
-    frame = pd.DataFrame(history.history)
-    frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
-    best_epoch = int(frame[monitor].idxmin()) + 1 if callbacks else len(frame)
-    frame.attrs["best_epoch"] = best_epoch
-    frame.attrs["monitor"] = monitor
-    return head, frame
+    if distributed:
+        head.set_weights(outcome.weights)
+    return head, outcome.history
+
+
+def data_fingerprint(manifest: pd.DataFrame, used: np.ndarray) -> str:
+    """sha1 of the rows a run trains and evaluates on (path, content hash, label, split, used):
+    a resumed run must see the same data as the run it continues."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    columns = manifest[["path", "sha1", "label", "split"]].astype(str).to_numpy()
+    for row, ok in zip(columns, np.asarray(used)):
+        digest.update(("\x1f".join(row) + ("\x1f1" if ok else "\x1f0") + "\n").encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()

@@ -1,0 +1,600 @@
+"""Deployment exports of a model bundle (ONNX, TFLite, SavedModel), each verified on export.
+
+    from keeneye.inference.export import export_bundle, load_exported
+    result = export_bundle("runs/casting", "tflite", quantize="int8")   # -> runs/casting/exports/model_int8.tflite
+    run = load_exported(result.path)                                     # uint8 (N, S, S, 3) -> probabilities (N,)
+
+Every export is the same model as `model.keras`, and that is checked, not assumed: the exported
+file and the Keras model run on held-out images (the bundle's testing rows from manifest.csv
+that still exist on disk, else generated images) and `<file>.verification.json` records the
+largest probability difference, the share of equal decisions at the bundle's threshold and,
+for quantized exports, the change in test F1. An export outside `TOLERANCES` is not moved into
+place and raises `ExportVerificationError` (exit code 3 from the CLI).
+
+Formats (all take RGB uint8 N x S x S x 3, NHWC, and return the positive-class probability N x 1;
+the MobileNetV2 preprocessing is inside the model):
+
+* `onnx`: tf2onnx, opset 17; `float16` keeps uint8 in / float32 out (ORT's float16 converter);
+  `int8` is ONNX Runtime static QDQ quantization (per-channel weights) calibrated on training images.
+* `tflite`: the TFLite converter from a SavedModel; `float16` weights, or `int8` calibrated on a
+  representative sample of the bundle's training images (float fallback for unsupported ops).
+* `savedmodel`: a TF SavedModel with a `serving_default` signature, for TF Serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from keeneye.bundle import MODEL_FILE, Bundle, load_bundle
+from keeneye.errors import KeeneyeError
+from keeneye.inference.engines import (
+    ONNX_FILE, ONNX_OPSET, PROBABILITY_TOLERANCE, KerasEngine, OnnxEngine, convert_classifier_to_onnx, convert_to_onnx,
+    generated_images,
+    max_abs_difference, onnx_verification_record, physical_cores, read_verification, sha256_of_file, verification_path,
+    write_atomic,
+)
+
+FORMATS = ("onnx", "tflite", "savedmodel")
+QUANTIZATIONS = ("float16", "int8")
+SUPPORTED_QUANTIZATION = {"onnx": (None, "float16", "int8"), "tflite": (None, "float16", "int8"), "savedmodel": (None,)}
+SUFFIX = {"onnx": ".onnx", "tflite": ".tflite", "savedmodel": ""}
+EXPORTS_FOLDER = "exports"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an export may be from model.keras on the held-out images (None: not checked)."""
+
+    max_abs_diff: float | None
+    min_agreement: float
+    max_f1_drop: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"max_abs_diff": self.max_abs_diff, "min_decision_agreement": self.min_agreement, "max_f1_drop": self.max_f1_drop}
+
+
+TOLERANCES = {
+    None: Tolerance(PROBABILITY_TOLERANCE, 0.99),  # float32: the same computation up to rounding
+    # float16 rounding through ~50 layers moves probabilities by up to ~0.08 (measured on casting,
+    # ONNX; 0.02 TFLite) without changing decisions; int8 moves them more (some by 0.4) and flips
+    # decisions close to the threshold (2-3% on casting): gated on decisions and test F1.
+    "float16": Tolerance(0.15, 0.98, 0.01),
+    "int8": Tolerance(None, 0.95, 0.03),
+}
+
+
+def tolerance_for(quantize: str | None, max_diff: float | None = None, min_agreement: float | None = None,
+                  max_f1_drop: float | None = None) -> Tolerance:
+    """The default tolerance for a quantization, with any of its limits replaced."""
+    default = TOLERANCES[quantize if quantize in TOLERANCES else None]
+    return Tolerance(
+        default.max_abs_diff if max_diff is None else max_diff,
+        default.min_agreement if min_agreement is None else min_agreement,
+        default.max_f1_drop if max_f1_drop is None else max_f1_drop,
+    )
+
+
+#: ONNX Runtime's calibrator keeps every activation of every calibration image in memory
+#: (~12 MB per image at 224 px), so ONNX int8 calibration uses at most this many pixels' worth.
+ONNX_CALIBRATION_PIXELS = 100 * 224 * 224
+
+
+class ExportError(KeeneyeError):
+    """An export cannot be made as asked (format, output folder, missing converter)."""
+
+    exit_code = 2
+
+
+class ExportVerificationError(ExportError):
+    """The exported model does not agree with model.keras within tolerance; nothing was put in place."""
+
+    exit_code = 3
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray | None  # (N,) 0/1, None for generated images
+    description: str
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    quantize: str | None
+    verification: dict
+    verification_path: Path
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.verification.get("passed"))
+
+
+# --- images for verification and calibration ------------------------------------------------------
+
+
+def _decode(paths: list[str], size: int) -> tuple[list[int], np.ndarray]:
+    from keeneye.training.features import iter_decoded
+
+    keys, images = [], []
+    for key, image, _ in iter_decoded(enumerate(paths), size, workers=physical_cores(), prefetch=16):
+        if image is not None:
+            keys.append(key)
+            images.append(image)
+    return keys, (np.stack(images) if images else np.empty((0, size, size, 3), np.uint8))
+
+
+def _manifest_rows(bundle: Bundle, split: str) -> tuple[pd.DataFrame, int]:
+    """Rows of the bundle's manifest.csv in `split` that were used and still exist: (rows, rows listed)."""
+    path = bundle.path / "manifest.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["path", "label"]), 0
+    manifest = pd.read_csv(path)
+    rows = manifest[manifest["split"] == split]
+    if "used" in rows:
+        rows = rows[rows["used"].astype(str).str.lower().isin(["true", "1"])]
+    listed = len(rows)
+    return rows[rows["path"].map(lambda p: isinstance(p, str) and os.path.isfile(p))], listed
+
+
+def _sample(rows: pd.DataFrame, count: int, seed: int) -> pd.DataFrame:
+    if len(rows) <= count:
+        return rows
+    # stratified by label, so a rare positive class is still represented
+    parts = [group.sample(max(1, round(count * len(group) / len(rows))), random_state=seed) for _, group in rows.groupby("label")]
+    return pd.concat(parts).sort_index()
+
+
+def held_out_images(bundle: Bundle, max_images: int = 256, seed: int = 0) -> ImageSet:
+    """The bundle's testing images (a stratified sample of at most `max_images`), else generated ones."""
+    rows, listed = _manifest_rows(bundle, "testing")
+    rows = _sample(rows, max_images, seed)
+    keys, images = _decode(rows["path"].tolist(), bundle.image_size)
+    if len(images):
+        labels = (rows["label"].iloc[keys] == bundle.positive_class).to_numpy().astype(int)
+        return ImageSet(images, labels, f"{len(images)} testing images of the bundle's manifest ({listed} listed)")
+    count = min(max_images, 32)
+    return ImageSet(generated_images(count, bundle.image_size, seed), None,
+                    f"{count} generated images (the bundle's testing images are not on disk)")
+
+
+def representative_images(bundle: Bundle, count: int = 200, seed: int = 0) -> ImageSet:
+    """A stratified sample of the bundle's training images for int8 calibration, else generated ones."""
+    rows, listed = _manifest_rows(bundle, "training")
+    rows = _sample(rows, count, seed)
+    keys, images = _decode(rows["path"].tolist(), bundle.image_size)
+    if len(images):
+        return ImageSet(images, None, f"{len(images)} training images of the bundle's manifest ({listed} listed)")
+    warnings.warn("no training images of the bundle on disk: int8 calibration uses generated images.", stacklevel=2)
+    n = min(count, 64)
+    return ImageSet(generated_images(n, bundle.image_size, seed + 1), None, f"{n} generated images (training images not on disk)")
+
+
+# --- loading exported models ---------------------------------------------------------------------
+
+
+class TFLiteRunner:
+    """A .tflite model as a callable: uint8 batch -> probabilities (N,)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter  # the successor package, when installed
+        except ImportError:
+            import tensorflow as tf
+
+            Interpreter = tf.lite.Interpreter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads or physical_cores())
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self._batch = None
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self._batch != len(batch):
+            self.interpreter.resize_tensor_input(self.input["index"], list(batch.shape))
+            self.interpreter.allocate_tensors()
+            self._batch = len(batch)
+        self.interpreter.set_tensor(self.input["index"], batch.astype(self.input["dtype"], copy=False))
+        self.interpreter.invoke()
+        return np.array(self.interpreter.get_tensor(self.output["index"]), dtype=np.float32).reshape(-1)
+
+    def __call__(self, batch: np.ndarray, chunk: int = 16) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        outputs = [self._run(batch[i : i + chunk]) for i in range(0, len(batch), chunk)]
+        return np.concatenate(outputs) if outputs else np.empty(0, np.float32)
+
+
+class SavedModelRunner:
+    """A SavedModel folder's `serve` endpoint as a callable: uint8 batch -> probabilities (N,)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import tensorflow as tf
+
+        self.loaded = tf.saved_model.load(str(path))
+        self._serve = self.loaded.serve if hasattr(self.loaded, "serve") else self.loaded.signatures["serving_default"]
+
+    def __call__(self, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        outputs = []
+        for i in range(0, len(batch), chunk):
+            result = self._serve(batch[i : i + chunk])
+            if isinstance(result, dict):
+                result = next(iter(result.values()))
+            outputs.append(np.asarray(result, dtype=np.float32).reshape(-1))
+        return np.concatenate(outputs) if outputs else np.empty(0, np.float32)
+
+
+def load_exported(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+    """Load an exported model (.onnx file, .tflite file or SavedModel folder) as uint8 batch -> probabilities (N,)."""
+    path = Path(path)
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return SavedModelRunner(path)
+    if path.is_file():
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if path.suffix.lower() == ".tflite" or head[4:8] == b"TFL3":
+            return TFLiteRunner(path)
+        engine = OnnxEngine(path)
+        return lambda batch: engine(batch).reshape(-1)
+    raise ExportError(f"{path} is not an exported model (a .onnx or .tflite file, or a SavedModel folder).")
+
+
+# --- converters ----------------------------------------------------------------------------------
+
+
+_SAVED_MODELS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _saved_model_dir(bundle: Bundle) -> Path:
+    """Keras's SavedModel export of the bundle's model, made once per loaded model and process
+    (the SavedModel and TFLite exports both start from it; removed when the process ends)."""
+    entry = _SAVED_MODELS.get(bundle.model)
+    if entry is None or not (Path(entry.name) / "saved_model" / "saved_model.pb").is_file():
+        entry = tempfile.TemporaryDirectory(prefix="keeneye-saved-model-")
+        bundle.model.export(str(Path(entry.name) / "saved_model"), format="tf_saved_model", verbose=False)
+        _SAVED_MODELS[bundle.model] = entry
+    return Path(entry.name) / "saved_model"
+
+
+def _export_saved_model(bundle: Bundle, target: Path) -> None:
+    shutil.copytree(_saved_model_dir(bundle), target)
+
+
+def _export_tflite(bundle: Bundle, target: Path, quantize: str | None, calibration: ImageSet | None) -> None:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(_saved_model_dir(bundle)))
+    if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "int8":
+        images = calibration.images
+
+        def representative_dataset():
+            for image in images:
+                yield [image[None]]
+
+        converter.representative_dataset = representative_dataset
+    target.write_bytes(converter.convert())
+
+
+def _bundle_onnx_bytes(bundle: Bundle) -> bytes:
+    """The bundle's own model.onnx when it was made from this model.keras, else a fresh conversion."""
+    inside = bundle.path / ONNX_FILE
+    record = read_verification(inside)
+    if inside.is_file() and record and record.get("passed") and record.get("source_sha256") == sha256_of_file(bundle.path / MODEL_FILE):
+        return inside.read_bytes()
+    return convert_to_onnx(bundle.model, output_name="probability")
+
+
+def _export_onnx(bundle: Bundle, target: Path, quantize: str | None, calibration: ImageSet | None) -> None:
+    data = _bundle_onnx_bytes(bundle)
+    if quantize is None:
+        target.write_bytes(data)
+        return
+    import onnx
+
+    if quantize == "float16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        half = convert_float_to_float16(onnx.load_from_string(data), keep_io_types=True)
+        target.write_bytes(half.SerializeToString())
+        return
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    images = calibration.images
+    head = [node.name for node in onnx.load_from_string(data).graph.node if "head" in node.name]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"image": images[i : i + 8]} for i in range(0, len(images), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="keeneye-onnx-int8-") as scratch:
+        float_path, prepared = Path(scratch) / "float.onnx", Path(scratch) / "prepared.onnx"
+        float_path.write_bytes(data)
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=head,  # the dense head is tiny: kept in float32, it costs nothing and flips fewer decisions
+        )
+
+
+# --- verification --------------------------------------------------------------------------------
+
+
+def _f1(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, (probabilities >= threshold).astype(int), zero_division=0))
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, threshold: float, labels: np.ndarray | None,
+            tolerance: Tolerance) -> dict:
+    """Numbers saying how far `candidate` is from `reference` (probabilities), and whether that passes."""
+    reference = np.asarray(reference, dtype=np.float64).reshape(-1)
+    candidate = np.asarray(candidate, dtype=np.float64).reshape(-1)
+    difference = np.abs(reference - candidate)
+    agreement = float(np.mean((reference >= threshold) == (candidate >= threshold))) if len(reference) else 1.0
+    report = {
+        "n_images": int(len(reference)),
+        "threshold": threshold,
+        "max_abs_diff": float(difference.max()) if len(difference) else 0.0,
+        "mean_abs_diff": float(difference.mean()) if len(difference) else 0.0,
+        "decision_agreement": agreement,
+        "decisions_changed": int(np.sum((reference >= threshold) != (candidate >= threshold))),
+        "f1_keras": None, "f1_exported": None, "f1_change": None,
+    }
+    if labels is not None and len(labels) and len(np.unique(labels)) == 2:
+        report["f1_keras"] = _f1(labels, reference, threshold)
+        report["f1_exported"] = _f1(labels, candidate, threshold)
+        report["f1_change"] = report["f1_exported"] - report["f1_keras"]
+    failures = []
+    if tolerance.max_abs_diff is not None and report["max_abs_diff"] > tolerance.max_abs_diff:
+        failures.append(f"max probability difference {report['max_abs_diff']:.2e} > {tolerance.max_abs_diff:.0e}")
+    if agreement < tolerance.min_agreement:
+        failures.append(f"equal decisions {agreement:.1%} < {tolerance.min_agreement:.0%}")
+    if tolerance.max_f1_drop is not None and report["f1_change"] is not None and report["f1_change"] < -tolerance.max_f1_drop:
+        failures.append(f"test F1 change {report['f1_change']:+.4f} < -{tolerance.max_f1_drop}")
+    report["tolerance"] = tolerance.to_dict()
+    report["failures"] = failures
+    report["passed"] = not failures
+    return report
+
+
+def summary_line(report: dict) -> str:
+    text = (f"max |Δp| {report['max_abs_diff']:.2e}, equal decisions {report['decision_agreement']:.2%} "
+            f"on {report['n_images']} images at threshold {report['threshold']:.4f}")
+    if report.get("f1_change") is not None:
+        text += f", test F1 {report['f1_keras']:.4f} -> {report['f1_exported']:.4f} ({report['f1_change']:+.4f})"
+    return text
+
+
+# --- output paths --------------------------------------------------------------------------------
+
+
+def default_name(fmt: str, quantize: str | None) -> str:
+    stem = "saved_model" if fmt == "savedmodel" else "model"
+    return stem + (f"_{quantize}" if quantize else "") + SUFFIX[fmt]
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".keeneye-write-test-"):
+            pass
+    except OSError as exc:
+        raise ExportError(f"cannot write into the output folder {folder}: {exc.strerror or exc} (read-only? choose another --output).") from None
+
+
+def resolve_output(bundle: Bundle, fmt: str, quantize: str | None, output: str | os.PathLike | None) -> Path:
+    """Where the export goes; the folder must exist (except the bundle's own exports/) and be writable."""
+    name = default_name(fmt, quantize)
+    if output is None:
+        folder = bundle.path / EXPORTS_FOLDER
+        try:
+            folder.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ExportError(
+                f"cannot create {folder} ({exc.strerror or exc}); the bundle folder may be read-only: pass --output."
+            ) from None
+        target = folder / name
+    else:
+        target = Path(output).expanduser().absolute()
+        if fmt != "savedmodel" and target.is_dir():
+            target = target / name
+    folder = target.parent
+    if not folder.exists():
+        raise ExportError(f"the output folder {folder} does not exist (create it first, or choose another --output).")
+    if not folder.is_dir():
+        raise ExportError(f"the output folder {folder} is not a folder.")
+    if fmt == "savedmodel" and target.exists() and not (target / "saved_model.pb").is_file() and any(target.iterdir()):
+        raise ExportError(f"{target} exists and is not a SavedModel: choose a new --output path (it would be replaced).")
+    if fmt != "savedmodel" and target.is_dir():
+        raise ExportError(f"{target} is a folder.")
+    _check_writable(folder)
+    return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+# --- the export ----------------------------------------------------------------------------------
+
+
+def export_bundle(
+    run_dir: str | os.PathLike | Bundle,
+    format: str = "onnx",
+    quantize: str | None = None,
+    output: str | os.PathLike | None = None,
+    *,
+    max_images: int = 256,
+    calibration_images: int = 200,
+    tolerance: Tolerance | None = None,
+    console=None,
+) -> ExportResult:
+    """Export a bundle's model, verify it against model.keras on held-out images, and put it in place.
+
+    Raises ExportError for a bad request or output folder, ExportVerificationError when the export
+    disagrees with model.keras beyond `tolerance` (default `TOLERANCES[quantize]`).
+    """
+    fmt = str(format).lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}.")
+    if quantize in ("", "none", "float32"):
+        quantize = None
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANTIZATIONS)}.")
+    if quantize not in SUPPORTED_QUANTIZATION[fmt]:
+        raise ExportError(f"format '{fmt}' does not support --quantize {quantize} (supported: onnx and tflite).")
+    bundle = run_dir if isinstance(run_dir, Bundle) else load_bundle(run_dir)
+    target = resolve_output(bundle, fmt, quantize, output)
+    tolerance = tolerance or TOLERANCES[quantize]
+    say = console.print if console is not None else (lambda *a, **k: None)
+
+    held_out = held_out_images(bundle, max_images)
+    calibration = None
+    if quantize == "int8":
+        if fmt == "onnx":
+            calibration_images = min(calibration_images, max(16, ONNX_CALIBRATION_PIXELS // bundle.image_size**2))
+        calibration = representative_images(bundle, calibration_images)
+    label = fmt + (f" ({quantize})" if quantize else "")
+    say(f"exporting {bundle.path.name} as {label}; verifying on {held_out.description}", highlight=False)
+
+    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    started = time.perf_counter()
+    try:
+        try:
+            if fmt == "onnx":
+                _export_onnx(bundle, partial, quantize, calibration)
+            elif fmt == "tflite":
+                _export_tflite(bundle, partial, quantize, calibration)
+            else:
+                _export_saved_model(bundle, partial)
+        except OSError as exc:
+            raise ExportError(f"could not write the export to {target.parent}: {exc.strerror or exc}") from None
+        except ImportError as exc:
+            raise ExportError(f"the {fmt} exporter needs a package that is not installed: {exc}") from None
+        except KeeneyeError:
+            raise
+        except Exception as exc:  # a converter's own failure: say which step, without a traceback
+            raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - started
+        exported = load_exported(partial)(held_out.images)
+        reference = KerasEngine(bundle.model)(held_out.images).reshape(-1)
+        report = compare(reference, exported, bundle.threshold, held_out.labels, tolerance)
+        import keras
+        import tensorflow as tf
+
+        versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
+        if fmt == "onnx":
+            import onnxruntime
+            import tf2onnx
+
+            versions |= {"tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": ONNX_OPSET}
+        record = {
+            "format": fmt, "quantize": quantize, "file": target.name, "bundle": str(bundle.path),
+            "source": MODEL_FILE, "source_sha256": sha256_of_file(bundle.path / MODEL_FILE),
+            "images": held_out.description,
+            **report,
+            "calibration": calibration.description if calibration is not None else None,
+            "size_bytes": _size(partial), "export_s": round(seconds, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions,
+        }
+        if not report["passed"]:  # the report goes beside, under another name: an earlier good export stays valid
+            failed_path = target.with_name(target.name + ".verification-failed.json")
+            write_atomic(failed_path, json.dumps(record, indent=2).encode())
+            raise ExportVerificationError(
+                f"the {label} export disagrees with model.keras beyond tolerance: {'; '.join(report['failures'])} "
+                f"({summary_line(report)}). Nothing was written to {target}; details in {failed_path}."
+            )
+        report_path = verification_path(target)
+        target.with_name(target.name + ".verification-failed.json").unlink(missing_ok=True)
+        report_path.unlink(missing_ok=True)
+        if target.exists():
+            _remove(target)
+        os.replace(partial, target)
+        write_atomic(report_path, json.dumps(record, indent=2).encode())
+    finally:
+        if partial.exists():
+            _remove(partial)
+    say(f"exported {target} ({record['size_bytes'] / 1e6:.1f} MB, {seconds:.1f} s)", highlight=False)
+    say(f"verified: {summary_line(report)}; written to {report_path}", highlight=False)
+    return ExportResult(target, fmt, quantize, record, report_path, seconds)
+
+
+# --- the bundle's own model.onnx, written at train time ------------------------------------------
+
+
+def write_bundle_onnx(folder: str | os.PathLike, model, sample_paths: list[str] | None = None, feature_engine=None,
+                      max_images: int = 16) -> str:
+    """Write `model.onnx` (+ its verification record) into a bundle folder being built; never raises.
+
+    `feature_engine` (the FeatureEngine that computed the embeddings) lends its converted backbone,
+    so only the head is converted. The ONNX model is checked against `model` on up to `max_images` of `sample_paths` (else
+    generated images) and written only if the probabilities agree within PROBABILITY_TOLERANCE.
+    Returns a line for the console (rich markup).
+    """
+    from rich.markup import escape
+
+    folder = Path(folder)
+    try:
+        size = int(model.input_shape[1])
+        _, images = _decode(list(sample_paths or [])[:max_images], size)
+        source = f"{len(images)} testing images"
+        if not len(images):
+            images, source = generated_images(8, size, seed=0), "8 generated images"
+        started = time.perf_counter()
+        feature_onnx = feature_engine.onnx_model() if feature_engine is not None else None
+        try:
+            data = convert_classifier_to_onnx(model, feature_onnx)
+        except Exception:
+            if feature_onnx is None:
+                raise
+            data = convert_classifier_to_onnx(model)  # the join failed: convert the whole network
+        seconds = time.perf_counter() - started
+        difference = max_abs_difference(OnnxEngine(data)(images), KerasEngine(model)(images))
+        if difference > PROBABILITY_TOLERANCE and feature_onnx is not None:
+            data = convert_classifier_to_onnx(model)
+            seconds = time.perf_counter() - started
+            difference = max_abs_difference(OnnxEngine(data)(images), KerasEngine(model)(images))
+        record = onnx_verification_record(sha256_of_file(folder / MODEL_FILE), difference, len(images), source, seconds)
+        if not record["passed"]:
+            return (f"[yellow]warning:[/] {ONNX_FILE} not written: it differs from Keras by {difference:.1e} "
+                    f"(> {PROBABILITY_TOLERANCE:.0e}); predict will use Keras.")
+        write_atomic(folder / ONNX_FILE, data)
+        write_atomic(verification_path(folder / ONNX_FILE), json.dumps(record, indent=2).encode())
+        return f"{ONNX_FILE} written for ONNX Runtime ({seconds:.1f} s; max difference from Keras {difference:.1e} on {source})"
+    except Exception as exc:  # the bundle is complete without it: predict converts on first use
+        return escape(f"warning: {ONNX_FILE} not written ({type(exc).__name__}: {exc}); predict will convert model.keras on first use.")

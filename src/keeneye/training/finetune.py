@@ -1,0 +1,340 @@
+"""Fine-tuning: after the head, train the top of MobileNetV2 and the head together, on images.
+
+Recipe (Keras's transfer-learning guide, and what holds up on small inspection sets):
+
+* the top ``fine_tune.unfreeze`` layers of MobileNetV2 (a count from the top, or a layer name to
+  unfreeze from) become trainable; every **BatchNormalization layer stays frozen**
+  (``trainable = False``, which in Keras 3 also means inference mode: moving statistics, never
+  batch statistics) and the backbone is called with ``training=False``: a small batch of
+  near-identical parts would otherwise wreck the ImageNet statistics in one epoch;
+* a much lower learning rate (``fine_tune.learning_rate``, default 1e-5), Adam;
+* online augmentation (:mod:`keeneye.training.augment`), inside the training model only;
+* early stopping on the validation loss, best weights kept, resumable per epoch
+  (:func:`keeneye.training.fit.run_phase`);
+* images streamed from disk by :class:`keeneye.training.pipeline.ImagePipeline`.
+
+Training happens on a **copy** of the feature extractor and head built inside the distribution
+strategy's scope (and under ``mixed_float16`` when asked for on a GPU). The frozen-phase model is
+left untouched, so train can still choose it; the chosen weights are then put into plain float32
+models with exactly the bundle's architecture (uint8 image -> ``feature_extractor`` -> ``head``),
+so ``model.keras`` keeps its contract and never contains an augmentation layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import pandas as pd
+
+from keeneye.config import Config
+from keeneye.errors import ConfigError
+from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
+from keeneye.model.head import build_classifier, build_head
+from keeneye.training.augment import build_augmenter
+from keeneye.training.distribute import Devices, dtype_policy
+from keeneye.training.fit import run_phase, sample_weights, seed_state_variables
+from keeneye.training.pipeline import DecodeFailures, EpochPlan, ImagePipeline
+
+FINE_TUNE_STREAM = 1  # EpochPlan random stream of this phase (the head uses 0)
+
+
+def find_backbone(extractor: keras.Model) -> keras.Model:
+    """The MobileNetV2 functional model inside a keeneye feature extractor."""
+    for layer in extractor.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(f"{extractor.name} holds no nested backbone model")
+
+
+def unfreeze_top(base: keras.Model, unfreeze: int | str) -> list[str]:
+    """Make ``base.layers`` from the top down trainable, except BatchNormalization; returns their names.
+
+    `unfreeze`: a number of layers counted from the top (the input layer counts, as in
+    ``base.layers``), or the name of the first layer to unfreeze. Everything below stays frozen.
+    """
+    layers = base.layers
+    names = [layer.name for layer in layers]
+    if isinstance(unfreeze, str):
+        if unfreeze not in names:
+            raise ConfigError(
+                f"fine_tune.unfreeze: {unfreeze!r} is not a layer of {base.name}; its layers from the top are "
+                f"{', '.join(reversed(names[-12:]))}, ..."
+            )
+        start = names.index(unfreeze)
+    else:
+        if not 1 <= unfreeze <= len(layers):
+            raise ConfigError(f"fine_tune.unfreeze: {unfreeze} layers asked for; {base.name} has {len(layers)}.")
+        start = len(layers) - unfreeze
+    base.trainable = True
+    unfrozen = []
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def build_finetune_model(extractor: keras.Model, head: keras.Model, augmenter: keras.Model | None) -> keras.Model:
+    """uint8 image -> [augmenter] -> extractor -> head: the training graph (never saved)."""
+    image = keras.Input(extractor.input_shape[1:], dtype="uint8", name="image")
+    x = augmenter(image) if augmenter is not None else image
+    return keras.Model(image, head(extractor(x)), name="keeneye_finetune")
+
+
+def plain_copy(cfg: Config, extractor: keras.Model, head: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Float32 extractor and head with the bundle's architecture, holding the given models' weights."""
+    new_extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, ResolvedWeights("none", None, None))
+    new_extractor.set_weights(extractor.get_weights())
+    new_head = build_head(new_extractor.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=cfg.training.seed)
+    new_head.set_weights(head.get_weights())
+    return new_extractor, new_head
+
+
+def predict_paths(classifier: keras.Model, paths: Sequence[str], image_size: int, batch_size: int = 32,
+                  workers: int = 2, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """Probabilities for image files (NaN where a file fails to decode) and {position: reason} of the failures.
+
+    Same decoder and thread-pooled, bounded prefetch as the embedding pass.
+    """
+    from keeneye.inference.engines import KerasEngine
+    from keeneye.training.features import iter_batches
+
+    engine = KerasEngine(classifier, source="fine-tuned model")
+    probabilities = np.full(len(paths), np.nan, np.float32)
+    failures: dict[int, str] = {}
+    for keys, batch, failed in iter_batches(list(enumerate(paths)), image_size, batch_size, workers):
+        failures.update(failed)
+        if keys:
+            probabilities[keys] = engine(batch).reshape(-1)
+        if progress:
+            progress(len(keys) + len(failed))
+    return probabilities, failures
+
+
+@dataclass
+class FineTuneResult:
+    extractor: keras.Model  # float32, bundle architecture, fine-tuned weights (best epoch)
+    head: keras.Model
+    history: pd.DataFrame  # attrs: best_epoch, monitor, resumed_from
+    unfrozen: list[str]  # backbone layers that were trained
+    dropped: pd.DataFrame  # manifest index -> reason, files that failed to decode while fine-tuning
+    policy: str = "float32"
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def fine_tune(
+    cfg: Config,
+    extractor: keras.Model,
+    head: keras.Model,
+    train_rows: pd.DataFrame,
+    train_labels: np.ndarray,
+    val_rows: pd.DataFrame,
+    val_labels: np.ndarray,
+    devices: Devices,
+    policy: str = "float32",
+    checkpoint_dir: Path | None = None,
+    callbacks: Sequence = (),
+    verbose: int = 0,
+) -> FineTuneResult:
+    """Fine-tune copies of `extractor` and `head` (left unchanged) on the training images; see the module doc.
+
+    `train_rows` / `val_rows`: manifest rows (index = manifest index, column `path`) that were used
+    (decoded) in the embedding pass; labels 0/1 aligned with them.
+    """
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    ft, training = cfg.fine_tune, cfg.training
+    size = cfg.model.image_size
+    keras.utils.set_random_seed(training.seed)
+    with dtype_policy(policy), devices.strategy.scope():
+        ext_copy = build_feature_extractor(cfg.model.alpha, size, ResolvedWeights("none", None, None))
+        ext_copy.set_weights(extractor.get_weights())
+        head_copy = build_head(ext_copy.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=training.seed)
+        head_copy.set_weights(head.get_weights())
+        unfrozen = unfreeze_top(find_backbone(ext_copy), ft.unfreeze)
+        augmenter = build_augmenter(cfg.augmentation, size, seed=training.seed + 1000) if ft.augment else None
+        model = build_finetune_model(ext_copy, head_copy, augmenter)
+        model.compile(
+            optimizer=keras.optimizers.Adam(ft.learning_rate),
+            loss="binary_crossentropy",
+            metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+        )
+    train_failures, val_failures = DecodeFailures(), DecodeFailures()
+    batch_size = training.batch_size
+    plan = EpochPlan(train_labels, batch_size, training.seed, shuffle=True, oversample=training.oversample, stream=FINE_TUNE_STREAM)
+    weights = sample_weights(train_labels, training.class_weight)
+    has_validation = len(val_labels) > 0
+    with ImagePipeline(train_rows["path"].tolist(), train_labels, size, weights, failures=train_failures) as train_pipe, \
+            ImagePipeline(val_rows["path"].tolist(), val_labels, size, failures=val_failures) as val_pipe:
+        validation = None
+        if has_validation:
+            val_plan = EpochPlan(val_labels, batch_size, training.seed, shuffle=False)
+            validation = val_pipe.dataset(val_plan, [0]).apply(tf.data.experimental.assert_cardinality(val_plan.steps_per_epoch))
+        outcome = run_phase(
+            model, lambda first: train_pipe.dataset(plan, range(first, ft.epochs)), plan.steps_per_epoch, ft.epochs,
+            validation, "val_loss" if has_validation else "loss", ft.patience, checkpoint_dir, callbacks, verbose,
+        )
+    final_extractor, final_head = plain_copy(cfg, ext_copy, head_copy)
+    dropped = pd.concat([train_failures.frame(train_rows.index), val_failures.frame(val_rows.index)])
+    return FineTuneResult(
+        final_extractor, final_head, outcome.history, unfrozen, dropped, policy, time.perf_counter() - started,
+    )
+
+
+def embed_augmented_views(
+    cfg: Config, extractor: keras.Model, rows: pd.DataFrame, labels: np.ndarray, views: int, batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """`views` augmented copies of each row's image through the frozen extractor: (features, labels, failures).
+
+    Not cached: a view is a random draw, not a function of the file. Reproducible for a seed: the
+    augmenter's random state is set from (seed, view) before each pass over the rows.
+    """
+    from keeneye.training.features import iter_batches
+
+    augmenter = build_augmenter(cfg.augmentation, cfg.model.image_size, seed=cfg.training.seed + 2000)
+    dim = extractor.output_shape[-1]
+    if augmenter is None or views == 0 or len(rows) == 0:
+        return np.empty((0, dim), np.float32), np.empty(0, int), pd.DataFrame({"reason": pd.Series(dtype=object)})
+    seeds = [(v, int(np.asarray(v.numpy())[0])) for v in seed_state_variables(augmenter)]
+    paths = rows["path"].tolist()
+    features = np.full((views, len(rows), dim), np.nan, np.float32)
+    failures: dict[int, str] = {}
+    for view in range(views):
+        for variable, first in seeds:
+            variable.assign(np.array([first, view << 20], dtype=variable.dtype))
+        for keys, batch, failed in iter_batches(list(enumerate(paths)), cfg.model.image_size, batch_size):
+            failures.update(failed)
+            if keys:
+                augmented = np.asarray(augmenter(batch, training=True))
+                features[view, keys] = np.asarray(extractor.predict_on_batch(augmented))
+    ok = ~np.isnan(features[0]).any(axis=1)
+    stacked = features[:, ok].reshape(-1, dim)
+    dropped = pd.DataFrame({"reason": pd.Series({rows.index[k]: r for k, r in sorted(failures.items())}, dtype=object)})
+    return stacked, np.tile(np.asarray(labels)[ok], views), dropped
+
+
+def compare_phases(y_val: np.ndarray, p_head: np.ndarray, head_f1: float | None, p_fine: np.ndarray,
+                   fine_f1: float | None) -> tuple[str, str]:
+    """("head" or "fine_tune", why): the higher validation F1 (each at its own threshold) wins;
+    a tie goes to the lower validation log-loss, then to the head (the simpler model)."""
+    from sklearn.metrics import log_loss
+
+    if head_f1 is None or fine_f1 is None or len(y_val) == 0:
+        return "fine_tune", "no validation F1 to compare (too few validation images): the fine-tuned model is kept"
+    if fine_f1 != head_f1:
+        kept = "fine_tune" if fine_f1 > head_f1 else "head"
+        return kept, f"higher validation F1 ({max(fine_f1, head_f1):.4f} vs {min(fine_f1, head_f1):.4f})"
+    eps = 1e-7
+    loss_head = log_loss(y_val, np.clip(p_head, eps, 1 - eps), labels=[0, 1])
+    loss_fine = log_loss(y_val, np.clip(p_fine, eps, 1 - eps), labels=[0, 1])
+    if loss_fine < loss_head:
+        return "fine_tune", f"validation F1 tied ({fine_f1:.4f}); lower validation log-loss ({loss_fine:.4f} vs {loss_head:.4f})"
+    return "head", f"validation F1 tied ({fine_f1:.4f}); validation log-loss not lower after fine-tuning ({loss_fine:.4f} vs {loss_head:.4f})"
+
+
+def phase_summary(history: pd.DataFrame, validation_f1: float | None, threshold: float, seconds: float) -> dict:
+    """One phase for metadata.json: epochs, best epoch, validation F1 at its own threshold, time."""
+    return {
+        "epochs_run": int(len(history)), "best_epoch": int(history.attrs.get("best_epoch", len(history))),
+        "resumed_from_epoch": int(history.attrs.get("resumed_from", 0)),
+        "validation_f1": None if validation_f1 is None else float(validation_f1), "threshold": float(threshold),
+        "seconds": round(float(seconds), 1),
+    }
+
+
+@dataclass
+class PhaseChoice:
+    """The outcome of fine-tuning and the comparison with the head-only model."""
+
+    kept: str  # "head" or "fine_tune"
+    reason: str
+    extractor: keras.Model  # the kept model's parts (the frozen ones when kept == "head")
+    head: keras.Model
+    choice: object  # ThresholdChoice of the kept model
+    probability: Callable[[np.ndarray], np.ndarray]  # manifest-row mask -> probabilities (kept model)
+    testing: np.ndarray  # manifest-row mask of the testing rows to evaluate (files that failed are out)
+    history: pd.DataFrame  # both phases, column `phase`
+    dropped: pd.DataFrame  # manifest index -> reason: files that failed to decode while fine-tuning
+    phases: dict
+    policy: str
+
+
+def fine_tune_and_choose(
+    cfg: Config, extractor: keras.Model, head: keras.Model, manifest: pd.DataFrame, y: np.ndarray, sets: dict,
+    head_history: pd.DataFrame, head_probability: Callable[[np.ndarray], np.ndarray], head_seconds: float,
+    devices: Devices, checkpoint_dir: Path | None, callbacks: Sequence = (), console=None,
+) -> PhaseChoice:
+    """Fine-tune, then keep the model (head only, or fine-tuned) with the better validation F1."""
+    from keeneye.evaluation.threshold import choose_threshold
+    from keeneye.training.distribute import mixed_precision_policy
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+    policy, note = mixed_precision_policy(cfg.training.mixed_precision, devices)
+    if note:
+        say(f"[yellow]note:[/] {note}")
+    ft = cfg.fine_tune
+    result = fine_tune(cfg, extractor, head, manifest[sets["training"]], y[sets["training"]],
+                       manifest[sets["validation"]], y[sets["validation"]], devices, policy, checkpoint_dir, callbacks)
+    what = f"{ft.unfreeze} layers" if isinstance(ft.unfreeze, int) else f"from {ft.unfreeze}"
+    resumed = result.history.attrs.get("resumed_from", 0)
+    say(f"fine-tuned ({what}: {len(result.unfrozen)} layers trained, BatchNorm frozen, {policy}): {len(result.history)} epochs, "
+        f"best epoch {result.history.attrs['best_epoch']}" + (f", resumed after epoch {resumed}" if resumed else "")
+        + f" ({result.seconds:.0f} s)", highlight=False)
+
+    size = cfg.model.image_size
+    classifier = build_classifier(result.extractor, result.head)
+    probabilities = np.full(len(manifest), np.nan, np.float32)
+    dropped = [result.dropped]
+
+    def predict_rows(mask: np.ndarray) -> np.ndarray:
+        """Fill `probabilities` for the rows of `mask`; returns the mask without the rows that failed."""
+        positions = np.flatnonzero(mask)
+        p, failed = predict_paths(classifier, manifest["path"].to_numpy()[positions].tolist(), size)
+        probabilities[positions] = p
+        if failed:
+            dropped.append(pd.DataFrame({"reason": pd.Series({manifest.index[positions[k]]: r for k, r in failed.items()}, dtype=object)}))
+            mask = mask.copy()
+            mask[positions[list(failed)]] = False
+        return mask
+
+    validation = predict_rows(sets["validation"])
+    fixed = None if cfg.evaluation.threshold == "auto" else float(cfg.evaluation.threshold)
+    y_val = y[validation]
+    head_p, fine_p = head_probability(validation), probabilities[validation]
+    head_choice = choose_threshold(y_val, head_p, min_per_class=cfg.evaluation.min_validation_per_class, fixed=fixed)
+    fine_choice = choose_threshold(y_val, fine_p, min_per_class=cfg.evaluation.min_validation_per_class, fixed=fixed)
+    kept, reason = compare_phases(y_val, head_p, head_choice.validation_f1, fine_p, fine_choice.validation_f1)
+    show = lambda f: "n/a" if f is None else f"{f:.4f}"  # noqa: E731
+    say(f"validation F1: head only {show(head_choice.validation_f1)} (threshold {head_choice.threshold:.4f}), "
+        f"fine-tuned {show(fine_choice.validation_f1)} (threshold {fine_choice.threshold:.4f}) -> keeping the "
+        f"[bold]{'fine-tuned' if kept == 'fine_tune' else 'head-only'}[/] model: {reason}", highlight=False)
+
+    testing = sets["testing"]
+    if kept == "fine_tune":
+        testing = predict_rows(testing)
+    offset = len(head_history)
+    history = pd.concat([
+        head_history.assign(phase="head"),
+        result.history.assign(phase="fine_tune", epoch=result.history["epoch"] + offset),
+    ], ignore_index=True)
+    history.attrs.update(best_epoch=head_history.attrs["best_epoch"], monitor=head_history.attrs.get("monitor"))
+    phases = {
+        "head": phase_summary(head_history, head_choice.validation_f1, head_choice.threshold, head_seconds),
+        "fine_tune": phase_summary(result.history, fine_choice.validation_f1, fine_choice.threshold, result.seconds)
+        | {"unfreeze": ft.unfreeze, "layers_trained": len(result.unfrozen), "learning_rate": ft.learning_rate,
+           "augment": ft.augment, "precision": policy},
+    }
+    frames = [f for f in dropped if len(f)]
+    all_dropped = pd.concat(frames) if frames else pd.DataFrame({"reason": pd.Series(dtype=object)})
+    all_dropped = all_dropped[~all_dropped.index.duplicated()]
+    if kept == "fine_tune":
+        return PhaseChoice(kept, reason, result.extractor, result.head, fine_choice, lambda mask: probabilities[mask],
+                           testing, history, all_dropped, phases, policy)
+    return PhaseChoice(kept, reason, extractor, head, head_choice, head_probability, testing, history, all_dropped, phases, policy)
