@@ -6,8 +6,9 @@ Every engine takes a (N, S, S, 3) uint8 batch and returns a float32 array, so ca
 
 Two engines:
 
-* `OnnxEngine`: ONNX Runtime on the CPU, the default there (about 3-4x TensorFlow's speed for
-  MobileNetV2 on a small CPU; see benchmarks/inference.py).
+* `OnnxEngine`: ONNX Runtime on the CPU, the default there (MobileNetV2 at 224 px on 2 cores:
+  about 3x Keras `model.predict` batched end to end, 3.5x single-image latency; see
+  benchmarks/inference.py and benchmarks/results/inference.json).
 * `KerasEngine`: TensorFlow through one traced `tf.function`; the default on a GPU and the
   fallback everywhere.
 
@@ -188,10 +189,11 @@ def session_options(threads: int | None = None):
     """ONNX Runtime settings chosen by measurement on a 2-core CPU (benchmarks/inference.py --tune).
 
     * all graph optimisations: the NCHWc layout rewrites and Conv+BN+ReLU fusions are worth
-      about 2.5x over the 'basic' level for MobileNetV2;
+      about 2.7x over the 'basic' level for MobileNetV2;
     * intra-op threads = physical cores (hyper-threads only add contention), one inter-op thread;
-    * no spin-waiting between ops: with spinning, idle pool threads burn the core that the
-      decoding threads (or another process) need, and throughput collapses under contention.
+    * no spin-waiting between ops: spinning wins ~15% on an idle machine (403 vs 348 img/s) but
+      halves throughput as soon as anything else wants the CPU (101-117 vs 198-215 img/s with
+      the decoding threads or other processes running), because waiting threads burn the cores.
     """
     import onnxruntime as ort
 
@@ -340,8 +342,20 @@ def convert_classifier_to_onnx(classifier, feature_onnx: bytes | None = None) ->
         node.input[:] = [ONNX_INPUT_NAME if name == "backbone/" + ONNX_INPUT_NAME else name for name in node.input]
         node.output[:] = ["probability" if name == "head/probability" else name for name in node.output]
     merged.producer_name = "keeneye (tf2onnx)"
+    dedupe_opsets(merged)
     onnx.checker.check_model(merged)
     return merged.SerializeToString()
+
+
+def dedupe_opsets(model) -> None:
+    """One opset entry per domain (onnx.compose.merge_models repeats them, which ORT's quantizer rejects)."""
+    versions: dict[str, int] = {}
+    for entry in model.opset_import:
+        versions[entry.domain] = max(versions.get(entry.domain, 0), entry.version)
+    if len(versions) != len(model.opset_import):
+        del model.opset_import[:]
+        for domain, version in versions.items():
+            model.opset_import.add(domain=domain, version=version)
 
 
 def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:

@@ -42,7 +42,7 @@ from keeneye.bundle import MODEL_FILE, Bundle, load_bundle
 from keeneye.errors import KeeneyeError
 from keeneye.inference.engines import (
     ONNX_FILE, ONNX_OPSET, PROBABILITY_TOLERANCE, KerasEngine, OnnxEngine, convert_classifier_to_onnx, convert_to_onnx,
-    generated_images,
+    dedupe_opsets, generated_images,
     max_abs_difference, onnx_verification_record, physical_cores, read_verification, sha256_of_file, verification_path,
     write_atomic,
 )
@@ -331,9 +331,11 @@ def _export_onnx(bundle: Bundle, target: Path, quantize: str | None, calibration
         def get_next(self):
             return next(self.batches, None)
 
+    model = onnx.load_from_string(data)
+    dedupe_opsets(model)  # bundles written by keeneye 0.1.0 before this fix repeat their opsets
     with tempfile.TemporaryDirectory(prefix="keeneye-onnx-int8-") as scratch:
         float_path, prepared = Path(scratch) / "float.onnx", Path(scratch) / "prepared.onnx"
-        float_path.write_bytes(data)
+        float_path.write_bytes(model.SerializeToString())
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -343,6 +345,13 @@ def _export_onnx(bundle: Bundle, target: Path, quantize: str | None, calibration
 
 
 # --- verification --------------------------------------------------------------------------------
+
+
+def _in_batches(engine: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Probabilities (N,) computed `batch` images at a time: one call on hundreds of 224 px images
+    would hold gigabytes of activations."""
+    outputs = [np.asarray(engine(images[i : i + batch]), dtype=np.float32).reshape(-1) for i in range(0, len(images), batch)]
+    return np.concatenate(outputs) if outputs else np.empty(0, np.float32)
 
 
 def _f1(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> float:
@@ -512,7 +521,7 @@ def export_bundle(
             raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - started
         exported = load_exported(partial)(held_out.images)
-        reference = KerasEngine(bundle.model)(held_out.images).reshape(-1)
+        reference = _in_batches(KerasEngine(bundle.model), held_out.images)
         report = compare(reference, exported, bundle.threshold, held_out.labels, tolerance)
         import keras
         import tensorflow as tf
