@@ -193,7 +193,7 @@ def test_size_none_keeps_original_size() -> None:
 
 @pytest.mark.parametrize(
     ("size", "interpolation"),
-    [(20, cv2.INTER_AREA), (35, cv2.INTER_AREA), (64, cv2.INTER_LINEAR), (40, cv2.INTER_LINEAR)],
+    [(20, cv2.INTER_AREA), (26, cv2.INTER_AREA), (27, cv2.INTER_LINEAR), (35, cv2.INTER_LINEAR), (64, cv2.INTER_LINEAR), (40, cv2.INTER_LINEAR)],
 )
 def test_resize_is_squash_with_documented_interpolation(size: int, interpolation: int) -> None:
     data = pil_bytes(Image.fromarray(textured_rgb(30, 40)), "PNG")

@@ -41,7 +41,7 @@ from keeneye.evaluation.threshold import choose_threshold
 from keeneye.inference.predictor import Predictor, expand_inputs, with_problem_rows
 
 PREPROCESSING = {
-    "input": "RGB uint8, any size; resized to image_size x image_size (squashed, cv2.INTER_AREA when shrinking)",
+    "input": "RGB uint8, any size; resized to image_size x image_size (squashed; cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR)",
     "inside_model": "x / 127.5 - 1 (MobileNetV2 preprocess_input), part of model.keras",
     "decision": "positive when probability >= threshold",
 }

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from keeneye.data.decode import DecodeError, load_image
+from keeneye.data.decode import DecodeError, load_image, resize_square
 from keeneye.errors import BundleError
 
 __all__ = ["GradCam", "Explanation", "overlay_heatmap", "explain_images", "explain"]
@@ -123,7 +123,7 @@ def explain_images(
     def flush() -> None:
         if not pending:
             return
-        batch = np.stack([cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if max(img.shape[:2]) > size else cv2.INTER_LINEAR) for _, img in pending])
+        batch = np.stack([resize_square(img, size) for _, img in pending])
         maps, probabilities = cam.explain(batch, threshold)
         for (index, image), heat, probability in zip(pending, maps, probabilities):
             shown = _display(image, max_side)

@@ -47,6 +47,7 @@ __all__ = [
     "decode_image_bytes",
     "load_image",
     "probe",
+    "resize_square",
 ]
 
 #: File extensions (lowercase, with the dot) that a folder scanner treats as images.
@@ -247,13 +248,22 @@ def _reduction_factor(width: int, height: int, size: int) -> int:
     return 1
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Squash to (size, size): INTER_AREA if any side shrinks (no aliasing), else INTER_LINEAR."""
+#: Shrinking a side by more than this factor uses INTER_AREA (anti-aliased); milder shrinks use
+#: INTER_LINEAR, which is 4x cheaper (0.10 vs 0.45 ms for 300 -> 224 px, measured) and differs by
+#: 0.4 grey levels on average there. Large JPEGs are already shrunk inside libjpeg (see above).
+AREA_SHRINK_FACTOR = 1.5
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Squash to (size, size): INTER_AREA when a side shrinks by > AREA_SHRINK_FACTOR, else INTER_LINEAR.
+
+    The one resize rule of keeneye: training, evaluation, prediction and serving all use it.
+    """
     height, width = image.shape[:2]
     if height == size and width == size:
         return image
-    shrinking = height > size or width > size
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    strong_shrink = max(height, width) > AREA_SHRINK_FACTOR * size
+    interpolation = cv2.INTER_AREA if strong_shrink else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
@@ -303,7 +313,7 @@ def decode_image_bytes(data: bytes | bytearray | memoryview, size: int | None = 
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
     if size is not None:
-        image = _resize(image, size)
+        image = resize_square(image, size)
     return np.ascontiguousarray(image)
 
 

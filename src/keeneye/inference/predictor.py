@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from keeneye.bundle import Bundle, load_bundle
-from keeneye.data.decode import decode_image_bytes
+from keeneye.data.decode import decode_image_bytes, resize_square
 from keeneye.data.scan import skip_reason
 from keeneye.inference import engines as _engines
 from keeneye.training.features import iter_batches
@@ -89,14 +89,9 @@ class Predictor:
     def predict_images(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Probabilities for RGB uint8 images of any size (resized as in training)."""
         size = self.bundle.image_size
-        import cv2
 
         def fit(image: np.ndarray) -> np.ndarray:
-            image = np.asarray(image, dtype=np.uint8)
-            if image.shape[:2] != (size, size):
-                interpolation = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_LINEAR
-                image = cv2.resize(image, (size, size), interpolation=interpolation)
-            return image
+            return resize_square(np.asarray(image, dtype=np.uint8), size)
 
         batch = np.stack([fit(image) for image in images]) if len(images) else np.empty((0, size, size, 3), np.uint8)
         outputs = [self.engine(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from keeneye.data.decode import DecodeError, load_image
 
-FEATURE_FORMAT_VERSION = 1
+FEATURE_FORMAT_VERSION = 2  # 2: resize rule of decode.resize_square
 
 
 def default_cache_dir() -> Path:
