@@ -79,13 +79,14 @@ def test_tflite_export_round_trips(bundle, tmp_path):
     _round_trip(bundle, result.path, PROBABILITY_TOLERANCE)
 
 
-def test_tflite_int8_export_is_calibrated_on_training_images(bundle, tmp_path):
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_int8_export_is_calibrated_on_training_images(bundle, tmp_path, fmt):
     # int8 of a head trained on 30 synthetic images flips a few decisions near the threshold:
     # the loosened tolerance is explicit here; the numbers are still measured and recorded.
     loose = Tolerance(max_abs_diff=None, min_agreement=0.75, max_f1_drop=0.15)
-    result = export_bundle(bundle, "tflite", quantize="int8", output=tmp_path, tolerance=loose)
+    result = export_bundle(bundle, fmt, quantize="int8", output=tmp_path, tolerance=loose)
     record = result.verification
-    assert result.path.name == "model_int8.tflite" and record["quantize"] == "int8"
+    assert result.path.name == f"model_int8.{fmt}" and record["quantize"] == "int8"
     assert record["calibration"].startswith("30 training images")  # the bundle's training split, not test images
     assert record["f1_change"] is not None and record["decision_agreement"] >= 0.75
     float_size = (bundle.path / "model.onnx").stat().st_size
