@@ -218,7 +218,8 @@ def test_schema_describes_every_property() -> None:
     schema = config_json_schema()
     json.dumps(schema)  # serialisable
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert set(schema["$defs"]) == {"ModelConfig", "HeadConfig", "TrainingConfig", "EvaluationConfig", "DataConfig"}
+    assert set(schema["$defs"]) == {"ModelConfig", "HeadConfig", "TrainingConfig", "EvaluationConfig", "DataConfig",
+                                    "AugmentationConfig", "FineTuneConfig"}
     count = 0
     for name, obj in _objects(schema):
         assert obj.get("additionalProperties") is False, name
@@ -226,7 +227,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 11 + 4 + 2 + 7 + 2 + 6  # "$schema" + every field
+    assert count == 1 + 13 + 4 + 2 + 11 + 2 + 6 + 7 + 6  # "$schema" + every field
 
 
 def test_schema_required_and_excluded_fields() -> None:
@@ -369,7 +370,7 @@ TYPE_CASES = [
     ({"head": {"dense_units": ["64"]}}, 'head.dense_units[0]: expected an integer >= 1, got "64" (a string)'),
     ({"head": {"dropout": 1}}, "head.dropout: expected a number >= 0 and < 1, got 1"),
     ({"model": 5}, "model: expected an object with any of the keys backbone, alpha, image_size, weights, got 5 (an integer)"),
-    ({"training": [1]}, "training: expected an object with any of the keys epochs, batch_size, learning_rate, validation_fraction, seed, early_stopping_patience, class_weight, got [1] (a list)"),
+    ({"training": [1]}, "training: expected an object with any of the keys epochs, batch_size, learning_rate, validation_fraction, seed, early_stopping_patience, class_weight, oversample, deterministic, mixed_precision, distribute, got [1] (a list)"),
     ({"model": {"alpha": 0.6}}, "model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got 0.6"),
     ({"model": {"alpha": True}}, "model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got true (a boolean)"),
     ({"model": {"alpha": "1.0"}}, 'model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got "1.0" (a string)'),
@@ -651,3 +652,69 @@ def test_data_override_with_set(project: Path) -> None:
     path = write(project, {"data_folder_path": "data"})
     cfg = load_config(path, ["data_folder_path=null", "data.manifest_path=labels.csv", "data.drop_leaked_test=true"])
     assert cfg.data_folder_path is None and cfg.data.manifest_path == project / "labels.csv" and cfg.data.drop_leaked_test
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning, augmentation and the training options of issue #4
+# ----------------------------------------------------------------------------------------------
+
+
+def test_training_sections_defaults(project: Path) -> None:
+    cfg = load_config(write(project, {"data_folder_path": "data"}))
+    t, a, f = cfg.training, cfg.augmentation, cfg.fine_tune
+    assert (t.oversample, t.deterministic, t.mixed_precision, t.distribute) == (False, False, False, "auto")
+    assert (a.flip, a.rotation, a.brightness, a.contrast, a.zoom, a.crop, a.frozen_views) == (
+        "horizontal_and_vertical", 0.05, 0.1, 0.1, 0.1, 0.0, 0)
+    assert (f.enabled, f.unfreeze, f.learning_rate, f.epochs, f.patience, f.augment) == (False, 30, 1e-5, 10, 3, True)
+
+
+def test_fine_tune_unfreeze_takes_a_count_or_a_layer_name(project: Path) -> None:
+    for value in (1, 154, "block_13_expand", "Conv_1", "expanded_conv_project_BN", "block_16_project"):
+        cfg = load_config(write(project, {"data_folder_path": "data", "fine_tune": {"enabled": True, "unfreeze": value}}))
+        assert cfg.fine_tune.unfreeze == value and type(cfg.fine_tune.unfreeze) is type(value)
+
+
+def test_new_sections_round_trip_and_take_overrides(project: Path, tmp_path: Path) -> None:
+    path = write(project, {"data_folder_path": "data"})
+    cfg = load_config(path, ["fine_tune.enabled=true", "fine_tune.unfreeze=block_14_add", "training.oversample=true",
+                             "augmentation.flip=none", "training.distribute=mirrored"])
+    assert cfg.fine_tune.enabled and cfg.fine_tune.unfreeze == "block_14_add" and cfg.training.oversample
+    assert cfg.augmentation.flip == "none" and cfg.training.distribute == "mirrored"
+    save_config(cfg, tmp_path / "saved.json")
+    assert load_config(tmp_path / "saved.json").model_dump() == cfg.model_dump()
+
+
+ISSUE4_CASES = [
+    ({"training": {"oversample": "yes"}}, 'training.oversample: expected true or false, got "yes" (a string)'),
+    ({"training": {"deterministic": 1}}, "training.deterministic: expected true or false, got 1 (an integer)"),
+    ({"training": {"mixed_precision": None}}, "training.mixed_precision: expected true or false, got null (null)"),
+    ({"training": {"distribute": "multi"}}, 'training.distribute: expected "auto", "off", "mirrored" or "multi_worker", got "multi"'),
+    ({"augmentation": {"flip": "both"}}, 'augmentation.flip: expected "none", "horizontal", "vertical" or "horizontal_and_vertical", got "both"'),
+    ({"augmentation": {"rotation": 0.6}}, "augmentation.rotation: expected a number from 0 to 0.5, e.g. 0.05, got 0.6"),
+    ({"augmentation": {"brightness": -0.1}}, "augmentation.brightness: expected a number from 0 to 1, e.g. 0.1, got -0.1"),
+    ({"augmentation": {"contrast": "0.1"}}, 'augmentation.contrast: expected a number from 0 to 1, e.g. 0.1, got "0.1" (a string)'),
+    ({"augmentation": {"zoom": 1}}, "augmentation.zoom: expected a number >= 0 and < 1, e.g. 0.1, got 1"),
+    ({"augmentation": {"crop": 0.5}}, "augmentation.crop: expected a number >= 0 and < 0.5, e.g. 0.1, got 0.5"),
+    ({"augmentation": {"frozen_views": 17}}, "augmentation.frozen_views: expected an integer from 0 to 16, got 17"),
+    ({"augmentation": {"frozen_views": 1.5}}, "augmentation.frozen_views: expected an integer from 0 to 16, got 1.5 (not a whole number)"),
+    ({"augmentation": {"flips": "none"}}, "augmentation.flips: unknown key; did you mean 'augmentation.flip'?"),
+    ({"fine_tune": {"enabled": "true"}}, 'fine_tune.enabled: expected true or false, got "true" (a string)'),
+    ({"fine_tune": {"unfreeze": 0}}, 'fine_tune.unfreeze: expected an integer >= 1 or a MobileNetV2 layer name such as "block_13_expand", got 0'),
+    ({"fine_tune": {"unfreeze": True}}, 'fine_tune.unfreeze: expected an integer >= 1 or a MobileNetV2 layer name such as "block_13_expand", got true (a boolean)'),
+    ({"fine_tune": {"unfreeze": 2.5}}, 'fine_tune.unfreeze: expected an integer >= 1 or a MobileNetV2 layer name such as "block_13_expand", got 2.5 (not a whole number)'),
+    ({"fine_tune": {"unfreeze": "block_17_add"}}, 'fine_tune.unfreeze: expected an integer >= 1 or a MobileNetV2 layer name such as "block_13_expand", got "block_17_add"'),
+    ({"fine_tune": {"unfreeze": ""}}, 'fine_tune.unfreeze: expected an integer >= 1 or a MobileNetV2 layer name such as "block_13_expand", got ""'),
+    ({"fine_tune": {"learning_rate": 0}}, "fine_tune.learning_rate: expected a number > 0, e.g. 0.00001, got 0"),
+    ({"fine_tune": {"epochs": 0}}, "fine_tune.epochs: expected an integer >= 1, got 0"),
+    ({"fine_tune": {"patience": -1}}, "fine_tune.patience: expected an integer >= 0, got -1"),
+    ({"fine_tune": {"augment": "no"}}, 'fine_tune.augment: expected true or false, got "no" (a string)'),
+    ({"fine_tune": True}, "fine_tune: expected an object with any of the keys enabled, unfreeze, learning_rate, epochs, patience, augment, got true (a boolean)"),
+    ({"fine_tune": {"unfreez": 3}}, "fine_tune.unfreez: unknown key; did you mean 'fine_tune.unfreeze'?"),
+    ({"augment": {}}, "augment: unknown key; did you mean 'augmentation'?"),
+]
+
+
+@pytest.mark.parametrize("sections, expected", ISSUE4_CASES, ids=[e.split(":")[0] + "-" + str(i) for i, (_, e) in enumerate(ISSUE4_CASES)])
+def test_training_section_errors(project: Path, sections: dict, expected: str) -> None:
+    message = bad(project, **sections)
+    assert message == f"{project / 'config.json'}: {expected}", message

@@ -288,3 +288,19 @@ def test_a_file_that_breaks_during_fine_tuning_is_reported_not_skipped(tmp_path,
     counts = pd.read_csv(result.run_dir / "data_counts.csv")
     assert (counts["found"] == counts["skipped"] + counts["dropped"] + counts["used"]).all()
     assert counts["dropped"].sum() == 1
+
+
+def test_the_better_phase_on_validation_is_kept() -> None:
+    from keeneye.training.finetune import compare_phases
+
+    y = np.array([1] * 100 + [0] * 100)
+    confident = np.where(y == 1, 0.9, 0.1)
+    unsure = np.where(y == 1, 0.6, 0.4)
+    assert compare_phases(y, unsure, 0.95, confident, 0.97)[0] == "fine_tune"
+    assert compare_phases(y, confident, 0.97, unsure, 0.95)[0] == "head"
+    # Less than one image's worth of F1 apart: a tie, decided by the validation log-loss.
+    kept, reason = compare_phases(y, unsure, 0.9650, confident, 0.9649)
+    assert kept == "fine_tune" and "tied" in reason and "log-loss" in reason
+    assert compare_phases(y, confident, 0.9649, unsure, 0.9650)[0] == "head"
+    assert compare_phases(y, confident, 0.96, confident, 0.96)[0] == "head", "a full tie keeps the simpler model"
+    assert compare_phases(y, confident, None, unsure, None)[0] == "fine_tune"

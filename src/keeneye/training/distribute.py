@@ -88,7 +88,8 @@ def choose_devices(mode: str = "auto") -> Devices:
     if mode == "mirrored" or (mode == "auto" and len(gpus) > 1):
         devices = [d.name for d in tf.config.list_logical_devices("GPU")] or [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices=devices)
-        return Devices(strategy, f"MirroredStrategy over {', '.join(devices)}", len(gpus), strategy.num_replicas_in_sync)
+        return Devices(strategy, f"MirroredStrategy over {', '.join(devices)} ({strategy.num_replicas_in_sync} replicas)", len(gpus),
+                       strategy.num_replicas_in_sync)
     strategy = tf.distribute.get_strategy()
     where = f"GPU ({gpus[0].name})" if gpus else "CPU"
     return Devices(strategy, f"one device: {where}", len(gpus), 1)

@@ -156,6 +156,7 @@ class ImagePipeline:
         self.parallel_batches = max(1, parallel_batches)
         self.prefetch = max(1, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="keeneye-train-decode")
+        self._closed = False
 
     def __enter__(self) -> "ImagePipeline":
         return self
@@ -164,6 +165,7 @@ class ImagePipeline:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _load(self, row: int) -> np.ndarray | None:
@@ -178,7 +180,13 @@ class ImagePipeline:
         size = self.image_size
         images = np.zeros((len(rows), size, size, 3), np.uint8)
         weights = self.weights[rows].copy()
-        for position, image in enumerate(self._pool.map(self._load, [int(r) for r in rows])):
+        rows_list = [int(r) for r in rows]
+        # After close(), an iterator Keras opened ahead of time may still prefetch a batch: decode it here.
+        try:
+            decoded = map(self._load, rows_list) if self._closed else self._pool.map(self._load, rows_list)
+        except RuntimeError:  # shut down in between
+            decoded = map(self._load, rows_list)
+        for position, image in enumerate(decoded):
             if image is None:
                 weights[position] = 0.0
             else:
@@ -198,6 +206,7 @@ class ImagePipeline:
             weights.set_shape([None])
             return images, labels, weights
 
+        decode = tf.autograph.experimental.do_not_convert(decode)  # plain TF ops: nothing for AutoGraph to convert
         dataset = _epochs_dataset(plan, epochs).map(decode, num_parallel_calls=self.parallel_batches, deterministic=True)
         return dataset.prefetch(self.prefetch).with_options(_options())
 
@@ -220,4 +229,5 @@ def feature_dataset(features: np.ndarray, labels: np.ndarray, weights: np.ndarra
         w.set_shape([None])
         return x, y, w
 
+    take = tf.autograph.experimental.do_not_convert(take)
     return _epochs_dataset(plan, epochs).map(take).prefetch(2).with_options(_options())
