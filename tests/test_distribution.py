@@ -51,6 +51,56 @@ def test_mirrored_strategy_over_two_logical_cpus_trains_end_to_end(tmp_path, dem
     assert model.predict(np.zeros((1, 96, 96, 3), np.uint8), verbose=0).shape == (1, 1)
 
 
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_multi_worker_strategy_with_two_local_workers(tmp_path, demo_data, imagenet_weights) -> None:
+    """TF_CONFIG with two workers on this machine: both train in lockstep, only the chief writes the bundle.
+    (Keras 3 needs keeneye's workaround for keras-team/keras#20585 here: this test is its guard.)"""
+    config = tiny_config(tmp_path, demo_data, run_name="mw", training={"epochs": 2, "distribute": "multi_worker"},
+                         fine_tune={"enabled": True, "unfreeze": 3, "epochs": 1})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    script = textwrap.dedent(f"""
+        import json
+        from rich.console import Console
+        from keeneye import api
+        result = api.train({str(tmp_path / "config.json")!r}, console=Console(width=250))
+        print("RESULT", json.dumps({{"run": None if result.run_dir is None else str(result.run_dir),
+                                    "metrics": result.metrics["at_threshold"]}}))
+    """)
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TF_CONFIG": tf_config}
+        processes.append(subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env, cwd=tmp_path))
+    outputs = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        outputs.append(stdout)
+    assert "MultiWorkerMirroredStrategy, 2 workers (this is worker 0), 2 replicas" in outputs[0]
+    assert "MultiWorkerMirroredStrategy, 2 workers (this is worker 1), 2 replicas" in outputs[1]
+    chief, other = (json.loads(out.split("RESULT ", 1)[1]) for out in outputs)
+    assert chief["run"] == str(tmp_path / "runs" / "mw") and other["run"] is None
+    assert chief["metrics"] == other["metrics"], "the workers train one model in lockstep"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mw"], "only the chief writes into output_dir"
+
+
 def test_strategy_choice_on_this_machine(monkeypatch) -> None:
     import tensorflow as tf
 

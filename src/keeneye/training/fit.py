@@ -21,6 +21,7 @@ determinism; the tests check it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -256,14 +257,53 @@ def run_phase(
         keeper.set_model(model)
         keeper.on_train_end()
     else:
-        model.fit(
-            train_dataset_for(state.epochs_done), steps_per_epoch=steps_per_epoch, epochs=epochs,
-            initial_epoch=state.epochs_done, validation_data=validation, callbacks=[keeper, *callbacks], shuffle=False,
-            verbose=verbose,
-        )
+        with _multi_worker_fit(model):
+            model.fit(
+                train_dataset_for(state.epochs_done), steps_per_epoch=steps_per_epoch, epochs=epochs,
+                initial_epoch=state.epochs_done, validation_data=validation, callbacks=[keeper, *callbacks], shuffle=False,
+                verbose=verbose,
+            )
     weights = model.get_weights()
     write_final(folder, weights, state)
     return PhaseOutcome(_history(state, monitor, resumed_from), weights)
+
+
+@contextlib.contextmanager
+def _multi_worker_fit(model):
+    """Work around Keras 3 + MultiWorkerMirroredStrategy (keras-team/keras#20585): fit() first pulls one
+    distributed batch and reduces it eagerly to build the model symbolically, which the collective strategy
+    cannot do; and it reduces the logged scalars with a "MEAN" along axis 0, which fails too. Under that
+    strategy only: build here from shapes, let fit() take the strategy from the scope rather than from the
+    model (the same strategy; fit then skips that symbolic build), and give every logged value an axis of
+    length 1 (the logs are then the mean over the replicas)."""
+    import tensorflow as tf
+
+    strategy = model.distribute_strategy
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        yield
+        return
+    shape = (1, *model.input_shape[1:])
+    sample = (np.zeros(shape, model.input.dtype), np.zeros((1,), np.float32), np.ones((1,), np.float32))
+    # fit() reduces the logged scalars with strategy.reduce("MEAN", value, axis=0), which needs an axis:
+    # give each log value one (the reduce then averages the replicas' values into a scalar).
+    for name in ("train_step", "test_step"):
+        setattr(model, name, _with_batch_axis(getattr(model, name)))
+    with strategy.scope():
+        model._symbolic_build(data_batch=sample)
+        saved, model._distribute_strategy = model._distribute_strategy, None
+        try:
+            yield
+        finally:
+            model._distribute_strategy = saved
+
+
+def _with_batch_axis(step):
+    import tensorflow as tf
+
+    def step_with_axis(data):
+        return {name: tf.reshape(value, [1]) for name, value in step(data).items()}
+
+    return step_with_axis
 
 
 def _history(state: PhaseState, monitor: str, resumed_from: int) -> pd.DataFrame:
