@@ -89,3 +89,15 @@ def tiny_bundle(tmp_path_factory, demo_data, imagenet_weights):
     root = tmp_path_factory.mktemp("tiny_bundle")
     config = config_from_dict(tiny_config(root, demo_data, run_name="tiny"), base_dir=root)
     return api.train(config, console=Console(quiet=True))
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config folder with a two-class data folder; the cwd is elsewhere so relative paths are tested."""
+    root = tmp_path / "project"
+    (root / "data" / "ok").mkdir(parents=True)
+    (root / "data" / "defect").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return root

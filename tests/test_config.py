@@ -20,18 +20,6 @@ from keeneye.errors import ConfigError
 PYDANTIC_WORDS = ("validation error", "Input should", "pydantic", "type=", "errors.pydantic.dev")
 
 
-@pytest.fixture()
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A config folder with a two-class data folder; the cwd is elsewhere so relative paths are tested."""
-    root = tmp_path / "project"
-    (root / "data" / "ok").mkdir(parents=True)
-    (root / "data" / "defect").mkdir(parents=True)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    return root
-
-
 def write(folder: Path, content, name: str = "config.json") -> Path:
     path = folder / name
     path.write_text(content if isinstance(content, str) else json.dumps(content, indent=2), encoding="utf-8")

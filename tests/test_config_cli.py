@@ -17,17 +17,6 @@ from keeneye.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture()
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "project"
-    (root / "data" / "ok").mkdir(parents=True)
-    (root / "data" / "defect").mkdir(parents=True)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    return root
-
-
 def write(folder: Path, content) -> Path:
     path = folder / "config.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content, indent=2), encoding="utf-8")
