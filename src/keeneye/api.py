@@ -304,6 +304,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         phase = time.perf_counter()
 
     with staged_run(Path(cfg.output_dir), run_name, on_error=partial.remove) as run:
+        for stale in run.cleaned:
+            console.print(f"removed {escape(str(stale))}: staging folder of a publish that was killed", highlight=False)
         folder = run.staging
         test_rows = manifest[sets["testing"]]
         metrics = write_evaluation(
