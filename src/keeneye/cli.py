@@ -151,7 +151,7 @@ def serve(
     max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Largest single image file in MiB [16]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest width x height, checked from the header [50000000]."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Most images per request [32]."),
-    formats: Optional[str] = typer.Option(None, "--formats", help="Accepted formats, comma-separated [jpeg,png,bmp,tiff,webp]."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Accepted formats, comma-separated [jpeg,png,bmp,tiff,webp,gif]."),
     decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Threads decoding uploads [2]."),
     max_pending_images: Optional[int] = typer.Option(None, "--max-pending-images", help="Queued images before 503 [1024]."),
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Longest wait for the model per request, s [60]."),

@@ -6,15 +6,16 @@ from typing import Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from keeneye.data.decode import MAX_PIXELS
+from keeneye.data.decode import FORMAT_EXTENSIONS, MAX_PIXELS
 from keeneye.errors import ConfigError
 
 MiB = 1024 * 1024
 
-#: Formats the decoder can read, by the names `keeneye.data.decode` sniffs from magic bytes.
-KNOWN_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+#: Formats the decoder can read, by the names `keeneye.data.decode` sniffs from magic bytes; by
+#: default the service accepts all of them, the same rule as `train` and `predict` (by extension).
+KNOWN_FORMATS = tuple(FORMAT_EXTENSIONS)
 _FORMAT_ALIASES = {"JPG": "JPEG", "JPE": "JPEG", "TIF": "TIFF"}
-DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+DEFAULT_FORMATS = KNOWN_FORMATS
 
 
 class ServeSettings(BaseModel):
