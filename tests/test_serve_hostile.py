@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from keeneye.inference.predictor import Predictor
 from keeneye.serving import ServeSettings, create_app, make_settings
 from keeneye.serving.inputs import RequestRejected, parse_json_body
-from keeneye.serving.limits import BodyBudget
 from keeneye.errors import ConfigError
 
 LIMITS = dict(max_body_bytes=2 * 1024 * 1024, max_image_bytes=1024 * 1024, max_pixels=4_000_000, max_images_per_request=4)
@@ -188,6 +187,8 @@ def test_bodies_in_flight_are_reserved_in_the_budget(server, good_png):
 
 
 def test_body_budget_makes_requests_wait_then_503():
+    from keeneye.serving.limits import BodyBudget
+
     async def scenario():
         budget = BodyBudget(1000)
         async with budget.reserve(800, 1.0):
@@ -204,7 +205,7 @@ def test_body_budget_makes_requests_wait_then_503():
     asyncio.run(scenario())
 
 
-async def _hold(budget: BodyBudget, n: int) -> int:
+async def _hold(budget, n: int) -> int:
     async with budget.reserve(n, 2.0):
         return budget.reserved
 
@@ -237,7 +238,7 @@ def test_schemathesis_finds_no_5xx(server):
     seen: list[int] = []
     for result in schema.get_all_operations():
         operation = result.ok()
-        examples = 40 if operation.method.upper() == "POST" else 5
+        examples = 30 if operation.method.upper() == "POST" else 4
 
         @settings(max_examples=examples, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
@@ -248,7 +249,7 @@ def test_schemathesis_finds_no_5xx(server):
             assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
 
         check()
-    assert len(seen) >= 40 and any(code == 200 for code in seen)
+    assert len(seen) >= 30 and any(code == 200 for code in seen)
 
 
 def _get_json(port: int, path: str) -> dict:
