@@ -383,7 +383,7 @@ class Service:
         try:
             if not self.ready:
                 raise Unavailable("shutting_down" if self.draining else "not_ready", "the model is not ready")
-            async with self.body_budget.reserve(reservation(request, self.settings), self.settings.body_timeout_s):
+            async with self.body_budget.reserve(reservation(request, self.settings), self.settings.request_timeout_s):
                 uploads = await self.read_uploads(request)
                 info["n_images"] = len(uploads)
                 prepared = await self.prepare_all(uploads)

@@ -40,7 +40,7 @@ class ServeSettings(BaseModel):
         128 * MiB, ge=1024,
         description=(
             "Request bytes held in memory at once, all requests together (reserved by declared size, else max_body_bytes); "
-            "a request that does not fit waits, its bytes left in the network, up to body_timeout_s (then 503)."
+            "a request that does not fit waits, its bytes left in the network, up to request_timeout_s (then 503)."
         ),
     )
     max_image_bytes: int = Field(16 * MiB, ge=1, description="Largest single encoded image (reported per image beyond it).")
