@@ -621,7 +621,7 @@ def main() -> int:
     parser.add_argument("--hostile-fraction", type=float, default=0.3, help="Share of hostile requests in the hostile phase [0.3].")
     parser.add_argument("--stalled-clients", type=int, default=20, help="Slow-body clients in the hostile phase [20].")
     parser.add_argument("--max-buffered-body-mb", type=int, default=64, help="Server's body-memory budget in the hostile phase [64].")
-    parser.add_argument("--body-timeout", type=float, default=5.0, help="Server's body_timeout_s in the hostile phase [5].")
+    parser.add_argument("--body-timeout", type=float, default=10.0, help="Server's body_timeout_s in the hostile phase [10].")
     parser.add_argument("--sigterm-after", type=float, default=5.0)
     parser.add_argument("--sigterm-images-per-request", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=120)
