@@ -1,8 +1,9 @@
 """Folder layout -> manifest: one row per file with its label, split and content hash.
 
 Nothing downstream reads folders again: everything works from the manifest DataFrame
-(columns `path, label, split, group, sha1`). Files that are not images by name are
-returned separately with the reason they were skipped, so every file on disk is accounted for.
+(columns `path, label, split, group, sha1`). Files that are not images by name, and entries that
+are not regular files at all (broken symbolic links, links to folders, pipes), are returned
+separately with the reason they were skipped, so every entry on disk is accounted for.
 """
 
 from __future__ import annotations
