@@ -70,6 +70,39 @@ def test_damaged_shard_is_skipped_named_removed_and_cache_heals(tmp_path, damage
     assert sorted(healed.load()) == ["a", "b", "c"] and healed.damaged == []
 
 
+def test_embedding_pass_recomputes_a_damaged_shard_and_heals_the_cache(tmp_path):
+    """What `train` does with the cache (features.embed_manifest), minus the backbone: the cache
+    logic does not depend on which network makes the vectors, so a fixed pixel summary stands in."""
+    import hashlib
+
+    import pandas as pd
+
+    from keeneye.training.features import embed_manifest
+
+    rows = []
+    for i in range(6):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(good_jpeg_bytes(seed=i))
+        rows.append({"path": str(path), "sha1": hashlib.sha1(path.read_bytes()).hexdigest()})
+    manifest = pd.DataFrame(rows)
+    calls = []
+
+    def engine(batch):
+        calls.append(len(batch))
+        return batch.reshape(len(batch), -1)[:, :4].astype(np.float32)
+
+    cache = EmbeddingCache(tmp_path / "cache", "key")
+    first = embed_manifest(manifest, engine, 4, 8, cache)
+    assert first.n_computed == 6 and len(cache.shards()) == 1
+    _truncate(cache.shards()[0])
+    second = embed_manifest(manifest, engine, 4, 8, cache)
+    assert len(cache.damaged) == 1 and second.n_computed == 6
+    np.testing.assert_array_equal(second.features, first.features)
+    third = embed_manifest(manifest, engine, 4, 8, cache)
+    assert cache.damaged == [] and third.n_cached == 6 and third.n_computed == 0
+    assert sum(calls) == 12  # computed twice (first run, after the damage), never a third time
+
+
 def test_shard_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A crash (full disk) during the write leaves no *.npz, and no temporary file behind."""
     cache = EmbeddingCache(tmp_path, "key")
