@@ -562,6 +562,17 @@ def phase_hostile(bundle, args, good, images, logs: Path) -> dict:
     return summary
 
 
+def hostile_checks(run: dict) -> dict:
+    """Issue 9's targets: no 5xx, every kind answered as expected, /health throughout, RSS within the bound."""
+    return {
+        "hostile_zero_5xx": run["n_5xx"] == 0 and run["server_5xx_logged"] == 0,
+        "hostile_zero_connection_errors": run["connection_errors"] == 0,
+        "hostile_expected_statuses": run["unexpected_status"] == 0,
+        "hostile_health_throughout": run["health_probes"] > 0 and run["health_failures"] == 0 and run["server_alive"],
+        "hostile_rss_bounded": run["rss_growth_mb"] is not None and run["rss_growth_mb"] <= run["rss_bound_mb"],
+    }
+
+
 ENGINE_COST_SCRIPT = r"""
 import json, sys, time
 import numpy as np
@@ -681,13 +692,8 @@ def main() -> int:
             after = bad_run["after"]
             checks["healthy_after_malformed"] = after["health"] == 200 and after["predict_status"] == 200 and after["server_alive"]
         if "hostile" in phases:
-            run = phase_hostile(bundle, args, good, images, logs)
-            report["phases"]["hostile"] = run
-            checks["hostile_zero_5xx"] = run["n_5xx"] == 0 and run["server_5xx_logged"] == 0
-            checks["hostile_zero_connection_errors"] = run["connection_errors"] == 0
-            checks["hostile_expected_statuses"] = run["unexpected_status"] == 0
-            checks["hostile_health_throughout"] = run["health_probes"] > 0 and run["health_failures"] == 0 and run["server_alive"]
-            checks["hostile_rss_bounded"] = run["rss_growth_mb"] is not None and run["rss_growth_mb"] <= run["rss_bound_mb"]
+            report["phases"]["hostile"] = run = phase_hostile(bundle, args, good, images, logs)
+            checks.update(hostile_checks(run))
         if "sigterm" in phases:
             term = phase_sigterm(bundle, args, images, logs)
             report["phases"]["sigterm"] = term
