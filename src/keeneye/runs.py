@@ -146,8 +146,10 @@ def _features(config: dict, metadata: dict) -> str:
 
 
 def _mode(config: dict, metadata: dict) -> str:
-    kept = (metadata.get("training") or {}).get("kept")
-    phase = "fine-tuned" if kept == "fine_tune" else "frozen"
+    training = metadata.get("training") or {}
+    phase = "fine-tuned" if training.get("kept") == "fine_tune" else "frozen"
+    if phase == "frozen" and "fine_tune" in (training.get("phases") or {}):
+        phase = "frozen, ft not kept"
     mode = config.get("mode", "supervised")
     return phase if mode == "supervised" else f"{mode}, {phase}"
 
@@ -257,6 +259,10 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _same(a: float | None, b: float | None) -> bool:
+    return a == b or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12))
+
+
 def compare_runs(a: str | os.PathLike, b: str | os.PathLike, output_dir: str | os.PathLike = "runs") -> RunComparison:
     """What changed between two runs: config keys (flattened, e.g. head.dropout) and every tracked metric."""
     first, second = resolve_run(a, output_dir), resolve_run(b, output_dir)
@@ -272,7 +278,7 @@ def compare_runs(a: str | os.PathLike, b: str | os.PathLike, output_dir: str | o
     metric_rows = [
         {"metric": name, "a": values[0].get(name), "b": values[1].get(name),
          "change": values[1][name] - values[0][name] if name in values[0] and name in values[1] else None}
-        for name in names if values[0].get(name) != values[1].get(name)
+        for name in names if not _same(values[0].get(name), values[1].get(name))
     ]
     return RunComparison(first, second, pd.DataFrame(config_rows, columns=["key", "a", "b"]),
                          pd.DataFrame(metric_rows, columns=["metric", "a", "b", "change"]))

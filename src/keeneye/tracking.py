@@ -144,7 +144,8 @@ def track_run(run_dir: Path, cfg: Config, console: Console) -> str | None:
             experiment_id = _experiment_id(mlflow.MlflowClient(uri), cfg.tracking.experiment, store)
         run_id, version = _log_run(mlflow, uri, experiment_id, Path(run_dir), cfg)
     except Exception as exc:  # tracking must never fail a run whose bundle is already written
-        reason = " ".join(str(exc).split())[:300]
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 240 else reason[:240] + "…"
         console.print(f"[yellow]warning:[/] MLflow tracking at {escape(uri)} failed, this run is not tracked "
                       f"(its bundle {escape(str(run_dir))} is complete): {type(exc).__name__}: {escape(reason)}",
                       highlight=False, soft_wrap=True)
