@@ -236,7 +236,7 @@ class _RunsGroup(TyperGroup):
     """`keeneye runs [OUTPUT_DIR] [--sort KEY]` means `keeneye runs list ...`; `keeneye runs compare A B` stays."""
 
     def parse_args(self, ctx, args):
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+        if not args or (args[0] not in self.commands and args[0] != "--help"):
             args = ["list", *args]
         return super().parse_args(ctx, args)
 

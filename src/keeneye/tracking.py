@@ -146,8 +146,8 @@ def track_run(run_dir: Path, cfg: Config, console: Console) -> str | None:
     except Exception as exc:  # tracking must never fail a run whose bundle is already written
         reason = " ".join(str(exc).split())
         reason = reason if len(reason) <= 240 else reason[:240] + "…"
-        console.print(f"[yellow]warning:[/] MLflow tracking at {escape(uri)} failed, this run is not tracked "
-                      f"(its bundle {escape(str(run_dir))} is complete): {type(exc).__name__}: {escape(reason)}",
+        console.print(f"[yellow]warning:[/] MLflow tracking at {escape(uri)} failed (the bundle {escape(str(run_dir))} "
+                      f"is complete): {type(exc).__name__}: {escape(reason)}",
                       highlight=False, soft_wrap=True)
         return None
     registered = f"; registered as {cfg.tracking.registered_model} version {version}" if version else ""
