@@ -213,7 +213,7 @@ def runs_table(frame: pd.DataFrame, title: str = "Runs") -> Table:
     table = Table(title=title, show_edge=False)
     for name, justify, wrap in (("name", "left", False), ("date", "left", False), ("data", "left", True), ("mode", "left", True),
                                 ("features", "left", True), ("threshold", "right", False), ("CV F1", "right", False),
-                                ("test F1", "right", False), ("test AP", "right", False), ("time s", "right", False)):
+                                ("test F1", "right", False), ("test AP", "right", False), ("total s", "right", False)):
         table.add_column(name, justify=justify, no_wrap=not wrap)
     for row in frame.itertuples(index=False):
         cv = "" if pd.isna(row.cv_f1) else _fmt(row.cv_f1) + ("" if pd.isna(row.cv_sd) else f" ± {_fmt(row.cv_sd, 3)}")

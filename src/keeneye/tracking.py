@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -36,6 +36,9 @@ import keeneye
 from keeneye.config import Config, TrackingConfig
 from keeneye.errors import ConfigError
 from keeneye.runs import flatten, run_metrics
+
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
 
 LOCAL_STORE = "mlruns"
 TENSORBOARD_FOLDER = "tensorboard"
@@ -183,7 +186,7 @@ def _log_run(mlflow, uri: str, experiment_id: str, run_dir: Path, cfg: Config) -
     return run.info.run_id, getattr(info, "registered_model_version", None)
 
 
-def pyfunc_signature():
+def pyfunc_signature() -> ModelSignature:
     """uint8 RGB images (N, height, width, 3) of any size in, the positive-class probability (N,) out."""
     import numpy as np
     from mlflow.models import ModelSignature
