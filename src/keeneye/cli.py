@@ -100,12 +100,18 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results to this .csv or .json (default: CSV on stdout)."),
     engine: str = typer.Option("auto", "--engine", help="Inference engine."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    use_ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'keeneye[ray]'); --output .parquet or .csv resumes."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
+    actors: int = typer.Option(2, "--actors", min=1, help="Ray actors, each holding the model once (with --ray)."),
 ) -> None:
     """Predict images; failures are listed with their reason. Exit 1 only when nothing could be predicted."""
     from keeneye import api
 
     try:
-        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console)
+        if use_ray:
+            frame = api.predict_ray(run_dir, inputs, output=output, actors=actors, address=address, engine=engine, batch_size=batch_size, console=err_console)
+        else:
+            frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console)
     except KeeneyeError as exc:
         _fail(exc)
     if output is None:
