@@ -133,3 +133,12 @@ def test_without_ray_the_cli_says_how_to_install(monkeypatch, tiny_bundle, image
     result = CliRunner().invoke(app, ["predict", str(tiny_bundle.run_dir), str(images), "--ray"])
     assert result.exit_code == 2
     assert "pip install 'keeneye[ray]'" in result.output
+
+
+def test_a_folder_that_is_not_a_bundle_fails_before_any_actor_starts(tmp_path, images):
+    from keeneye.errors import KeeneyeError
+
+    with pytest.raises(KeeneyeError):
+        predict_ray(tmp_path, [images], output=tmp_path / "out.parquet")
+    with pytest.raises(KeeneyeError, match=r"\.parquet or \.csv"):
+        predict_ray(tmp_path, [images], output=tmp_path / "out.json")

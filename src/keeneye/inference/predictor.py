@@ -78,10 +78,13 @@ class Predictor:
     """
 
     def __init__(
-        self, bundle: Bundle, engine: str = "auto", batch_size: int = 32, workers: int = 2, threads: int | None = None
+        self, bundle: Bundle, engine: str | Callable[[np.ndarray], np.ndarray] = "auto", batch_size: int = 32,
+        workers: int = 2, threads: int | None = None,
     ) -> None:
+        """`engine`: a name (see ENGINES), or an engine already made (e.g. ONNX Runtime for a bundle
+        loaded without its Keras model, so TensorFlow is never imported)."""
         self.bundle = bundle
-        self.engine = make_engine(bundle.model, engine, bundle=bundle, threads=threads)
+        self.engine = make_engine(bundle.model, engine, bundle=bundle, threads=threads) if isinstance(engine, str) else engine
         self.batch_size = batch_size
         self.workers = workers
 
