@@ -1,8 +1,10 @@
 """Benchmark: `predict --ray` with 1 and 2 actors against single-process predict, on the casting test split.
 
 All in one process, interleaved round-robin (the CPU is shared, timings are noisy; medians are
-compared). Each timed job includes loading the model (local: `Predictor.from_bundle`; Ray: every
-actor starts and loads the bundle), reading, decoding and scoring all images. The local Ray
+compared). Each timed job includes loading the model (local: `Predictor.from_bundle`, which loads
+model.keras as `keeneye predict` does, then ONNX Runtime with a thread per core; Ray: every actor
+starts and opens the bundle's model.onnx with one thread, without Keras), reading, decoding and
+scoring all images. The local Ray
 instance is started once beforehand (a cluster is long-lived) and its start-up time is reported
 apart. Target (issue 16): Ray with 2 actors >= 80% of the single-process throughput on this machine.
 
