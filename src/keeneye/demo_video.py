@@ -71,6 +71,7 @@ def write_page_video(
     box = (width // 2, height // 8, int(width * 0.42), int(height * 0.75))  # the right-hand page of a book
     pages = [_page(rng, box[3], box[2], tint=int(rng.integers(0, 30))) for _ in range(len(flips) + 2)]
     left = _page(rng, box[3], box[2], tint=10)
+    noise = [rng.normal(0, 3, (height, width, 3)).astype(np.int16) for _ in range(7)]  # camera noise, cycled (cheap)
     turned = 0
     try:
         for i in range(int(round(seconds * fps))):
@@ -86,8 +87,7 @@ def write_page_video(
                 frame = cv2.blur(frame, (5, 1))  # motion blur of the sweep
             shake = rng.integers(-1, 2, size=2)
             frame = np.roll(frame, tuple(int(s) for s in shake), axis=(0, 1))
-            noise = rng.normal(0, 3, frame.shape)
-            writer.write(np.clip(frame + noise, 0, 255).astype(np.uint8))
+            writer.write(np.clip(frame + noise[i % len(noise)], 0, 255).astype(np.uint8))
     finally:
         writer.release()
     return path

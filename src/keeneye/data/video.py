@@ -325,7 +325,7 @@ def assign_frame_numbers(manifest: pd.DataFrame, frame_pattern: str | None = Non
         if found is None:
             continue
         number = found.group(1) if frame_pattern else found.group(2)
-        prefix = name[: found.start(1)].rstrip("_-. ") if frame_pattern else found.group(1)
+        prefix = name[: found.start()].rstrip("_-. ") if frame_pattern else found.group(1)
         group = manifest.at[i, "group"]
         if not (isinstance(group, str) and group):
             if group_pattern_given and frame_pattern is None:
