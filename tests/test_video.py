@@ -140,6 +140,8 @@ def test_event_overlap_counts():
     assert [(e.start_frame, e.end_frame, e.start) for e in labelled] == [(5, 9, 2.5), (20, 24, 10.0)]
     predicted = [Event(0, 0, 8, 12), Event(0, 0, 14, 16), Event(0, 0, 26, 28)]
     assert match_events(predicted, labelled) == (1, 1)  # one of three correct; one of two found
+    fragments = [Event(0, 0, 5, 6), Event(0, 0, 8, 9), Event(0, 0, 19, 30)]
+    assert match_events(fragments, labelled) == (2, 2)  # the second fragment of the first event is a false event
 
 
 # --- streaming -----------------------------------------------------------------------------------

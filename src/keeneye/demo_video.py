@@ -53,10 +53,12 @@ def _turning(frame: np.ndarray, top: np.ndarray, back: np.ndarray, box: tuple[in
 
 def write_page_video(
     path: str | os.PathLike, seconds: float = 4.0, fps: float = 30.0, flips: tuple[tuple[float, float], ...] = ((1.5, 2.5),),
-    size: tuple[int, int] = (160, 120), seed: int = 0, fourcc: str | None = None,
+    size: tuple[int, int] = (160, 120), seed: int = 0, fourcc: str | None = None, shakes: tuple[tuple[float, float], ...] = (),
 ) -> Path:
     """Write a clip of a page held still, turned during each (start, end) of `flips` (seconds).
 
+    shakes: (start, end) intervals where the camera jerks (motion blur, a few pixels of shift) with no page
+    turned: single frames of a shake look like a flip, which is what smoothing over time is for.
     fourcc: 'mp4v' for .mp4/.mov, 'MJPG' for .avi by default.
     """
     path = Path(path)
@@ -85,6 +87,9 @@ def write_page_video(
                 start, end = flips[active[0]]
                 _turning(frame, pages[turned], pages[-1], box, (time - start) / (end - start))
                 frame = cv2.blur(frame, (5, 1))  # motion blur of the sweep
+            if any(start <= time < end for start, end in shakes):
+                frame = cv2.blur(frame, (int(rng.integers(5, 11)), 1))
+                frame = np.roll(frame, int(rng.integers(-6, 7)), axis=1)
             shake = rng.integers(-1, 2, size=2)
             frame = np.roll(frame, tuple(int(s) for s in shake), axis=(0, 1))
             writer.write(np.clip(frame + noise[i % len(noise)], 0, 255).astype(np.uint8))

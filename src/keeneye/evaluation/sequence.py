@@ -1,10 +1,13 @@
 """Scores for sequences (videos, frame folders): frame-level F1, event-level precision and recall.
 
 An *event* is a run of frames: labelled ones are the runs of positive frames of a sequence,
-predicted ones come from smoothing and hysteresis (keeneye.inference.video). A predicted event is
-correct when it overlaps a labelled one (in frame numbers, ends included); a labelled event is
-found when some predicted event overlaps it. Per-video accuracy compares the verdict "contains
-the positive class" (at least one predicted event) with the truth (at least one positive frame).
+predicted ones come from smoothing and hysteresis (keeneye.inference.video). A predicted event
+counts when it overlaps a labelled one (in frame numbers, ends included) that no earlier predicted
+event has claimed: matching is one to one, so a flip reported as three fragments is one correct
+event and two false ones (fragmenting is what raw per-frame thresholds do, and what smoothing
+fixes). Event recall is the share of labelled events matched. Per-video accuracy compares the
+verdict "contains the positive class" (at least one predicted event) with the truth (at least
+one positive frame).
 """
 
 from __future__ import annotations
@@ -53,10 +56,16 @@ def _overlaps(a: Event, b: Event) -> bool:
 
 
 def match_events(predicted: Sequence[Event], labelled: Sequence[Event]) -> tuple[int, int]:
-    """(predicted events overlapping a labelled one, labelled events overlapped by a predicted one)."""
-    correct = sum(any(_overlaps(p, t) for t in labelled) for p in predicted)
-    found = sum(any(_overlaps(p, t) for p in predicted) for t in labelled)
-    return correct, found
+    """(correct predicted events, labelled events found): one-to-one, in time order, by overlap.
+
+    Both numbers are equal (each match is one of each); both are returned so callers read naturally.
+    """
+    claimed: set[int] = set()
+    for p in sorted(predicted, key=lambda e: e.start_frame):
+        k = next((k for k, t in enumerate(labelled) if k not in claimed and _overlaps(p, t)), None)
+        if k is not None:
+            claimed.add(k)
+    return len(claimed), len(claimed)
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
