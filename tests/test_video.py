@@ -225,6 +225,8 @@ def test_training_on_videos_reports_sequences_and_damage(flip_run):
     dropped = pd.read_csv(run / "dropped_files.csv")
     assert dropped["path"].str.endswith("cut.avi").tolist() == [True]
     assert "truncated video: decoding stopped at frame" in dropped["reason"].iat[0]
+    audit = json.loads((run / "audit.json").read_text())
+    assert [u["path"] for u in audit["images"]["unreadable"]] == dropped["path"].tolist()
     metrics = json.loads((run / "metrics.json").read_text())
     sequences = metrics["sequences"]
     assert sequences["n_sequences"] >= 2 and sequences["event"]["labelled"] >= 1
@@ -270,3 +272,20 @@ def test_watch_prints_json_lines_per_event_and_frame(flip_run, tmp_path):
     assert 1.2 <= event["start"] <= 1.9 and event["latency_ms"] >= 0
     assert all(r["latency_ms"] > 0 for r in records if r["type"] == "frame")
     assert records[-1] == {"type": "end", "frames": 20, "events": 1, "stopped": False, "error": None}
+
+
+def test_watch_stops_cleanly_when_asked(flip_run, tmp_path):
+    """What Ctrl-C does in `keeneye watch`: the stop event ends the stream and an 'end' record follows."""
+    from keeneye import api
+
+    clip = write_page_video(tmp_path / "long.mp4", seconds=20.0, fps=15, flips=(), seed=8)
+    stop = threading.Event()
+    records = []
+    for record in api.watch(flip_run.run_dir, str(clip), frames=True, fps=5.0, stop=stop):
+        records.append(record)
+        if len(records) == 5:
+            stop.set()
+    assert records[-1]["type"] == "end" and records[-1]["stopped"] is True
+    assert 5 <= records[-1]["frames"] < 100
+    missing = api.watch(flip_run.run_dir, str(tmp_path / "nothing.mp4"))
+    assert list(missing)[-1]["error"].startswith("cannot open video")

@@ -186,6 +186,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         audit = audit_manifest(manifest, scan.class_names, scan.skipped, cfg.data.near_duplicate_hash_distance,
                                progress=lambda n: progress.advance(task, n), drop_leaked_test=cfg.data.drop_leaked_test)
     audit.report.update(data_source=str(cfg.data.manifest_path or cfg.data_folder_path), split_notes=splits.notes)
+    audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
     print_audit_summary(audit, console, splits.notes)
 
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)

@@ -136,14 +136,27 @@ def watch(
     from keeneye import api
 
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def interrupted(*_) -> None:  # first Ctrl-C: finish cleanly; a second one (a stalled stream): leave now
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    end = {}
     try:
         for record in api.watch(run_dir, source, frames=frames, fps=fps, engine=engine, smoothing_frames=smoothing, stop=stop):
             typer.echo(json.dumps(record))
+            end = record
     except KeeneyeError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if end.get("error") and not end.get("frames"):
+        err_console.print(f"[bold red]error:[/] {end['error']}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

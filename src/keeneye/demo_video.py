@@ -57,8 +57,9 @@ def write_page_video(
 ) -> Path:
     """Write a clip of a page held still, turned during each (start, end) of `flips` (seconds).
 
-    shakes: (start, end) intervals where the camera jerks (motion blur, a few pixels of shift) with no page
-    turned: single frames of a shake look like a flip, which is what smoothing over time is for.
+    shakes: (start, end) intervals where a hand fidgets with the page (it lifts a fifth of a turn and falls back)
+    and the camera jerks (motion blur, a few pixels of shift), no page turned: single frames of it look like
+    a flip, which is what smoothing over time and a minimum event length are for.
     fourcc: 'mp4v' for .mp4/.mov, 'MJPG' for .avi by default.
     """
     path = Path(path)
@@ -87,7 +88,11 @@ def write_page_video(
                 start, end = flips[active[0]]
                 _turning(frame, pages[turned], pages[-1], box, (time - start) / (end - start))
                 frame = cv2.blur(frame, (5, 1))  # motion blur of the sweep
-            if any(start <= time < end for start, end in shakes):
+            shaking = [(start, end) for start, end in shakes if start <= time < end]
+            if shaking and not active:  # a hand fidgets: the page lifts a little and falls back, the camera jerks
+                start, end = shaking[0]
+                lift = 0.2 * np.sin(np.pi * (time - start) / (end - start))
+                _turning(frame, pages[turned], pages[-1], box, float(lift))
                 frame = cv2.blur(frame, (int(rng.integers(5, 11)), 1))
                 frame = np.roll(frame, int(rng.integers(-6, 7)), axis=1)
             shake = rng.integers(-1, 2, size=2)

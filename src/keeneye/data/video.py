@@ -227,7 +227,8 @@ def extract_frames(video: str | os.PathLike, fps: float | None, cache_root: str 
         saved = json.loads(index_file.read_text())
         frames = pd.DataFrame(saved["frames"], columns=["frame", "time", "name", "sha1"])
         frames["path"] = [str(folder / name) for name in frames.pop("name")]
-        return ExtractedVideo(frames, saved["problem"])
+        if all(os.path.isfile(p) for p in frames["path"]):  # a partly cleaned cache is decoded again
+            return ExtractedVideo(frames, saved["problem"])
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     problem = None

@@ -20,7 +20,7 @@ import queue
 import threading
 import time as clock
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -229,7 +229,6 @@ class VideoPrediction:
     events: list[Event]
     error: str | None = None
     settings: EventSettings | None = None
-    extra: dict = field(default_factory=dict)
 
     def summary(self, positive: str) -> dict:
         """The verdict record written to the events file."""
