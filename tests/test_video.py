@@ -98,6 +98,32 @@ def test_frame_folder_names_give_video_and_order(tmp_path):
     assert custom["frame"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
+def test_frame_folders_are_grouped_by_video_in_a_scan(tmp_path, monkeypatch):
+    import cv2
+
+    monkeypatch.setenv("KEENEYE_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "frames"
+    rng = np.random.default_rng(0)
+    for split, videos in (("training", ("0001", "0002", "0003", "0004")), ("testing", ("0005",))):
+        for label in ("flip", "notflip"):
+            (data / split / label).mkdir(parents=True)
+            for video in videos:
+                for number in range(3):
+                    frame = number + (10 if label == "flip" else 0)
+                    image = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+                    cv2.imwrite(str(data / split / label / f"{video}_{frame:09d}.jpg"), image)
+    cfg = config_from_dict(tiny_config(tmp_path, data, positive_class="flip"), base_dir=tmp_path)
+    manifest = load_data(cfg).manifest
+    assert sorted(manifest["video"].unique()) == ["0001", "0002", "0003", "0004", "0005"]
+    assert (manifest["group"] == manifest["video"]).all()
+    one = manifest[manifest["video"] == "0001"].sort_values("frame")
+    assert one["frame"].tolist() == [0, 1, 2, 10, 11, 12] and one["label"].tolist() == ["notflip"] * 3 + ["flip"] * 3
+    splits = assign_splits(manifest, 0.25, 0.2, seed=0).manifest
+    assert (splits.groupby("video")["split"].nunique() == 1).all()
+    by_pattern = load_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"group_pattern": r"^(\d{3})"})})).manifest
+    assert sorted(by_pattern["group"].unique()) == ["000"]  # data.group_pattern decides the group
+
+
 def test_segment_manifest_labels_frames_by_time(tmp_path, monkeypatch):
     monkeypatch.setenv("KEENEYE_CACHE_DIR", str(tmp_path / "cache"))
     write_page_video(tmp_path / "a.mp4", seconds=2.0, fps=30, flips=((1.0, 1.6),))
@@ -278,7 +304,7 @@ def test_watch_stops_cleanly_when_asked(flip_run, tmp_path):
     """What Ctrl-C does in `keeneye watch`: the stop event ends the stream and an 'end' record follows."""
     from keeneye import api
 
-    clip = write_page_video(tmp_path / "long.mp4", seconds=20.0, fps=15, flips=(), seed=8)
+    clip = write_page_video(tmp_path / "long.mp4", seconds=8.0, fps=15, flips=(), seed=8)
     stop = threading.Event()
     records = []
     for record in api.watch(flip_run.run_dir, str(clip), frames=True, fps=5.0, stop=stop):
@@ -286,6 +312,24 @@ def test_watch_stops_cleanly_when_asked(flip_run, tmp_path):
         if len(records) == 5:
             stop.set()
     assert records[-1]["type"] == "end" and records[-1]["stopped"] is True
-    assert 5 <= records[-1]["frames"] < 100
-    missing = api.watch(flip_run.run_dir, str(tmp_path / "nothing.mp4"))
-    assert list(missing)[-1]["error"].startswith("cannot open video")
+    assert 5 <= records[-1]["frames"] < 40
+
+
+def test_evaluate_on_a_folder_of_videos(flip_run, tmp_path):
+    from rich.console import Console
+
+    from keeneye import api
+
+    data = tmp_path / "more"
+    (data / "flip").mkdir(parents=True)
+    (data / "notflip").mkdir()
+    write_page_video(data / "flip" / "turn.mp4", seconds=1.0, fps=15, flips=((0.0, 1.0),), seed=50)
+    write_page_video(data / "notflip" / "still.mp4", seconds=1.0, fps=15, flips=(), seed=51)
+    _truncate(write_page_video(data / "notflip" / "cut.avi", seconds=1.6, fps=15, flips=(), seed=52))
+    result = api.evaluate(flip_run.run_dir, data=data, console=Console(quiet=True))
+    sequences = result.metrics["sequences"]
+    assert sequences["n_sequences"] == 3 and sequences["n_frames"] == len(result.predictions)
+    assert result.metrics["dropped"] == 1
+    dropped = pd.read_csv(result.folder / "dropped_files.csv")
+    assert dropped["path"].tolist() == [str(data / "notflip" / "cut.avi")] and "truncated" in dropped["reason"].iat[0]
+    assert (result.folder / "sequences.png").is_file()
