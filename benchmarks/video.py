@@ -159,7 +159,7 @@ def speed(predictor, clip: Path, repeats: int, console) -> dict:
     ceiling = max(("bare_engine_chunked", "bare_engine_per_image"), key=medians.get)
     per_repeat = [v / max(c, b) for v, c, b in zip(rates["predict_video_mp4"], rates["bare_engine_chunked"], rates["bare_engine_per_image"])]
     return {
-        "frames": int(len(tensors)), "video_size": [int(tensors.shape[0]), 640, 480], "image_size": size,
+        "frames": int(len(tensors)), "video_width_height": [640, 480], "image_size": size,
         "frames_per_second": {key: {"median": round(medians[key], 2), "all": [round(v, 2) for v in values]} for key, values in rates.items()},
         "ceiling": ceiling, "video_over_ceiling": round(medians["predict_video_mp4"] / medians[ceiling], 4),
         "video_over_ceiling_per_repeat_median": round(statistics.median(per_repeat), 4), "target_min": 0.85,
