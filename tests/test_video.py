@@ -333,3 +333,14 @@ def test_evaluate_on_a_folder_of_videos(flip_run, tmp_path):
     dropped = pd.read_csv(result.folder / "dropped_files.csv")
     assert dropped["path"].tolist() == [str(data / "notflip" / "cut.avi")] and "truncated" in dropped["reason"].iat[0]
     assert (result.folder / "sequences.png").is_file()
+
+
+def test_only_video_aware_callers_get_videos_from_a_folder(tmp_path):
+    from keeneye.inference.predictor import expand_inputs
+
+    write_page_video(tmp_path / "clip.mp4", seconds=0.2, fps=10, flips=())
+    (tmp_path / "notes.txt").write_text("x")
+    paths, problems = expand_inputs([tmp_path], videos=True)
+    assert paths == [str(tmp_path / "clip.mp4")] and [p["path"] for p in problems] == [str(tmp_path / "notes.txt")]
+    paths, problems = expand_inputs([tmp_path])  # Predictor.predict, explain: images only, the video reported
+    assert paths == [] and {p["path"]: p["error"] for p in problems}[str(tmp_path / "clip.mp4")].startswith("skipped: a video file")

@@ -461,7 +461,7 @@ def predict(
     """
     console = console or Console(stderr=True)
     predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=batch_size)
-    paths, problems = expand_inputs(inputs)
+    paths, problems = expand_inputs(inputs, videos=True)
     videos = [p for p in paths if is_video(p)]
     paths = [p for p in paths if not is_video(p)]
     console.print(f"predicting {len(paths)} images{f' and {len(videos)} videos' if videos else ''} with "
