@@ -100,18 +100,63 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results to this .csv or .json (default: CSV on stdout)."),
     engine: str = typer.Option("auto", "--engine", help="Inference engine."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    events: Optional[Path] = typer.Option(None, "--events", help="Videos: write events and per-video verdicts to this JSON (default: beside --output as <name>.events.json)."),
+    fps: Optional[float] = typer.Option(None, "--fps", min=0.001, help="Videos: frames per second to predict (default: the bundle's video.fps)."),
+    smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Videos: moving-average window in frames (default: video.smoothing_frames)."),
 ) -> None:
-    """Predict images; failures are listed with their reason. Exit 1 only when nothing could be predicted."""
+    """Predict images and videos (one row per sampled frame, events and verdicts per video); failures are listed
+    with their reason. Exit 1 only when nothing could be predicted."""
     from keeneye import api
 
     try:
-        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console)
+        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console,
+                            events=events, fps=fps, smoothing_frames=smoothing)
     except KeeneyeError as exc:
         _fail(exc)
     if output is None:
         typer.echo(frame.to_csv(index=False), nl=False)
     if frame["error"].notna().all():
         err_console.print("[bold red]error:[/] no image could be predicted.")
+        raise typer.Exit(1)
+
+
+@app.command()
+def watch(
+    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    source: str = typer.Argument(..., help="Camera index (0, 1, ...), video file or stream URL (rtsp://, http://...)."),
+    frames: bool = typer.Option(False, "--frames", help="Also print one line per frame."),
+    fps: Optional[float] = typer.Option(None, "--fps", min=0.001, help="Frames per second to predict (default: the bundle's video.fps)."),
+    smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Moving-average window in frames (default: video.smoothing_frames)."),
+    engine: str = typer.Option("auto", "--engine", help="Inference engine."),
+) -> None:
+    """Watch a camera, file or stream: one JSON line per event (and per frame with --frames), with latency.
+    Stops at the end of the stream or on Ctrl-C (the open event is closed and reported first)."""
+    import signal
+    import threading
+
+    from keeneye import api
+
+    stop = threading.Event()
+
+    def interrupted(*_) -> None:  # first Ctrl-C: finish cleanly; a second one (a stalled stream): leave now
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    end = {}
+    try:
+        for record in api.watch(run_dir, source, frames=frames, fps=fps, engine=engine, smoothing_frames=smoothing, stop=stop):
+            typer.echo(json.dumps(record))
+            end = record
+    except KeeneyeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if end.get("error") and not end.get("frames"):
+        err_console.print(f"[bold red]error:[/] {end['error']}", highlight=False)
         raise typer.Exit(1)
 
 
