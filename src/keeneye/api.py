@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 import keeneye
@@ -39,6 +38,7 @@ from keeneye.evaluation.outputs import write_evaluation
 from keeneye.evaluation.plots import plot_training_curves
 from keeneye.evaluation.threshold import choose_threshold
 from keeneye.inference.predictor import Predictor, expand_inputs, with_problem_rows
+from keeneye.terminal import keras_progress, plural, progress_bar
 
 PREPROCESSING = {
     "input": "RGB uint8, any size; resized to image_size x image_size (squashed; cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR)",
@@ -64,11 +64,9 @@ class EvaluationResult:
     predictions: pd.DataFrame
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=console.quiet,
-    )
+def _progress(console: Console):
+    """One bar per long phase on a terminal; a plain line at least every 10 s in a log file."""
+    return progress_bar(console)
 
 
 def data_counts(manifest: pd.DataFrame, skipped: pd.DataFrame, dropped: pd.DataFrame) -> pd.DataFrame:
@@ -220,7 +218,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             f"more than max_dropped_fraction={cfg.max_dropped_fraction}; the list with reasons is in {report}."
         )
     if len(dropped):
-        console.print(f"[yellow]warning:[/] {len(dropped)} unreadable images dropped (listed in dropped_files.csv).")
+        console.print(f"[yellow]warning:[/] {plural(len(dropped), 'unreadable image')} dropped (listed in dropped_files.csv).")
 
     ok = embeddings.ok
     y = (manifest["label"] == positive).to_numpy().astype(int)
@@ -254,13 +252,16 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         views_x, views_y, _ = embed_augmented_views(cfg, extractor, manifest[sets["training"]], train_y, cfg.augmentation.frozen_views)
         train_x, train_y = np.concatenate([train_x, views_x]), np.concatenate([train_y, views_y])
         console.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
-    head, history = fit_head(
-        train_x, train_y, embeddings.features[sets["validation"]], y[sets["validation"]], cfg.head, cfg.training,
-        checkpoint_dir=partial.phase_dir("head"), callbacks=callbacks, strategy=devices.strategy,
-    )
+    with _progress(console) as progress:
+        task = progress.add_task("training the head", total=cfg.training.epochs)
+        head, history = fit_head(
+            train_x, train_y, embeddings.features[sets["validation"]], y[sets["validation"]], cfg.head, cfg.training,
+            checkpoint_dir=partial.phase_dir("head"), callbacks=(*callbacks, keras_progress(progress, task, "training the head")),
+            strategy=devices.strategy,
+        )
     timings["head_training_s"] = time.perf_counter() - phase
     resumed = history.attrs.get("resumed_from", 0)
-    console.print(f"head trained: {len(history)} epochs, best epoch {history.attrs['best_epoch']} ({history.attrs['monitor']})"
+    console.print(f"head trained: {plural(len(history), 'epoch')}, best epoch {history.attrs['best_epoch']} ({history.attrs['monitor']})"
                   + (f", resumed after epoch {resumed}" if resumed else ""))
 
     phase = time.perf_counter()
@@ -282,8 +283,11 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     if cfg.fine_tune.enabled:
         from keeneye.training.finetune import fine_tune_and_choose
 
-        tuned = fine_tune_and_choose(cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"],
-                                     devices, partial.phase_dir("fine_tune"), callbacks, console)
+        with _progress(console) as progress:
+            task = progress.add_task("fine-tuning", total=cfg.fine_tune.epochs)
+            tuned = fine_tune_and_choose(cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"],
+                                         devices, partial.phase_dir("fine_tune"), (*callbacks, keras_progress(progress, task, "fine-tuning")),
+                                         console)
         timings["fine_tuning_s"] = tuned.phases["fine_tune"]["seconds"]
         extractor, head, choice, head_probability, history = tuned.extractor, tuned.head, tuned.choice, tuned.probability, tuned.history
         sets["testing"] = tuned.testing
@@ -295,7 +299,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             dropped = pd.concat([dropped, late])
             ok = ok & ~manifest.index.isin(late.index)
             counts = data_counts(manifest, scan.skipped, dropped)
-            console.print(f"[yellow]warning:[/] {len(late)} images failed to decode while fine-tuning (dropped_files.csv):")
+            console.print(f"[yellow]warning:[/] {plural(len(late), 'image')} failed to decode while fine-tuning (dropped_files.csv):")
             for row in late.itertuples():
                 console.print(f"  {escape(str(row.path))}: {escape(str(row.reason))}", highlight=False, soft_wrap=True)
         phase = time.perf_counter()
@@ -372,7 +376,7 @@ def evaluate(
             cfg = load_config(bundle.path / CONFIG_FILE)
             data = cfg.data_folder_path
         scan = scan_evaluation_folder(data, bundle.class_names)
-    console.print(f"evaluating {escape(bundle.path.name)} on {len(scan.manifest)} images from {escape(str(data))} (engine: {predictor.engine_name})", highlight=False)
+    console.print(f"evaluating {escape(bundle.path.name)} on {plural(len(scan.manifest), 'image')} from {escape(str(data))} (engine: {predictor.engine_name})", highlight=False)
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(scan.manifest))
         predictions = predictor.predict_paths(scan.manifest["path"].tolist(), progress=lambda n: progress.advance(task, n))
@@ -390,7 +394,7 @@ def evaluate(
     dropped.to_csv(folder / "dropped_files.csv", index=False)
     scan.skipped.to_csv(folder / "skipped_files.csv", index=False)
     if (~ok).any():
-        console.print(f"[yellow]warning:[/] {(~ok).sum()} unreadable images left out (dropped_files.csv).")
+        console.print(f"[yellow]warning:[/] {plural(int((~ok).sum()), 'unreadable image')} left out (dropped_files.csv).")
     write_run_report(
         folder, title=f"keeneye evaluation of {bundle.path.name}", metrics=metrics, class_names=bundle.class_names,
         threshold=bundle.threshold, model=getattr(bundle, "model", None), console=console,
@@ -409,7 +413,7 @@ def predict(
     console = console or Console(stderr=True)
     predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=batch_size)
     paths, problems = expand_inputs(inputs)
-    console.print(f"predicting {len(paths)} images with {predictor.bundle.path.name} (engine: {predictor.engine_name})")
+    console.print(f"predicting {plural(len(paths), 'image')} with {predictor.bundle.path.name} (engine: {predictor.engine_name})")
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(paths))
         frame = predictor.predict_paths(paths, progress=lambda n: progress.advance(task, n))
