@@ -194,3 +194,26 @@ def test_docs_render_without_a_network(browser, server, path, ready):
         assert page.locator(".opblock-summary-path", has_text="/predict").count() >= 1
     assert attempted == []
     context.close()
+
+
+def test_explain_endpoint_answers_like_predict_with_a_heatmap(tiny_bundle, uploads):
+    """Without a browser: POST /explain next to /predict on the same files (no Chromium needed)."""
+    from fastapi.testclient import TestClient
+
+    from keeneye.serving import ServeSettings, create_app
+
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in uploads.values()]
+    with TestClient(create_app(tiny_bundle.run_dir, ServeSettings())) as client:
+        predicted = client.post("/predict", files=files).json()["results"]
+        response = client.post("/explain", files=files)
+        assert client.get("/").headers["content-type"].startswith("text/html")
+        assert "/explain" in client.get("/openapi.json").json()["paths"]
+    assert response.status_code == 200
+    explained = response.json()["results"]
+    assert [r["name"] for r in explained] == [p.name for p in uploads.values()]
+    for mine, theirs, path in zip(explained, predicted, uploads.values()):
+        if path.suffix == ".png":
+            assert mine["label"] == theirs["label"] and abs(mine["probability"] - theirs["probability"]) <= 1e-4
+            assert _png_from_data_url(mine["heatmap"]).shape == cv2.imread(str(path)).shape
+        else:
+            assert mine["heatmap"] is None and mine["error"]["code"] == "not_an_image" == theirs["error"]["code"]

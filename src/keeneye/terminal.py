@@ -101,6 +101,12 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def filter_tensorflow_import_logs() -> None:
+    """Drop the native log lines that `import tensorflow` writes (if TensorFlow is not loaded yet)."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
 def quiet_runtime(verbose: bool, console: Console) -> None:
     """Silence TensorFlow / absl / library noise unless `verbose`; warnings become `warning: ...` lines.
 
@@ -111,8 +117,7 @@ def quiet_runtime(verbose: bool, console: Console) -> None:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     else:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
-            sys.meta_path.insert(0, _QuietTensorFlowImport())
+        filter_tensorflow_import_logs()
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
         try:
             import absl.logging  # small, no TensorFlow: Keras logs through it ("WARNING:absl:...")
@@ -236,5 +241,8 @@ def keras_progress(progress: Progress | PlainProgress, task_id: int, label: str)
 
         def on_train_batch_end(self, batch: int, logs=None) -> None:
             progress.advance(task_id, 1)
+
+        def on_train_end(self, logs=None) -> None:  # what follows (scoring the validation images) is part of the phase
+            progress.update(task_id, description=f"{label}: epochs done, scoring images")
 
     return KerasProgress()

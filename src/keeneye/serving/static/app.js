@@ -171,6 +171,7 @@ async function toggleHeat(card, file) {
   const picture = $(".picture", card);
   if (button.getAttribute("aria-pressed") === "true") {
     picture.src = card.dataset.original;
+    picture.alt = card.dataset.name;
     picture.classList.remove("heatmap");
     button.setAttribute("aria-pressed", "false");
     button.textContent = "Show heat map";
