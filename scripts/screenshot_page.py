@@ -79,6 +79,9 @@ def main() -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
+    from keeneye.terminal import filter_tensorflow_import_logs
+
+    filter_tensorflow_import_logs()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         images = args.images or sample_images(Path(scratch))

@@ -527,7 +527,8 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
         description=(
             "Binary image classification for visual inspection. POST images to /predict; each image gets "
             "its probability of the positive class, its label and the threshold used, or the reason it "
-            "could not be used. See the module docstring of keeneye.serving.app for the status policy."
+            "could not be used; POST /explain adds a Grad-CAM heat map. People can use the web page at /. "
+            "See the module docstring of keeneye.serving.app for the status policy."
         ),
         lifespan=lifespan,
         docs_url=None,  # /docs and /redoc come from add_ui_routes, with their scripts served locally (offline)
