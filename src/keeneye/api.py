@@ -202,6 +202,9 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     if feature_engine.note:
         console.print(f"embedding engine: {escape(feature_engine.note)}", highlight=False)
     timings["scan_and_embeddings_s"] = time.perf_counter() - started
+    for shard, reason in cache.damaged if cache is not None else ():
+        console.print(f"[yellow]warning:[/] embedding cache shard {escape(str(shard))} was damaged ({escape(reason)}): "
+                      "skipped and removed; its features were recomputed.", highlight=False, soft_wrap=True)
     if cache is not None:
         verb = "reused" if embeddings.n_cached else "empty, filled"
         console.print(
@@ -314,6 +317,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         phase = time.perf_counter()
 
     with staged_run(Path(cfg.output_dir), run_name, on_error=partial.remove) as run:
+        for stale in run.cleaned:
+            console.print(f"removed {escape(str(stale))}: staging folder of a publish that was killed", highlight=False)
         folder = run.staging
         test_rows = manifest[sets["testing"]]
         metrics = write_evaluation(

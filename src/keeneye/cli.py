@@ -194,9 +194,12 @@ def serve(
     max_batch_wait_ms: Optional[float] = typer.Option(None, "--max-batch-wait-ms", help="How long a request that finds the model idle waits for others to join its batch [5]."),
     max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body in MiB [32]."),
     max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Largest single image file in MiB [16]."),
+    max_buffered_body_mb: Optional[float] = typer.Option(None, "--max-buffered-body-mb", help="Request bodies in memory at once, all requests together, in MiB [128]."),
+    body_timeout: Optional[float] = typer.Option(None, "--body-timeout", help="Longest time to receive one request body, s; slower clients get 408 [30]."),
+    max_json_depth: Optional[int] = typer.Option(None, "--max-json-depth", help="Deepest nesting in a JSON body [16]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest width x height, checked from the header [50000000]."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Most images per request [32]."),
-    formats: Optional[str] = typer.Option(None, "--formats", help="Accepted formats, comma-separated [jpeg,png,bmp,tiff,webp]."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Accepted formats, comma-separated [jpeg,png,bmp,tiff,webp,gif]."),
     decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Threads decoding uploads [2]."),
     max_pending_images: Optional[int] = typer.Option(None, "--max-pending-images", help="Queued images before 503 [1024]."),
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Longest wait for the model per request, s [60]."),
@@ -215,6 +218,7 @@ def serve(
         settings = make_settings(
             engine=engine, batching=batching, max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms,
             max_body_bytes=mib(max_body_mb), max_image_bytes=mib(max_image_mb), max_pixels=max_pixels,
+            max_buffered_body_bytes=mib(max_buffered_body_mb), body_timeout_s=body_timeout, max_json_depth=max_json_depth,
             max_images_per_request=max_images, allowed_formats=formats, decode_threads=decode_threads,
             max_pending_images=max_pending_images, request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
         )

@@ -26,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from keeneye.serving.inputs import ImageRejected, RequestRejected, prepare_image
+from keeneye.serving.limits import reservation
 
 log = logging.getLogger("keeneye.serving")
 
@@ -90,15 +91,16 @@ async def _decode_all(service: Any, uploads: list) -> list[np.ndarray | ImageRej
 async def explain_request(service: Any, explainer: Explainer, request: Request, threshold: float | None) -> JSONResponse:
     """POST /explain: per-image probability, label and Grad-CAM overlay, or the image's error."""
     info = request.scope.get("keeneye.log", {"errors": []})
-    try:
-        if not service.ready:
-            return _error(503, "shutting_down" if service.draining else "not_ready", "the model is not ready", {"Retry-After": "1"})
-        uploads = await service.read_uploads(request)
+    if not service.ready:
+        return _error(503, "shutting_down" if service.draining else "not_ready", "the model is not ready", {"Retry-After": "1"})
+    try:  # the body is held within the server's shared memory budget until its images are decoded, as for /predict
+        async with service.body_budget.reserve(reservation(request, service.settings), service.settings.request_timeout_s):
+            uploads = await service.read_uploads(request)
+            info["n_images"] = len(uploads)
+            decoded = await _decode_all(service, uploads)
     except RequestRejected as exc:
         info["errors"].append(exc.code)
         return _error(exc.status, exc.code, exc.message, exc.headers)
-    info["n_images"] = len(uploads)
-    decoded = await _decode_all(service, uploads)
     good = [(upload.name, item) for upload, item in zip(uploads, decoded) if isinstance(item, np.ndarray)]
     bundle = service.predictor.bundle
     used = bundle.threshold if threshold is None else float(threshold)
