@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from keeneye.data.decode import IMAGE_EXTENSIONS
+from keeneye.data.video import VIDEO_EXTENSIONS
 from keeneye.data.split import split_validation  # noqa: F401  (moved to keeneye.data.split; kept importable here)
 from keeneye.errors import DataError
 
@@ -44,6 +45,7 @@ class ScanResult:
     manifest: pd.DataFrame
     skipped: pd.DataFrame
     class_names: tuple[str, str]  # (negative, positive)
+    dropped: pd.DataFrame | None = None  # candidates known unusable before decoding (videos: path, split, label, reason)
 
     @property
     def positive_class(self) -> str:
@@ -54,7 +56,7 @@ def skip_reason(path: Path) -> str | None:
     """Why a file is not a candidate image, judged by its name alone (None = candidate)."""
     if path.name.startswith("."):
         return "hidden file"
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if path.suffix.lower() not in IMAGE_EXTENSIONS and path.suffix.lower() not in VIDEO_EXTENSIONS:
         return f"not an image by extension ({path.suffix or 'no extension'})"
     if MASK_NAME.search(path.stem):
         return "mask or label image (name ends in _mask/_label/_gt/_seg)"

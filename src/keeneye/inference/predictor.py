@@ -13,6 +13,7 @@ import pandas as pd
 from keeneye.bundle import Bundle, load_bundle
 from keeneye.data.decode import decode_image_bytes, resize_square
 from keeneye.data.scan import entry_problem, skip_reason, walk_files
+from keeneye.data.video import is_video
 from keeneye.inference import engines as _engines
 from keeneye.training.features import iter_batches
 
@@ -26,11 +27,13 @@ def make_engine(model, engine: str = "auto", bundle: Bundle | None = None, threa
     return _engines.make_engine(model, engine, bundle=bundle, threads=threads)
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict]]:
+def expand_inputs(inputs: Iterable[str | os.PathLike], videos: bool = False) -> tuple[list[str], list[dict]]:
     """Files, folders (recursive) and glob patterns -> (image paths, rows for inputs not used).
 
     Inside folders and globs, files that are not images by name, broken symbolic links and other
     entries that are not regular files are reported as skipped; a file named explicitly is always tried.
+    Video files are kept only with `videos` (callers that stream them, see inference/video.py);
+    otherwise they are reported as not predicted.
     """
     paths: list[str] = []
     problems: list[dict] = []
@@ -41,6 +44,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[
             paths.append(str(path))
         else:
             problems.append({"path": str(path), "error": f"skipped: {reason}"})
+
+    def keep(found: list[str]) -> list[str]:
+        if videos:
+            return found
+        for path in (p for p in found if is_video(p)):
+            problems.append({"path": path, "error": "skipped: a video file (keeneye predict samples its frames)"})
+        return [p for p in found if not is_video(p)]
 
     for item in inputs:
         text = str(item)
@@ -68,7 +78,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[
                 add_found(found)
         else:
             problems.append({"path": text, "error": "no such file or folder"})
-    return paths, problems
+    return keep(paths), problems
 
 
 class Predictor:

@@ -20,17 +20,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from keeneye.data.cache import default_cache_dir  # noqa: F401  (defined in the data layer, which uses it too)
 from keeneye.data.decode import DecodeError, load_image
 
 FEATURE_FORMAT_VERSION = 2  # 2: resize rule of decode.resize_square
-
-
-def default_cache_dir() -> Path:
-    """`$KEENEYE_CACHE_DIR`, else `$XDG_CACHE_HOME/keeneye`, else `~/.cache/keeneye`."""
-    if os.environ.get("KEENEYE_CACHE_DIR"):
-        return Path(os.environ["KEENEYE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "keeneye"
 
 
 def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha256: str) -> str:
