@@ -138,9 +138,9 @@ def test_cross_validation_chooses_its_threshold_on_its_own_out_of_fold_probabili
     y = np.tile([0, 1], 30)
     x = rng.normal(size=(60, 8)).astype(np.float32) + 0.8 * y[:, None]
     units = np.arange(60) // 2
-    training = TrainingConfig(epochs=8, batch_size=16, early_stopping_patience=3, cv_folds=3, seed=0)
+    training = TrainingConfig(epochs=6, batch_size=32, early_stopping_patience=3, cv_folds=2, seed=0)
     cv = run_cross_validation(x, y, units, HeadConfig(dense_units=[4]), training, EvaluationConfig(min_validation_per_class=3))
-    assert not np.isnan(cv.best.oof).any() and len(set(cv.folds)) == 3
+    assert not np.isnan(cv.best.oof).any() and len(set(cv.folds)) == 2
     assert cv.choice.threshold == choose_threshold(y, cv.best.oof, min_per_class=3, source="out_of_fold").threshold
     assert cv.to_dict()["estimate"]["f1_mean"] == pytest.approx(np.mean(cv.estimate["f1"]), abs=1e-4)
 
@@ -185,3 +185,17 @@ def test_fine_tuning_is_kept_only_when_it_beats_the_frozen_model_by_more_than_th
     assert kept == "head" and "simpler frozen model is kept" in reason
     assert judge_fine_tuning(y, fine, frozen, margin=0.0)[0] == "head"
     assert judge_fine_tuning(np.zeros(6), frozen, fine, margin=0.0)[0] == "head"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_copies_of_testing_images_never_go_to_validation(seed: int) -> None:
+    """Like casting's 64 test images that are byte-identical to training images: the training copy stays in training."""
+    rows = [{"path": f"/x/{i}.png", "label": "defect" if i % 3 == 0 else "good", "split": "training", "group": None,
+             "sha1": f"s{i}"} for i in range(60)]
+    rows += [{"path": f"/x/test{i}.png", "label": rows[i]["label"], "split": "testing", "group": None, "sha1": f"s{i}"}
+             for i in range(0, 60, 2)]  # every other training image also sits in testing
+    result = assign_splits(pd.DataFrame(rows).astype({"group": object}), 0.3, 0.2, seed=seed)
+    m = result.manifest
+    validation = m[m["split"] == "validation"]
+    assert len(validation) > 0 and not validation["sha1"].isin(m.loc[m["split"] == "testing", "sha1"]).any()
+    assert any("stay in training, never in validation" in note for note in result.notes)

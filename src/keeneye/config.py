@@ -364,7 +364,7 @@ class TrainingConfig(BaseModel):
                 "data.auto_groups). The out-of-fold probabilities choose the threshold (and the head with "
                 "head.auto), and the fold scores give the cross-validated estimate printed before the test score. "
                 "Fewer folds are used when there are fewer positive groups. 0: no cross-validation, the head early-"
-                "stops and the threshold is chosen on the validation split (also the case while fine-tuning)."
+                "stops and the threshold is chosen on the validation split (as it is for a fine-tuned model)."
             ),
         ),
         _Expect("0, or an integer from 2 to 20", ("integer",)),
@@ -552,9 +552,9 @@ class EvaluationConfig(BaseModel):
         Union[Literal["auto"], Annotated[StrictFloat, Field(gt=0, lt=1)]],
         Field(
             description=(
-                "Probability at or above which an image is called positive. \"auto\" chooses it on the validation "
-                "images (falling back to 0.5 when there are too few, see min_validation_per_class); a number "
-                "strictly between 0 and 1 fixes it."
+                "Probability at or above which an image is called positive. \"auto\" chooses it on held-out "
+                "probabilities (out-of-fold with training.cv_folds, else the validation images; see threshold_objective "
+                "and min_validation_per_class); a number strictly between 0 and 1 fixes it."
             )
         ),
         _Expect('"auto" or a number strictly between 0 and 1, e.g. 0.5', ("string", "number")),

@@ -192,11 +192,18 @@ def auto_group_summary(manifest: pd.DataFrame, edges: pd.DataFrame | None, units
 def _carve(manifest: pd.DataFrame, units: np.ndarray, fraction: float, seed: int, target: str, notes: list[str]) -> bool:
     """Move about `fraction` of the training rows (by unit) to `target`; returns whether it was group-aware."""
     pool = (manifest["split"] == "training").to_numpy()
+    blocked = np.zeros_like(pool)
+    if target == "validation":  # a unit that reaches into testing never gives images to validation
+        blocked = pool & np.isin(units, units[(manifest["split"] == "testing").to_numpy()])
+        pool = pool & ~blocked
+        if blocked.any():
+            notes.append(f"validation: {int(blocked.sum())} training images share a group, near-duplicate or file "
+                         "content with testing images; they stay in training, never in validation.")
     pool_units = units[pool]
     grouped = len(np.unique(pool_units)) < int(pool.sum())
     if fraction <= 0 or not pool.any():
         return grouped
-    if not grouped and target == "validation":  # exactly the earlier behaviour, so folder runs reproduce
+    if not grouped and target == "validation" and not blocked.any():  # exactly the earlier behaviour, so folder runs reproduce
         before = manifest["split"].copy()
         manifest["split"] = split_validation(manifest, fraction, seed)["split"]
         index = manifest.index[(before != "validation") & (manifest["split"] == "validation")]
@@ -211,7 +218,7 @@ def _carve(manifest: pd.DataFrame, units: np.ndarray, fraction: float, seed: int
             n = int(round(len(where) * fraction))
             n = min(max(n, 1), len(where) - 1) if len(where) >= 2 else 0
             mask[rng.choice(where, size=n, replace=False)] = True
-    if grouped or target != "validation":
+    if grouped or target != "validation" or blocked.any():
         index = manifest.index[pool][mask]
         manifest.loc[index, "split"] = target
     held = manifest.loc[index, "label"].value_counts()
