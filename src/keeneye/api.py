@@ -423,6 +423,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
                      ("threshold", f"{choice.threshold:.4f} ({choice.method})"),
                      ("training", training_summary(training_info)),
                      *([("cross-validation", cv_summary(cv))] if cv is not None else []),
+                     *([("head candidates", "; ".join(f"{r.candidate.name} AP {r.ap:.4f}" for r in cv.results) + f" -> {cv.reason}")]
+                       if cv is not None and len(cv.results) > 1 else []),
                      ("split", " ".join(splits.notes) or "as given"), ("total time", f"{timings['total_s']:.1f} s")],
         )
         write_metadata(folder, {
