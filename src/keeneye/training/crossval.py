@@ -112,7 +112,8 @@ def train_head(
     x: np.ndarray, y: np.ndarray, candidate: HeadCandidate, training: TrainingConfig, epochs: int,
     x_eval: np.ndarray | None = None, y_eval: np.ndarray | None = None, seed: int = 0,
 ):
-    """Train one head; with held-out rows, early-stop on their loss and keep the best epoch.
+    """Train one head; with held-out rows, early-stop on their loss and keep the best epoch
+    (``training.early_stopping_patience`` 0: no early stopping, every epoch runs and the last counts).
 
     Returns (head, best epoch (1-based), held-out probabilities at the best epoch or None).
     """
@@ -147,7 +148,9 @@ def train_head(
             continue
         p = np.asarray(head(x_eval, training=False)).reshape(-1)
         loss = float(bce(np.asarray(y_eval, np.float32).reshape(-1, 1), p.reshape(-1, 1)))
-        if loss < best[0]:
+        if training.early_stopping_patience == 0:  # early stopping off: every epoch runs, the last one counts
+            best = (loss, epoch, None, p)
+        elif loss < best[0]:
             best, wait = (loss, epoch, head.get_weights(), p), 0
         else:
             wait += 1
@@ -155,7 +158,8 @@ def train_head(
                 break
     if x_eval is None:
         return head, epochs, None
-    head.set_weights(best[2])
+    if best[2] is not None:
+        head.set_weights(best[2])
     return head, best[1], best[3]
 
 
@@ -164,6 +168,7 @@ class CandidateResult:
     """One candidate cross-validated: its out-of-fold probabilities and fold scores."""
 
     candidate: HeadCandidate
+    labels: np.ndarray
     oof: np.ndarray
     best_epochs: list[int]
     fold_ap: list[float]
@@ -171,11 +176,10 @@ class CandidateResult:
 
     @property
     def ap(self) -> float:
+        """Average precision of the pooled out-of-fold probabilities: the selection score."""
         from sklearn.metrics import average_precision_score
 
-        return float(average_precision_score(self._y, self.oof))
-
-    _y: np.ndarray = field(default=None, repr=False)
+        return float(average_precision_score(self.labels, self.oof))
 
     def summary(self) -> dict:
         return {**self.candidate.to_dict(), "oof_average_precision": round(self.ap, 4),
@@ -200,7 +204,7 @@ def cross_validate(
         best_epochs.append(int(best))
         fold_ap.append(float(average_precision_score(y[held], p)) if len(np.unique(y[held])) == 2 else float("nan"))
         heads.append(head)
-    return CandidateResult(candidate, oof, best_epochs, fold_ap, heads, _y=np.asarray(y))
+    return CandidateResult(candidate, np.asarray(y), oof, best_epochs, fold_ap, heads)
 
 
 def select_candidate(results: Sequence[CandidateResult]) -> tuple[int, str]:
