@@ -345,7 +345,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     else:
         head, history = _fit_published_head(run_cfg, extractor, manifest, embeddings.features, y, pool, validation,
                                             partial, callbacks, devices, console)
-    timings["head_training_s"] = time.perf_counter() - phase
+    timings["head_training_s"] = time.perf_counter() - phase  # with cross-validation: the folds and the refit
+    phase = time.perf_counter()
     head_probability = lambda mask: np.asarray(head(embeddings.features[mask], training=False)).reshape(-1)  # noqa: E731
     if cv is not None:
         choice = cv.choice
@@ -358,8 +359,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     if choice.warning:
         console.print(f"[yellow]warning:[/] {escape(choice.warning)}")
     console.print(f"threshold: {choice.threshold:.4f} ({choice.method})")
-    if cv is None:
-        console.print(f"validation F1 after head training: {'n/a' if choice.validation_f1 is None else f'{choice.validation_f1:.4f}'}")
+    where = "" if cv is None else " (out-of-fold, over training + validation)"
+    console.print(f"validation F1 after head training: {'n/a' if choice.validation_f1 is None else f'{choice.validation_f1:.4f}'}{where}")
     from keeneye.training.finetune import phase_summary
 
     training_info = {"epochs_run": len(history), "best_epoch": history.attrs["best_epoch"], "kept": "head",
