@@ -7,13 +7,21 @@ real casting image (multipart upload). Phases (all by default):
 
   engine_cost  the model alone (no server), per engine: per-image cost at batch 1, 2, 4, 8 — the
              ceiling on what merging requests into batches can gain on this machine.
-  compare    batching on, then batching off (two server runs back to back, same bundle, same
-             load): throughput, p50/p99 latency, errors. Target: zero errors and
-             throughput(batching) >= 2 x throughput(no batching).
+  compare    per engine, batching on and off in --repeats interleaved pairs of server runs (same
+             bundle, same load): throughput, p50/p99 latency, errors; both modes printed for
+             every engine. Target: zero errors, and the server's default mode for the engine
+             (BATCHING_BY_ENGINE in keeneye/serving/settings.py) is the faster one by median.
   malformed  batching on; a fraction of the requests is malformed (truncated JPEG, random bytes,
              oversized body, wrong content type, malformed JSON, empty body, decompression bomb,
              mixed good+bad). Target: zero 5xx, zero connection errors, each kind answered with
              its expected status, and afterwards /health and one good prediction succeed.
+  hostile    batching on, production body limits (max body 32 MiB); a fraction of the requests is
+             hostile: JSON nested 1,000 and 100,000 deep, 31 MB bodies (raw and base64 JSON), 40 MB
+             bodies over the limit, and separate slow clients that announce a body and stall after
+             3 bytes (within and over the limit). A probe polls /health every 0.25 s and the
+             server's RSS is sampled every 0.1 s. Target: zero 5xx, zero connection errors, each
+             kind answered with its expected status (408 for stalled bodies), /health answering
+             throughout, and peak RSS growth at most 4 x --max-buffered-body-mb.
   sigterm    batching on; SIGTERM a few seconds into the load. Target: every request in flight
              when the signal arrived completes with 200, the server logs "shutdown complete".
 
@@ -21,7 +29,7 @@ Without --bundle, a small bundle is trained first (subprocess `keeneye train`) o
 ../shared/data/casting/casting_data with the shared MobileNetV2 weights, in a temporary folder.
 
     python benchmarks/load_test.py [--bundle runs/x] [--duration 30] [--clients 8]
-                                   [--phases compare,malformed,sigterm] [--malformed-fraction 0.3]
+                                   [--phases compare,malformed,hostile,sigterm] [--malformed-fraction 0.3]
 
 Prints a table and writes benchmarks/results/load_test.json. Exit status 1 if a check failed.
 The CPU is shared with the load generator (and anything else running): absolute numbers are
@@ -39,6 +47,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -154,12 +163,13 @@ def free_port() -> int:
 class Server:
     """`python -m keeneye serve` in a subprocess, its JSON log in a file."""
 
-    def __init__(self, bundle: Path, batching: bool, log_path: Path, engine: str = "auto", extra: list[str] = ()) -> None:
+    def __init__(self, bundle: Path, batching: bool, log_path: Path, engine: str = "auto", extra: list[str] = (),
+                 max_body_mb: float = SERVER_MAX_BODY_MB) -> None:
         self.port = free_port()
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
         command = [sys.executable, "-m", "keeneye", "serve", str(bundle), "--host", HOST, "--port", str(self.port),
-                   "--batching" if batching else "--no-batching", "--max-body-mb", str(SERVER_MAX_BODY_MB),
+                   "--batching" if batching else "--no-batching", "--max-body-mb", str(max_body_mb),
                    "--engine", engine, *extra]
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT,
                                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -365,6 +375,36 @@ def phase_throughput(bundle, batching, args, good, bad, fraction, logs: Path, na
     return summary
 
 
+def phase_compare(bundle, engine: str, args, good, bad, logs: Path) -> tuple[dict, dict]:
+    """Batching on and off, `--repeats` pairs interleaved (on/off, then off/on, ...) so a change in the
+    machine's load hits both modes alike; medians decide which mode is faster, and whether the
+    server's default for this engine (keeneye.serving.settings.BATCHING_BY_ENGINE) is that one."""
+    from keeneye.serving.settings import BATCHING_BY_ENGINE
+
+    rps: dict[bool, list[float]] = {True: [], False: []}
+    errors = {True: 0, False: 0}
+    last: dict[bool, dict] = {}
+    for repeat in range(args.repeats):
+        for batching in ((True, False) if repeat % 2 == 0 else (False, True)):
+            name = f"{'batching' if batching else 'no_batching'}_{engine}_{repeat + 1}"
+            run = phase_throughput(bundle, batching, args, good, bad, 0.0, logs, name, engine)
+            rps[batching].append(run["throughput_rps"])
+            errors[batching] += run["errors"] + run["connection_errors"]
+            last[batching] = run
+    median = {mode: round(statistics.median(values), 2) for mode, values in rps.items()}
+    resolved = last[True]["engine"]
+    default = BATCHING_BY_ENGINE.get(resolved, True)
+    faster = median[True] > median[False]
+    modes = {
+        "engine": resolved, "repeats": args.repeats, "rps_batching": rps[True], "rps_no_batching": rps[False],
+        "median_rps_batching": median[True], "median_rps_no_batching": median[False],
+        "speedup_median": round(median[True] / median[False], 2) if median[False] else None,
+        "faster_mode": "batching" if faster else "no_batching", "server_default": "batching" if default else "no_batching",
+        "default_is_faster": default == faster, "errors": errors,
+    }
+    return modes, last
+
+
 def phase_sigterm(bundle, args, images, logs: Path) -> dict:
     # Several images per request, so requests are still being processed when the signal arrives
     # (uvicorn waits 0.1 s before it even looks at open connections).
@@ -416,6 +456,152 @@ def phase_sigterm(bundle, args, images, logs: Path) -> dict:
         "server_exited_after_s": round(exited_after, 2),
         "shutdown_complete_logged": any(r.get("event") == "stopped" for r in records),
         "server_5xx_logged": sum(1 for status in logged.values() if status >= 500),
+    }
+
+
+# --- hostile traffic ----------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def nested_json(depth: int) -> bytes:
+    return b'{"images": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def build_hostile_requests(images: list[tuple[str, bytes]]) -> list[RequestSpec]:
+    """Requests that used to crash or bloat the server (issue 9), each with the answer it must get."""
+    import base64
+
+    rng = random.Random(2)
+    _, sample = images[0]
+    large = sample + rng.randbytes(31 * MiB - len(sample))  # under max_body (32 MiB), over max_image (16 MiB)
+    large_json = json.dumps({"images": [{"name": "big.jpeg", "data": base64.b64encode(large[: 22 * MiB]).decode()}]}).encode()
+    return [
+        RequestSpec("nested_json_1k", "application/json", nested_json(1000), 400),
+        RequestSpec("nested_json_100k", "application/json", nested_json(100_000), 400),
+        RequestSpec("large_body_31mb", "image/jpeg", large, 422),
+        RequestSpec("large_json_30mb", "application/json", large_json, 422),
+        RequestSpec("oversized_40mb", "image/jpeg", large + rng.randbytes(9 * MiB), 413),
+    ]
+
+
+def stalled_client_loop(port: int, deadline: float, announce: int, expected: int, load: Load, measure_from: float) -> None:
+    """Announce `announce` bytes, send 3, then wait for the server's answer (a slow-body attack)."""
+    kind = f"stalled_body_{'over' if announce > 32 * MiB else 'under'}_limit"
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        status, error = None, None
+        try:
+            with socket.create_connection((HOST, port), timeout=120) as sock:
+                sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/jpeg\r\n"
+                             f"Content-Length: {announce}\r\n\r\n".encode() + b"abc")
+                answer = b""
+                while b"\r\n" not in answer:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+                status = int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else None
+                error = None if status else "no answer"
+        except (OSError, ValueError) as exc:
+            error = type(exc).__name__
+        if started >= measure_from:
+            with load.lock:
+                load.results.append(Result(kind, expected, started, time.monotonic(), status, error))
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def watch(port: int, pid: int, stop: threading.Event, health: list, rss: list) -> None:
+    """/health every 0.25 s on its own keep-alive connection (status, seconds), RSS every 0.1 s."""
+    connection = None
+    next_health = 0.0
+    while not stop.is_set():
+        value = rss_bytes(pid)
+        if value is not None:
+            rss.append(value)
+        if time.monotonic() >= next_health:
+            next_health = time.monotonic() + 0.25
+            started = time.monotonic()
+            try:
+                connection = connection or http.client.HTTPConnection(HOST, port, timeout=5)
+                connection.request("GET", "/health")
+                response = connection.getresponse()
+                response.read()
+                health.append((response.status, time.monotonic() - started))
+            except (OSError, http.client.HTTPException) as exc:
+                health.append((type(exc).__name__, time.monotonic() - started))
+                connection = None
+        stop.wait(0.1)
+
+
+def phase_hostile(bundle, args, good, images, logs: Path) -> dict:
+    hostile = build_hostile_requests(images)
+    extra = ["--max-buffered-body-mb", str(args.max_buffered_body_mb), "--body-timeout", str(args.body_timeout)]
+    server = Server(bundle, True, logs / "hostile.log", extra=extra, max_body_mb=32)
+    stop, health, rss = threading.Event(), [], []
+    try:
+        server.wait_ready()
+        print(f"[hostile] {args.clients} clients ({args.hostile_fraction:.0%} hostile) + {args.stalled_clients} stalled clients "
+              f"x {args.duration:.0f} s; max_buffered_body_bytes={args.max_buffered_body_mb} MiB, body_timeout_s={args.body_timeout} ...", flush=True)
+        time.sleep(1.0)
+        baseline = rss_bytes(server.process.pid)
+        watcher = threading.Thread(target=watch, args=(server.port, server.process.pid, stop, health, rss), daemon=True)
+        watcher.start()
+        load = Load()
+        measure_from = time.monotonic() + args.warmup
+        deadline = measure_from + args.duration
+        stalled = [threading.Thread(target=stalled_client_loop, daemon=True,
+                                    args=(server.port, deadline, announce, expected, load, measure_from))
+                   for i in range(args.stalled_clients)
+                   for announce, expected in [((1000, 408), (40 * MiB, 413))[i % 2]]]
+        for thread in stalled:
+            thread.start()
+        normal, _, _ = run_load(server.port, args.clients, args.duration, args.warmup, good, hostile, args.hostile_fraction)
+        for thread in stalled:
+            thread.join(timeout=args.body_timeout + 130)
+        load.results.extend(normal.results)
+        summary = summarise(load, deadline - measure_from)
+        stop.set()
+        watcher.join(10)
+        summary["server_responses_by_status"] = server.get("/stats")[1]["responses_by_status"]
+        summary["server_alive"] = server.process.poll() is None
+    finally:
+        stop.set()
+        summary_exit = server.stop()
+    slow = [seconds for status, seconds in health if status == 200]
+    summary.update({
+        "server_exit": summary_exit,
+        "server_5xx_logged": sum(1 for r in server.log_records() if r.get("event") == "request" and (r.get("status") or 0) >= 500),
+        "health_probes": len(health), "health_failures": sum(1 for status, _ in health if status != 200),
+        "health_max_ms": round(1000 * max(slow), 1) if slow else None,
+        "health_p99_ms": round(1000 * percentile(slow, 99), 1) if slow else None,
+        "rss_baseline_mb": round(baseline / MiB, 1) if baseline else None,
+        "rss_peak_mb": round(max(rss) / MiB, 1) if rss else None,
+        "rss_growth_mb": round((max(rss) - baseline) / MiB, 1) if rss and baseline else None,
+        "rss_bound_mb": 4 * args.max_buffered_body_mb,
+        "max_buffered_body_mb": args.max_buffered_body_mb, "body_timeout_s": args.body_timeout,
+        "stalled_clients": args.stalled_clients, "hostile_fraction": args.hostile_fraction,
+    })
+    return summary
+
+
+def hostile_checks(run: dict) -> dict:
+    """Issue 9's targets: no 5xx, every kind answered as expected, /health throughout, RSS within the bound."""
+    return {
+        "hostile_zero_5xx": run["n_5xx"] == 0 and run["server_5xx_logged"] == 0,
+        "hostile_zero_connection_errors": run["connection_errors"] == 0,
+        "hostile_expected_statuses": run["unexpected_status"] == 0,
+        "hostile_health_throughout": run["health_probes"] > 0 and run["health_failures"] == 0 and run["server_alive"],
+        "hostile_rss_bounded": run["rss_growth_mb"] is not None and run["rss_growth_mb"] <= run["rss_bound_mb"],
     }
 
 
@@ -471,10 +657,16 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="Measured seconds per phase [30].")
     parser.add_argument("--warmup", type=float, default=3.0, help="Unmeasured seconds of load before each phase [3].")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--phases", default="engine_cost,compare,malformed,sigterm")
+    parser.add_argument("--phases", default="engine_cost,compare,malformed,hostile,sigterm")
     parser.add_argument("--engines", default="auto,keras",
                         help="Engines for the batching comparison, each compared in its own pair of runs [auto,keras].")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Interleaved on/off pairs per engine in the batching comparison; medians decide [3].")
     parser.add_argument("--malformed-fraction", type=float, default=0.3)
+    parser.add_argument("--hostile-fraction", type=float, default=0.3, help="Share of hostile requests in the hostile phase [0.3].")
+    parser.add_argument("--stalled-clients", type=int, default=20, help="Slow-body clients in the hostile phase [20].")
+    parser.add_argument("--max-buffered-body-mb", type=int, default=64, help="Server's body-memory budget in the hostile phase [64].")
+    parser.add_argument("--body-timeout", type=float, default=10.0, help="Server's body_timeout_s in the hostile phase [10].")
     parser.add_argument("--sigterm-after", type=float, default=5.0)
     parser.add_argument("--sigterm-images-per-request", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=120)
@@ -483,7 +675,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_test.json")
     args = parser.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - {"engine_cost", "compare", "malformed", "sigterm"}
+    unknown = set(phases) - {"engine_cost", "compare", "malformed", "hostile", "sigterm"}
     if unknown:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
 
@@ -513,17 +705,16 @@ def main() -> int:
             print("[engine_cost] model alone, per-image cost by batch size ...", flush=True)
             report["engine_cost"] = phase_engine_cost(bundle, engines, paths)
         if "compare" in phases:
-            report["batching_speedup"] = {}
+            report["batching_speedup"], report["batching_modes"] = {}, {}
             for engine in engines:
-                on = phase_throughput(bundle, True, args, good, bad, 0.0, logs, f"batching_{engine}", engine)
-                off = phase_throughput(bundle, False, args, good, bad, 0.0, logs, f"no_batching_{engine}", engine)
-                label = engine if engine == on["engine"] else f"{engine} ({on['engine']})"
-                report["phases"][f"batching [{label}]"], report["phases"][f"no_batching [{label}]"] = on, off
-                ratio = on["throughput_rps"] / off["throughput_rps"] if off["throughput_rps"] else float("inf")
-                report["batching_speedup"][label] = round(ratio, 2)
-                checks[f"zero_errors_with_batching [{label}]"] = on["errors"] == 0 and on["connection_errors"] == 0
-                checks[f"zero_errors_without_batching [{label}]"] = off["errors"] == 0 and off["connection_errors"] == 0
-                checks[f"batching_at_least_2x [{label}]"] = ratio >= 2.0
+                modes, runs = phase_compare(bundle, engine, args, good, bad, logs)
+                label = engine if engine == modes["engine"] else f"{engine} ({modes['engine']})"
+                report["batching_modes"][label] = modes
+                report["phases"][f"batching [{label}]"], report["phases"][f"no_batching [{label}]"] = runs[True], runs[False]
+                report["batching_speedup"][label] = modes["speedup_median"]
+                checks[f"zero_errors_with_batching [{label}]"] = modes["errors"][True] == 0
+                checks[f"zero_errors_without_batching [{label}]"] = modes["errors"][False] == 0
+                checks[f"default_batching_is_the_faster_mode [{label}]"] = modes["default_is_faster"]
         if "malformed" in phases:
             bad_run = phase_throughput(bundle, True, args, good, bad, args.malformed_fraction, logs, "malformed")
             report["phases"]["malformed"] = bad_run
@@ -533,6 +724,9 @@ def main() -> int:
             checks["malformed_expected_statuses"] = bad_run["unexpected_status"] == 0
             after = bad_run["after"]
             checks["healthy_after_malformed"] = after["health"] == 200 and after["predict_status"] == 200 and after["server_alive"]
+        if "hostile" in phases:
+            report["phases"]["hostile"] = run = phase_hostile(bundle, args, good, images, logs)
+            checks.update(hostile_checks(run))
         if "sigterm" in phases:
             term = phase_sigterm(bundle, args, images, logs)
             report["phases"]["sigterm"] = term
@@ -548,7 +742,7 @@ def main() -> int:
 
     rows = [("phase", "engine", "requests", "good rps", "p50 ms", "p99 ms", "errors", "5xx", "conn err", "mean batch")]
     for name, phase in report["phases"].items():
-        if name == "sigterm":
+        if name in ("sigterm", "hostile"):
             continue
         rows.append((name, phase["engine"], phase["requests"], phase["throughput_rps"], phase["p50_ms"],
                      phase["p99_ms"], phase["errors"], phase["n_5xx"], phase["connection_errors"], phase["server_batcher"]["mean_batch_images"]))
@@ -558,12 +752,22 @@ def main() -> int:
         if "ms_per_image" in record:
             cost = ", ".join(f"batch {n}: {v['median']} ms" for n, v in record["ms_per_image"].items())
             print(f"\nmodel alone ({record['engine']}), median per image: {cost} -> batch 8 is {record['batch8_vs_batch1']}x batch 1")
-    for label, ratio in report.get("batching_speedup", {}).items():
-        print(f"\nbatching speedup at {args.clients} clients, engine {label}: {ratio}x")
+    for label, modes in report.get("batching_modes", {}).items():
+        print(f"\nengine {label}, {args.clients} clients, {modes['repeats']} interleaved pairs: requests/s with batching "
+              f"{modes['rps_batching']} (median {modes['median_rps_batching']}), without {modes['rps_no_batching']} "
+              f"(median {modes['median_rps_no_batching']}) -> {modes['faster_mode']} faster ({modes['speedup_median']}x); "
+              f"server default: {modes['server_default']}")
     if "malformed" in report["phases"]:
         print("\nmalformed run, statuses by request kind:")
         for kind, entry in report["phases"]["malformed"]["by_kind"].items():
             print(f"  {kind:20s} expected {entry['expected']}  got {entry['statuses']}")
+    if "hostile" in report["phases"]:
+        run = report["phases"]["hostile"]
+        print(f"\nhostile run: {run['requests']} requests, {run['n_5xx']} 5xx, {run['connection_errors']} connection errors; "
+              f"/health {run['health_probes'] - run['health_failures']}/{run['health_probes']} ok (max {run['health_max_ms']} ms); "
+              f"RSS {run['rss_baseline_mb']} -> peak {run['rss_peak_mb']} MB (growth {run['rss_growth_mb']} MB, bound {run['rss_bound_mb']} MB)")
+        for kind, entry in run["by_kind"].items():
+            print(f"  {kind:28s} expected {entry['expected']}  got {entry['statuses']}")
     if "sigterm" in report["phases"]:
         term = report["phases"]["sigterm"]
         print(f"\nSIGTERM: {term['in_flight_at_signal']} requests in flight, {term['in_flight_completed_200']} completed with 200, "

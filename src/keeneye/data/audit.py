@@ -40,6 +40,7 @@ import pandas as pd
 from keeneye.data.decode import DecodeError, decode_image_bytes
 from keeneye.data.decode import _header_size, _jpeg_header, _sniff_format  # cheap header readers, shared on purpose
 from keeneye.data.scan import SPLITS
+from keeneye.terminal import plural
 
 __all__ = [
     "AUDIT_FILE", "AUDIT_SUMMARY_FILE", "Audit", "audit_manifest", "dhash", "hamming_pairs", "inspect_image",
@@ -325,6 +326,13 @@ class Audit:
     leaks: dict = field(default_factory=dict)  # manifest index -> list of reasons (testing rows)
     validation_leaks: dict = field(default_factory=dict)  # same, for validation rows vs training
 
+    def add_unreadable(self, rows: pd.DataFrame | None) -> None:
+        """Files found unusable before the audit looked at images (damaged videos: path, split, label, reason)."""
+        if rows is None or not len(rows):
+            return
+        self.report["images"]["unreadable"] += rows[["path", "split", "label", "reason"]].to_dict(orient="records")
+        self._update_warnings()
+
     # ---- leakage bookkeeping
 
     def _leak(self, index, split: str, reason: str) -> None:
@@ -466,13 +474,13 @@ class Audit:
         if hashed is not None and hashed.get("max_distance", -1) >= 0:
             lines.append(
                 f"near-duplicates by perceptual hash (dHash, distance <= {hashed['max_distance']} of 256 bits): "
-                f"{hashed['n_pairs']} cross-split pairs beyond identical files"
+                f"{plural(hashed['n_pairs'], 'cross-split pair')} beyond identical files"
                 + (f" ({_pairs_by_splits(hashed['pairs'])})" if hashed["pairs"] else "")
             )
         embedded = near.get("embedding")
         if embedded is not None:
             lines.append(
-                f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {embedded['n_pairs']} cross-split pairs "
+                f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {plural(embedded['n_pairs'], 'cross-split pair')} "
                 "beyond identical files" + (f" ({_pairs_by_splits(embedded['pairs'])})" if embedded["pairs"] else "")
             )
         groups = r["groups"]
@@ -704,6 +712,7 @@ def audit_config(config, overrides=(), output: str | os.PathLike | None = None, 
                            drop_leaked_test=cfg.data.drop_leaked_test, inspection=inspection, auto_groups=split.auto_groups)
     audit.report["data_source"] = str(cfg.data.manifest_path or cfg.data_folder_path)
     audit.report["split_notes"] = split.notes
+    audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
     folder = Path(output) if output is not None else Path(cfg.output_dir) / "audits" / time.strftime("audit-%Y%m%d-%H%M%S")
     audit.write(folder)
     print_summary(audit, console, split.notes)
@@ -739,7 +748,7 @@ def settle_leakage(audit: Audit, testing: np.ndarray, drop: bool, console) -> np
     embedded = audit.report["near_duplicates"].get("embedding")
     if embedded is not None:
         console.print(
-            f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {embedded['n_pairs']} cross-split pairs "
+            f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {plural(embedded['n_pairs'], 'cross-split pair')} "
             "beyond identical files", highlight=False,
         )
     leaked = audit.manifest.index.isin(audit.leaked_test_index())

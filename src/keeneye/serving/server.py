@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from keeneye.bundle import load_bundle
-from keeneye.errors import ConfigError
+from keeneye.errors import BundleError, ConfigError, KeeneyeError
 from keeneye.serving.app import configure_logging, create_app
 from keeneye.serving.settings import ServeSettings
+from keeneye.terminal import filter_tensorflow_import_logs
 
 #: With several worker processes, uvicorn imports the app in each of them: the bundle and the
 #: settings travel through this environment variable to `app_from_env`.
@@ -19,8 +20,22 @@ SPEC_ENV = "KEENEYE_SERVE_SPEC"
 def app_from_env():
     """App factory for uvicorn worker processes (`--workers N`)."""
     spec = json.loads(os.environ[SPEC_ENV])
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") != "0":  # `keeneye serve` without --verbose: as quiet as the parent
+        filter_tensorflow_import_logs()
     configure_logging(spec.get("log_level", "info"))
     return create_app(spec["bundle"], ServeSettings(**spec["settings"]))
+
+
+def load_predictor(path: Path, settings: ServeSettings):
+    """The Predictor `serve` will use, or a BundleError saying why the bundle cannot be served (no traceback)."""
+    from keeneye.inference.predictor import Predictor
+
+    try:
+        return Predictor.from_bundle(path, engine=settings.engine, batch_size=max(32, settings.max_batch_size))
+    except KeeneyeError:
+        raise
+    except Exception as exc:  # an engine that cannot run this model: still the bundle's problem for the user
+        raise BundleError(f"{path}: cannot be served ({type(exc).__name__}: {exc}).") from None
 
 
 def serve(
@@ -37,7 +52,7 @@ def serve(
 
     settings = settings or ServeSettings()
     path = Path(bundle).expanduser().resolve()
-    load_bundle(path, load_model=False)  # a clear BundleError now, not a traceback from a worker
+    load_bundle(path, load_model=False)  # metadata schema and model archive checked: a clear BundleError now
     engines = getattr(predictor_module, "ENGINES", None)
     if engines and settings.engine not in engines:
         raise ConfigError(f"serve setting engine={settings.engine!r}: unknown engine (choose one of {', '.join(engines)})")
@@ -48,8 +63,8 @@ def serve(
         host=host, port=port, log_level=log_level, access_log=False, server_header=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
-    if workers == 1:
-        uvicorn.run(create_app(path, settings), **options)
+    if workers == 1:  # the model is loaded here, so a bundle that cannot serve is refused before uvicorn starts
+        uvicorn.run(create_app(load_predictor(path, settings), settings), **options)
     else:
         os.environ[SPEC_ENV] = json.dumps({"bundle": str(path), "settings": settings.model_dump(mode="json"), "log_level": log_level})
         uvicorn.run("keeneye.serving.server:app_from_env", factory=True, workers=workers, **options)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from keeneye.data.decode import MAX_PIXELS
+from keeneye.data.decode import FORMAT_EXTENSIONS, MAX_PIXELS
 from keeneye.errors import ConfigError
 
 MiB = 1024 * 1024
 
-#: Formats the decoder can read, by the names `keeneye.data.decode` sniffs from magic bytes.
-KNOWN_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+#: Formats the decoder can read, by the names `keeneye.data.decode` sniffs from magic bytes; by
+#: default the service accepts all of them, the same rule as `train` and `predict` (by extension).
+KNOWN_FORMATS = tuple(FORMAT_EXTENSIONS)
 _FORMAT_ALIASES = {"JPG": "JPEG", "JPE": "JPEG", "TIF": "TIFF"}
-DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+DEFAULT_FORMATS = KNOWN_FORMATS
+
+#: Micro-batching by default only where benchmarks/load_test.py measured it faster (2-core CPU,
+#: 8 clients, one image per request; benchmarks/results/load_test_batching.json): ONNX Runtime answers one
+#: image faster than it waits for a batch to form, TensorFlow gains from batches.
+BATCHING_BY_ENGINE = {"onnx": False, "keras": True}
 
 
 class ServeSettings(BaseModel):
@@ -23,10 +29,28 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: str = Field("auto", description="Inference engine passed to Predictor ('auto' picks the fastest available).")
-    batching: bool = Field(True, description="Merge images of concurrent requests into one forward pass.")
+    batching: Optional[bool] = Field(
+        None, description="Merge images of concurrent requests into one forward pass; None: the engine's default "
+        "(BATCHING_BY_ENGINE, measured by benchmarks/load_test.py).",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one forward pass.")
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a request that finds the model idle waits for others to join its batch (under load, queued requests run at once).")
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="Largest request body (413 beyond it).")
+    max_json_depth: int = Field(
+        16, ge=3, le=100,
+        description='Deepest nesting of arrays/objects in a JSON body (400 beyond it); {"images": [{...}]} needs 3.',
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="Longest time to receive one whole request body; a slower (or stalled) client gets 408 and the connection is closed.",
+    )
+    max_buffered_body_bytes: int = Field(
+        128 * MiB, ge=1024,
+        description=(
+            "Request bytes held in memory at once, all requests together (reserved by declared size, else max_body_bytes); "
+            "a request that does not fit waits, its bytes left in the network, up to request_timeout_s (then 503)."
+        ),
+    )
     max_image_bytes: int = Field(16 * MiB, ge=1, description="Largest single encoded image (reported per image beyond it).")
     max_pixels: int = Field(
         50_000_000, ge=1, le=MAX_PIXELS,
@@ -56,6 +80,15 @@ class ServeSettings(BaseModel):
             raise ValueError("at least one image format must be allowed")
         return tuple(names)
 
+    @model_validator(mode="after")
+    def _check_body_budget(self) -> "ServeSettings":
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_body_bytes={self.max_buffered_body_bytes} is smaller than max_body_bytes={self.max_body_bytes}: "
+                "a request of the largest accepted size could never be read"
+            )
+        return self
+
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, value: str) -> str:
@@ -74,3 +107,10 @@ def make_settings(**values) -> ServeSettings:
             key = ".".join(str(part) for part in error["loc"]) or "settings"
             lines.append(f"serve setting {key}={error.get('input')!r}: {error['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def batching_for(settings: ServeSettings, engine_name: str) -> bool:
+    """The batching mode the server runs with: the explicit setting, else the engine's measured default."""
+    if settings.batching is not None:
+        return settings.batching
+    return BATCHING_BY_ENGINE.get(engine_name, True)
