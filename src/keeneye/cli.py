@@ -138,9 +138,9 @@ def predict(
     fps: Optional[float] = typer.Option(None, "--fps", min=0.001, help="Videos: frames per second to predict (default: the bundle's video.fps)."),
     smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Videos: moving-average window in frames (default: video.smoothing_frames)."),
 ) -> None:
-    """Predict images and videos: probability and label for each (videos: one row per sampled frame,
-    events and verdicts per video).
+    """Predict images and videos: probability and label for each.
 
+    Videos give one row per sampled frame, plus events and a verdict per video.
     Inputs that cannot be used are listed with their reason. Exit status 1 only when nothing could
     be predicted.
     """
@@ -167,8 +167,11 @@ def watch(
     smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Moving-average window in frames (default: video.smoothing_frames)."),
     engine: str = typer.Option("auto", "--engine", help="Inference engine."),
 ) -> None:
-    """Watch a camera, file or stream: one JSON line per event (and per frame with --frames), with latency.
-    Stops at the end of the stream or on Ctrl-C (the open event is closed and reported first)."""
+    """Watch a camera, file or stream: one JSON line per event.
+
+    With --frames, also one line per frame; each line carries its latency. Stops at the end of the
+    stream or on Ctrl-C (the open event is closed and reported first).
+    """
     import signal
     import threading
 
