@@ -592,6 +592,30 @@ def predict(
     return frame
 
 
+def predict_ray(
+    run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None = None,
+    actors: int = 2, address: str | None = None, engine: str = "auto", batch_size: int = 32, console: Console | None = None,
+) -> pd.DataFrame:
+    """Predict on a Ray cluster (`address`, $RAY_ADDRESS, or a local Ray): an actor pool, each
+    actor holding the bundle once. `output` is Parquet (CSV by name); a rerun with it resumes."""
+    from keeneye.inference import distributed  # here, not at the top: Ray is an optional extra
+
+    console = console or Console(stderr=True)
+    console.print(f"predicting on Ray with {actors} actors ({escape(Path(run_dir).name)}, engine: {engine})")
+    with _progress(console) as progress:
+        task = progress.add_task("predicting", total=None)
+        frame = distributed.predict_ray(
+            run_dir, inputs, output=output, actors=actors, engine=engine, batch_size=batch_size, address=address,
+            progress=lambda n: progress.advance(task, n),
+        )
+    failed = frame["error"].notna()
+    for row in frame[failed].itertuples():
+        console.print(f"[yellow]not predicted:[/] {escape(str(row.path))}: {escape(str(row.error))}", highlight=False, soft_wrap=True)
+    where = f"; written to {output}" if output is not None else ""
+    console.print(f"{int((~failed).sum())} predicted, {int(failed.sum())} not{where}")
+    return frame
+
+
 def watch(
     run_dir: str | os.PathLike, source: str | int, frames: bool = False, fps: float | None = None, engine: str = "auto",
     smoothing_frames: int | None = None, stop: "threading.Event | None" = None,

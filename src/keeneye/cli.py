@@ -137,6 +137,9 @@ def predict(
     events: Optional[Path] = typer.Option(None, "--events", help="Videos: write events and per-video verdicts to this JSON (default: beside --output as <name>.events.json)."),
     fps: Optional[float] = typer.Option(None, "--fps", min=0.001, help="Videos: frames per second to predict (default: the bundle's video.fps)."),
     smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Videos: moving-average window in frames (default: video.smoothing_frames)."),
+    use_ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'keeneye[ray]'); --output .parquet or .csv resumes."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
+    actors: int = typer.Option(2, "--actors", min=1, help="Ray actors, each holding the model once (with --ray)."),
 ) -> None:
     """Predict images and videos: probability and label for each.
 
@@ -147,8 +150,11 @@ def predict(
     from keeneye import api
 
     try:
-        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console,
-                            events=events, fps=fps, smoothing_frames=smoothing)
+        if use_ray:
+            frame = api.predict_ray(run_dir, inputs, output=output, actors=actors, address=address, engine=engine, batch_size=batch_size, console=err_console)
+        else:
+            frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console,
+                                events=events, fps=fps, smoothing_frames=smoothing)
     except KeeneyeError as exc:
         _fail(exc)
     if output is None:

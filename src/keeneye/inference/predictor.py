@@ -21,10 +21,10 @@ PREDICTION_COLUMNS = ["path", "probability", "label", "error"]
 ENGINES = _engines.ENGINE_CHOICES  # ("auto", "onnx", "keras")
 
 
-def make_engine(model, engine: str = "auto", bundle: Bundle | None = None):
+def make_engine(model, engine: str = "auto", bundle: Bundle | None = None, threads: int | None = None):
     """The engine that runs the bundle's model: 'auto' = ONNX Runtime on CPU (the bundle's
     model.onnx, else a cached conversion), Keras on GPU or as the fallback; see inference/engines.py."""
-    return _engines.make_engine(model, engine, bundle=bundle)
+    return _engines.make_engine(model, engine, bundle=bundle, threads=threads)
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], videos: bool = False) -> tuple[list[str], list[dict]]:
@@ -87,15 +87,23 @@ class Predictor:
     A sample is predicted positive when its probability is >= the threshold (everywhere in keeneye).
     """
 
-    def __init__(self, bundle: Bundle, engine: str = "auto", batch_size: int = 32, workers: int = 2) -> None:
+    def __init__(
+        self, bundle: Bundle, engine: str | Callable[[np.ndarray], np.ndarray] = "auto", batch_size: int = 32,
+        workers: int = 2, threads: int | None = None,
+    ) -> None:
+        """`engine`: a name (see ENGINES), or an engine already made (e.g. ONNX Runtime for a bundle
+        loaded without its Keras model, so TensorFlow is never imported)."""
         self.bundle = bundle
-        self.engine = make_engine(bundle.model, engine, bundle=bundle)
+        self.engine = make_engine(bundle.model, engine, bundle=bundle, threads=threads) if isinstance(engine, str) else engine
         self.batch_size = batch_size
         self.workers = workers
 
     @classmethod
-    def from_bundle(cls, path: str | os.PathLike, engine: str = "auto", batch_size: int = 32) -> "Predictor":
-        return cls(load_bundle(path), engine=engine, batch_size=batch_size)
+    def from_bundle(
+        cls, path: str | os.PathLike, engine: str = "auto", batch_size: int = 32, threads: int | None = None
+    ) -> "Predictor":
+        """`threads`: ONNX Runtime threads (default: the physical cores; 1 per actor on a Ray pool)."""
+        return cls(load_bundle(path), engine=engine, batch_size=batch_size, threads=threads)
 
     @property
     def engine_name(self) -> str:

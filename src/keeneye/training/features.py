@@ -72,6 +72,34 @@ class EmbeddingCache:
         self._remove_stale_temporaries()
         return features
 
+    def fill(self, sha1s: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Copy the cached vector of each hash in `sha1s` into the same row of `out`; True where found.
+
+        Shard by shard, with a vectorised hash lookup: memory stays at `out` plus one shard, and
+        no Python object is made per vector (unlike `load`). Damaged shards are handled as in `load`;
+        shards of another width than `out` are ignored. Later shards win, as in `load`.
+        """
+        found = np.zeros(len(sha1s), dtype=bool)
+        wanted = np.asarray(sha1s, dtype=str)  # fixed-width unicode: no Python object per hash either
+        self.damaged = []
+        for shard in self.shards():
+            try:
+                shard_sha1s, vectors = read_shard_arrays(shard)
+            except DamagedShard as exc:
+                self.damaged.append((shard, exc.reason))
+                _remove_quietly(shard)
+                continue
+            if vectors.shape[1] != out.shape[1] or not len(shard_sha1s):
+                continue
+            order = np.argsort(shard_sha1s, kind="stable")
+            ordered = shard_sha1s[order]
+            at = np.clip(np.searchsorted(ordered, wanted, side="right") - 1, 0, None)  # last of equal hashes
+            hit = (ordered[at] == wanted) & (wanted != "")
+            out[hit] = vectors[order[at[hit]]]
+            found |= hit
+        self._remove_stale_temporaries()
+        return found
+
     def add(self, sha1s: list[str], vectors: np.ndarray) -> Path | None:
         """Write one new shard atomically: temporary file, fsync, rename, fsync of the folder."""
         if not sha1s:
@@ -114,7 +142,13 @@ class DamagedShard(Exception):
 
 
 def read_shard(path: Path) -> tuple[list[str], np.ndarray]:
-    """(sha1s, features) of one shard, or DamagedShard: whatever the bytes on disk are.
+    """(sha1s, features) of one shard, or DamagedShard (see `read_shard_arrays`)."""
+    sha1s, vectors = read_shard_arrays(path)
+    return [str(sha1) for sha1 in sha1s], vectors
+
+
+def read_shard_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(sha1s as a unicode array, features) of one shard, or DamagedShard: whatever the bytes on disk are.
 
     np.load reads the zip members through zipfile, which checks each member's CRC-32, so a
     flipped bit anywhere in the data is caught, as well as truncation and a wrong layout.
@@ -136,7 +170,7 @@ def read_shard(path: Path) -> tuple[list[str], np.ndarray]:
         raise DamagedShard(f"'features' has shape {vectors.shape} and dtype {vectors.dtype} for {len(sha1s)} hashes")
     if not np.isfinite(vectors).all():
         raise DamagedShard("'features' holds NaN or infinite values")
-    return [str(sha1) for sha1 in sha1s], vectors
+    return sha1s, vectors
 
 
 def _remove_quietly(path: Path) -> None:
@@ -232,16 +266,10 @@ def embed_manifest(
     start = time.perf_counter()
     features = np.full((len(manifest), feature_dim), np.nan, dtype=np.float32)
     positions = {index: position for position, index in enumerate(manifest.index)}
-    cached = cache.load() if cache is not None else {}
-    todo: list[tuple[int, str]] = []
-    n_cached = 0
-    for index, row in manifest.iterrows():
-        vector = cached.get(row["sha1"]) if row["sha1"] else None
-        if vector is not None and vector.shape == (feature_dim,):
-            features[positions[index]] = vector
-            n_cached += 1
-        else:
-            todo.append((index, row["path"]))
+    sha1s = manifest["sha1"].fillna("").astype(str).to_numpy()
+    found = cache.fill(sha1s, features) if cache is not None else np.zeros(len(manifest), dtype=bool)
+    todo = [(index, path) for index, path, hit in zip(manifest.index, manifest["path"], found) if not hit]
+    n_cached = int(found.sum())
     if progress and n_cached:
         progress(n_cached)
 

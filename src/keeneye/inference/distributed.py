@@ -1,0 +1,213 @@
+"""Batch inference on Ray Data: score an archive on every core (and machine) of a Ray cluster.
+
+The pipeline is Ray's standard offline-inference shape: a dataset of paths, `map_batches` on an
+actor pool whose callable class loads the bundle once per actor (the same `Predictor`, decode and
+engine choice as local predict, so the numbers are the same), results streamed back to the driver.
+
+Exactly once and resume: the driver, not the workers, writes results. Ray retries the batches of an
+actor that dies, and only completed batches reach the driver, which appends each one to a part file
+beside the output (atomic rename) and finally writes the output with one row per input. A rerun with
+the same output reads the parts and the finished output first and scores only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from keeneye.bundle import load_bundle
+from keeneye.errors import KeeneyeError
+from keeneye.inference.engines import EngineError, bundle_onnx_engine, onnxruntime_available
+from keeneye.inference.predictor import PREDICTION_COLUMNS, Predictor, expand_inputs
+
+INSTALL_HINT = "Ray is not installed: pip install 'keeneye[ray]' (or pip install 'ray[data]')."
+
+
+class RayError(KeeneyeError):
+    """Ray is missing, or the cluster cannot be reached."""
+
+    exit_code = 2
+
+
+def require_ray():
+    """The `ray` module, or a KeeneyeError saying how to install it (Ray is an optional extra)."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray without the [data] extra lacks pyarrow/pandas glue)
+    except ImportError as exc:
+        raise RayError(f"{INSTALL_HINT} ({exc})") from None
+    return ray
+
+
+class BundleScorer:
+    """The per-actor callable: loads the bundle once, then scores batches of paths.
+
+    Reading and decoding happen here too (in the predictor's decode threads), so a cluster needs no
+    extra stage and the Arrow blocks that travel hold only paths and results, not pixels. On CPU the
+    actor runs ONNX Runtime on the bundle's verified model.onnx (or the cached conversion) without
+    loading the Keras model: TensorFlow is not even imported, so an actor starts in about a second.
+    """
+
+    def __init__(self, run_dir: str, engine: str = "auto", batch_size: int = 32, threads: int | None = None, gpu: bool = False) -> None:
+        if engine != "keras" and not gpu and onnxruntime_available():
+            bundle = load_bundle(run_dir, load_model=False)
+            try:
+                onnx = bundle_onnx_engine(bundle, threads=threads)
+            except EngineError:  # no usable ONNX file yet: the full load below converts (and caches) it
+                pass
+            else:
+                self.predictor = Predictor(bundle, engine=onnx, batch_size=batch_size)
+                return
+        self.predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=batch_size, threads=threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        frame = self.predictor.predict_paths([str(path) for path in batch["path"]])
+        return {
+            "path": frame["path"].to_numpy(dtype=object),
+            "probability": frame["probability"].to_numpy(dtype=np.float64),
+            "label": frame["label"].to_numpy(dtype=object),
+            "error": frame["error"].to_numpy(dtype=object),
+        }
+
+
+def parts_folder(output: Path) -> Path:
+    """Where finished batches wait until the output is written (kept after a crash, for resume)."""
+    return output.with_name(output.name + ".parts")
+
+
+def read_done(output: Path) -> pd.DataFrame:
+    """Rows already scored for this output: the finished output file plus any part files."""
+    frames = []
+    if output.is_file():
+        frames.append(read_predictions(output))
+    parts = parts_folder(output)
+    if parts.is_dir():
+        frames.extend(pd.read_parquet(part) for part in sorted(parts.glob("*.parquet")))
+    if not frames:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    done = pd.concat(frames, ignore_index=True).reindex(columns=PREDICTION_COLUMNS)
+    return done.drop_duplicates("path", keep="first")
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A predictions file written by keeneye (Parquet, or CSV by name)."""
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path, dtype={"path": str, "label": object, "error": object})
+    return pd.read_parquet(path)
+
+
+def write_output(frame: pd.DataFrame, output: Path) -> None:
+    """Parquet, or CSV when the name ends in .csv; written to a temporary name, then renamed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.{uuid.uuid4().hex}.tmp")
+    if output.suffix.lower() == ".csv":
+        frame.to_csv(temporary, index=False)
+    else:
+        frame.to_parquet(temporary, index=False)
+    os.replace(temporary, output)
+
+
+def _append_part(parts: Path, batch: pd.DataFrame) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    temporary = parts / f".{uuid.uuid4().hex}.tmp"
+    batch.to_parquet(temporary, index=False)
+    os.replace(temporary, parts / f"{uuid.uuid4().hex}.parquet")
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start or reuse a local Ray."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    except ConnectionError as exc:
+        raise RayError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {exc}") from None
+
+
+def _score(
+    run_dir: str, paths: list[str], actors: int, engine: str, batch_size: int, parts: Path | None,
+    progress: Callable[[int], None] | None,
+) -> list[pd.DataFrame]:
+    """Run the actor pool over `paths`; each finished batch is saved to `parts` as it arrives."""
+    ray = require_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows progress
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
+    dataset = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=max(1, min(len(paths), actors * 8)))
+    scored = dataset.map_batches(
+        BundleScorer, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus,
+        batch_format="numpy",
+        fn_constructor_kwargs={"run_dir": run_dir, "engine": engine, "batch_size": batch_size, "threads": None if gpus else 1, "gpu": bool(gpus)},
+    )
+    results: list[pd.DataFrame] = []
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
+            batch = batch.reindex(columns=PREDICTION_COLUMNS)
+            if parts is not None:
+                _append_part(parts, batch)
+            results.append(batch)
+            if progress:
+                progress(len(batch))
+    except ray.exceptions.RayError as exc:
+        kept = f"; the {sum(map(len, results))} rows scored so far are kept in {parts} and a rerun resumes" if parts else ""
+        raise RayError(f"the Ray job failed: {exc}{kept}") from None
+    return results
+
+
+def predict_ray(
+    run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None = None,
+    actors: int = 2, engine: str = "auto", batch_size: int = 32, address: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Score files, folders or globs on a Ray cluster: one row per input, in input order.
+
+    With `output` (.parquet, or .csv), rows already in it or in its part files are not scored again.
+    """
+    if actors < 1:
+        raise RayError(f"actors must be at least 1 (got {actors}).")
+    if output is not None and Path(output).suffix.lower() not in (".parquet", ".csv"):
+        raise RayError(f"the output of a Ray job is a .parquet or .csv file (got {output}).")
+    require_ray()
+    bundle_dir = load_bundle(run_dir, load_model=False).path  # a bad bundle fails here, not in every actor
+    paths, problems = expand_inputs(inputs)
+    paths = list(dict.fromkeys(paths))  # every input once, even when named twice
+    target = Path(output) if output is not None else None
+    done = read_done(target) if target is not None else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    known = set(done["path"])
+    todo = [path for path in paths if path not in known]
+    frames = [done]
+    if todo:
+        connect(address)
+        frames += _score(str(Path(bundle_dir).resolve()), todo, actors, engine, batch_size, parts_folder(target) if target else None, progress)
+    frame = _in_input_order(frames, paths, problems)
+    if target is not None:
+        write_output(frame, target)
+        _remove_parts(parts_folder(target))
+    return frame
+
+
+def _in_input_order(frames: list[pd.DataFrame], paths: list[str], problems: list[dict]) -> pd.DataFrame:
+    """Scored rows for `paths` in their order (each once), then the inputs that were not used."""
+    scored = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    scored = scored.reindex(columns=PREDICTION_COLUMNS).drop_duplicates("path", keep="first").set_index("path")
+    rows = scored.reindex(pd.Index(paths, name="path")).reset_index()
+    lost = rows["probability"].isna() & rows["error"].isna()
+    rows.loc[lost, "error"] = "not scored (no result came back from the cluster)"
+    extra = pd.DataFrame(problems, columns=["path", "error"]).reindex(columns=PREDICTION_COLUMNS)
+    frame = pd.concat([rows, extra], ignore_index=True) if len(extra) else rows
+    frame["probability"] = frame["probability"].astype(np.float64)
+    frame["label"] = frame["label"].astype(object).where(frame["label"].notna(), None)
+    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
+    return frame
+
+
+def _remove_parts(parts: Path) -> None:
+    if parts.is_dir():
+        for part in parts.iterdir():
+            part.unlink()
+        parts.rmdir()

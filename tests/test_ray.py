@@ -1,0 +1,144 @@
+"""Batch inference on Ray Data: same numbers as local predict, every input once, resume, actor loss."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from keeneye.api import predict  # noqa: E402
+from keeneye.cli import app  # noqa: E402
+from keeneye.inference.distributed import parts_folder, predict_ray  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance with 2 CPUs for the whole module, shut down after."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, demo_data) -> Path:
+    """The demo test images, plus an empty file, a truncated JPEG and a text file named .png."""
+    folder = tmp_path_factory.mktemp("ray_inputs")
+    sources = sorted((demo_data / "testing").rglob("*.png"))
+    assert len(sources) == 24
+    for index, source in enumerate(sources):
+        (folder / f"{index:03d}{source.suffix}").write_bytes(source.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(40))
+    (folder / "text.png").write_text("not an image")
+    return folder
+
+
+def _rows(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.set_index("path").sort_index()
+
+
+def test_ray_matches_local_predict_including_bad_files(local_ray, tiny_bundle, images, tmp_path):
+    local = predict(tiny_bundle.run_dir, [images, images / "missing.png"])
+    distributed = predict_ray(tiny_bundle.run_dir, [images, images / "missing.png"], output=tmp_path / "out.parquet", actors=2, batch_size=4)
+    assert len(distributed) == len(local) == len(set(distributed["path"]))
+    assert set(distributed["path"]) == set(local["path"])
+    a, b = _rows(local), _rows(distributed)
+    assert (a["error"].isna() == b["error"].isna()).all()
+    assert b["error"].notna().sum() == 4  # empty, truncated, text, missing: each with its reason
+    assert b.loc[str(images / "missing.png"), "error"] == "no such file or folder"
+    ok = a["error"].isna()
+    assert ok.sum() == 24
+    np.testing.assert_allclose(b.loc[ok, "probability"].to_numpy(float), a.loc[ok, "probability"].to_numpy(float), atol=1e-5)
+    assert (a.loc[ok, "label"] == b.loc[ok, "label"]).all()
+    written = pd.read_parquet(tmp_path / "out.parquet")
+    assert list(written.columns) == ["path", "probability", "label", "error"]
+    assert set(written["path"]) == set(local["path"]) and len(written) == len(local)
+    assert not parts_folder(tmp_path / "out.parquet").exists()
+
+
+def test_resume_through_the_cli_scores_only_missing_rows(local_ray, tiny_bundle, images, tmp_path):
+    output = tmp_path / "out.csv"
+    everything = sorted(str(p) for p in images.iterdir() if p.name[0].isdigit())
+    local = predict(tiny_bundle.run_dir, everything)
+    # a crash after some batches: their part files survive; and an output left by an earlier run.
+    # Their rows carry impossible probabilities, so a row scored again would show.
+    parts = parts_folder(output)
+    parts.mkdir()
+    local.iloc[:3].assign(probability=-1.0).to_parquet(parts / "earlier.parquet", index=False)
+    local.iloc[3:6].assign(probability=-2.0).to_csv(output, index=False)
+    result = CliRunner().invoke(app, ["predict", str(tiny_bundle.run_dir), *everything, "--ray", "--actors", "1", "--batch-size", "4", "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    written = pd.read_csv(output)
+    assert written["path"].tolist() == everything  # every input once, in input order
+    assert (written["probability"].iloc[:3] == -1.0).all() and (written["probability"].iloc[3:6] == -2.0).all()
+    np.testing.assert_allclose(written["probability"].iloc[6:], local["probability"].iloc[6:], atol=1e-5)
+    assert not parts.exists()
+    again: list[int] = []
+    predict_ray(tiny_bundle.run_dir, everything, output=output, progress=again.append)
+    assert again == []  # nothing left to score
+
+
+def _actor_pids() -> list[int]:
+    """Processes of this test's Ray map actors (descendants of this process)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "MapWorker" in " ".join(child.cmdline()):
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_killing_an_actor_mid_job_keeps_every_row_once(local_ray, tiny_bundle, images, tmp_path):
+    inputs = sorted(p for p in images.iterdir() if p.name[0].isdigit())
+    killed: list[int] = []
+
+    def kill_one_actor(_: int) -> None:
+        if not killed:  # after the first finished batch: the others are queued or running
+            pids = _actor_pids()
+            assert pids, "no Ray actor process found"
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    frame = predict_ray(tiny_bundle.run_dir, inputs, output=tmp_path / "out.parquet", actors=2, batch_size=2, progress=kill_one_actor)
+    assert killed
+    assert len(frame) == len(inputs) == len(set(frame["path"]))
+    assert set(frame["path"]) == {str(p) for p in inputs}
+    assert frame["error"].isna().all() and frame["probability"].between(0, 1).all()
+    assert len(pd.read_parquet(tmp_path / "out.parquet")) == len(inputs)
+
+
+def test_without_ray_the_cli_says_how_to_install(monkeypatch, tiny_bundle, images):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    result = CliRunner().invoke(app, ["predict", str(tiny_bundle.run_dir), str(images), "--ray"])
+    assert result.exit_code == 2
+    assert "pip install 'keeneye[ray]'" in result.output
+
+
+def test_a_folder_that_is_not_a_bundle_fails_before_any_actor_starts(tmp_path, images):
+    from keeneye.errors import KeeneyeError
+
+    with pytest.raises(KeeneyeError):
+        predict_ray(tmp_path, [images], output=tmp_path / "out.parquet")
+    with pytest.raises(KeeneyeError, match=r"\.parquet or \.csv"):
+        predict_ray(tmp_path, [images], output=tmp_path / "out.json")
