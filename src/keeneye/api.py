@@ -41,7 +41,9 @@ from keeneye.evaluation.threshold import choose_threshold
 from keeneye.inference.predictor import Predictor, expand_inputs, with_problem_rows
 
 PREPROCESSING = {
-    "input": "RGB uint8, any size; resized to image_size x image_size (squashed; cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR)",
+    "input": "RGB uint8, any size; resized to image_size x image_size by input.resize (squash, pad = letterbox, crop = centre; "
+             "cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR), or with input.tiles cut at native "
+             "scale into rows x cols overlapping square tiles, each resized so, stacked vertically (keeneye.data.preprocess)",
     "inside_model": "x / 127.5 - 1 (MobileNetV2 preprocess_input), part of model.keras",
     "decision": "positive when probability >= threshold",
 }
@@ -144,6 +146,26 @@ def train(
     return result
 
 
+def input_spec_for(cfg: Config, paths: Sequence[str], console: Console) -> "InputSpec":
+    """The run's InputSpec: model.tiles "auto" becomes a grid from the median size of the training images."""
+    from keeneye.data.preprocess import InputSpec, auto_grid, median_size
+
+    model = cfg.model
+    tiles = None
+    if model.tiles != "none" and (cfg.fine_tune.enabled or cfg.augmentation.frozen_views):
+        raise ConfigError("model.tiles cannot be combined with fine_tune.enabled or augmentation.frozen_views (yet): "
+                          'set model.tiles to "none", or turn those off.')
+    if model.tiles == "auto":
+        size = median_size(paths)
+        tiles = auto_grid(*size, model.image_size, model.tile_overlap) if size else None
+        shown = "unknown image size" if size is None else f"median image {size[1]:.0f}x{size[0]:.0f} px"
+        console.print(f"model.tiles auto: {shown} -> {'no tiles' if not tiles or tiles == (1, 1) else f'{tiles[0]}x{tiles[1]} tiles'}")
+    elif model.tiles != "none":
+        rows, cols = model.tiles.split("x")
+        tiles = (int(rows), int(cols))
+    return InputSpec(model.image_size, model.resize, tiles, model.tile_overlap)
+
+
 def training_summary(info: dict) -> str:
     """One line for the report: the phases, their validation F1 and which model was kept."""
     parts = []
@@ -158,7 +180,7 @@ def training_summary(info: dict) -> str:
 def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) -> TrainResult:
     import keras
 
-    from keeneye.model.backbone import build_feature_extractor, resolve_weights
+    from keeneye.model.backbone import build_feature_extractor, build_tiled_extractor, resolve_weights
     from keeneye.model.head import build_classifier
     from keeneye.inference.engines import make_feature_engine
     from keeneye.inference.export import write_bundle_onnx
@@ -184,16 +206,21 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
     if weights.path is None:
         console.print("[yellow]warning:[/] model.weights is 'none': the backbone has random weights (for tests only).")
-    extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, weights)
+    spec = input_spec_for(cfg, manifest.loc[manifest["split"] == "training", "path"].tolist(), console)
+    extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, weights, cfg.model.features)
+    if spec.tiles is not None:  # the features of every tile, max-pooled: what the head sees and the bundle computes
+        extractor = build_tiled_extractor(extractor, spec.n_tiles)
     cache = None
     if weights.sha256:
-        key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256)
+        key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256, cfg.model.features, spec)
         cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), key)
     feature_engine = make_feature_engine(extractor, cache_folder=cache.folder if cache is not None else None)
+    what = "embedding images" if spec.tiles is None else (
+        f"embedding images ({spec.tiles[0]}x{spec.tiles[1]} = {spec.n_tiles} tiles each: {spec.n_tiles}x the backbone passes)")
     with _progress(console) as progress:
-        task = progress.add_task("embedding images", total=len(manifest))
+        task = progress.add_task(what, total=len(manifest))
         embeddings = embed_manifest(
-            manifest, feature_engine, extractor.output_shape[-1], cfg.model.image_size, cache,
+            manifest, feature_engine, extractor.output_shape[-1], spec, cache,
             batch_size=32, progress=lambda n: progress.advance(task, n),
         )
     if feature_engine.note:
@@ -311,7 +338,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         timings["evaluation_s"] = time.perf_counter() - phase
         classifier = build_classifier(extractor, head)
         classifier.save(folder / MODEL_FILE)
-        console.print(write_bundle_onnx(folder, classifier, test_rows["path"].tolist(), feature_engine), highlight=False)
+        console.print(write_bundle_onnx(folder, classifier, test_rows["path"].tolist(), feature_engine, spec=spec), highlight=False)
         save_config(cfg, folder / CONFIG_FILE)
         history.to_csv(folder / "history.csv", index=False)
         plot_training_curves(history, folder / "training_curves.png")
@@ -325,7 +352,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             folder, title=f"keeneye run {run_name}", metrics=metrics, class_names=scan.class_names, threshold=choice.threshold,
             audit=audit.report, config=cfg.model_dump(mode="json"), model=classifier, console=console,
             summary=[("run", run_name), ("data", audit.report["data_source"]),
-                     ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px"),
+                     ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px, "
+                                  f"features {cfg.model.features}, " + (f"{spec.tiles[0]}x{spec.tiles[1]} tiles" if spec.tiles else f"resize {spec.resize}")),
                      ("threshold", f"{choice.threshold:.4f} ({choice.method})"),
                      ("training", training_summary(training_info)),
                      ("split", " ".join(splits.notes) or "as given"), ("total time", f"{timings['total_s']:.1f} s")],
@@ -337,9 +365,9 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             "positive_class": positive,
             "threshold": choice.threshold,
             "threshold_choice": choice.to_dict(),
-            "input": {"image_size": cfg.model.image_size, "dtype": "uint8", "channels": "RGB"},
+            "input": spec.to_dict() | {"dtype": "uint8", "channels": "RGB", "shape": list(spec.shape)},
             "preprocessing": PREPROCESSING,
-            "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha, "weights": weights.spec if weights.path is None else weights.path.name,
+            "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha, "features": cfg.model.features, "weights": weights.spec if weights.path is None else weights.path.name,
                          "weights_sha256": weights.sha256},
             "head": cfg.head.model_dump(),
             "training": training_info,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from keeneye.data.preprocess import InputSpec
 from keeneye.errors import BundleError
 
 MODEL_FILE = "model.keras"
@@ -49,6 +50,11 @@ class Bundle:
     @property
     def image_size(self) -> int:
         return int(self.metadata["input"]["image_size"])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """How images become the model's input (resize rule, tiles), as in training."""
+        return InputSpec.from_dict(self.metadata["input"])
 
 
 def unique_run_folder(output_dir: Path, name: str) -> Path:

@@ -58,6 +58,8 @@ class GradCam:
             self.preprocess = extractor.get_layer("mobilenet_v2_preprocess")
             self.pool = extractor.get_layer("features")
             self.backbone = next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
+            if not isinstance(self.pool, keras.layers.GlobalAveragePooling2D):
+                raise ValueError('Grad-CAM is implemented for model.features "gap" only')
             output = head.get_layer("probability")
         except (ValueError, StopIteration) as exc:
             raise BundleError(
