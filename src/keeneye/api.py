@@ -384,6 +384,12 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     return TrainResult(run.final, metrics, choice.threshold, scan.class_names, counts, timings)
 
 
+def tiles_note(predictor: Predictor) -> str:
+    """', 3 tiles per image: 3x the backbone passes' for a tiled bundle, else ''."""
+    n = predictor.input_spec.n_tiles
+    return f", {n} tiles per image: {n}x the backbone passes" if n > 1 else ""
+
+
 def evaluate(
     run_dir: str | os.PathLike, data: str | os.PathLike | None = None, engine: str = "auto",
     console: Console | None = None,
@@ -400,7 +406,8 @@ def evaluate(
             cfg = load_config(bundle.path / CONFIG_FILE)
             data = cfg.data_folder_path
         scan = scan_evaluation_folder(data, bundle.class_names)
-    console.print(f"evaluating {escape(bundle.path.name)} on {len(scan.manifest)} images from {escape(str(data))} (engine: {predictor.engine_name})", highlight=False)
+    console.print(f"evaluating {escape(bundle.path.name)} on {len(scan.manifest)} images from {escape(str(data))} "
+                  f"(engine: {predictor.engine_name}{tiles_note(predictor)})", highlight=False)
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(scan.manifest))
         predictions = predictor.predict_paths(scan.manifest["path"].tolist(), progress=lambda n: progress.advance(task, n))
@@ -437,7 +444,7 @@ def predict(
     console = console or Console(stderr=True)
     predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=batch_size)
     paths, problems = expand_inputs(inputs)
-    console.print(f"predicting {len(paths)} images with {predictor.bundle.path.name} (engine: {predictor.engine_name})")
+    console.print(f"predicting {len(paths)} images with {predictor.bundle.path.name} (engine: {predictor.engine_name}{tiles_note(predictor)})")
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(paths))
         frame = predictor.predict_paths(paths, progress=lambda n: progress.advance(task, n))
