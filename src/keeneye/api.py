@@ -39,6 +39,7 @@ from keeneye.evaluation.outputs import write_evaluation
 from keeneye.evaluation.plots import plot_training_curves
 from keeneye.evaluation.threshold import choose_threshold
 from keeneye.inference.predictor import Predictor, expand_inputs, with_problem_rows
+from keeneye.tracking import keep_tensorboard_logs, require_packages, tensorboard_callbacks, track_run
 
 PREPROCESSING = {
     "input": "RGB uint8, any size; resized to image_size x image_size by input.resize (squash, pad = letterbox, crop = centre; "
@@ -132,6 +133,8 @@ def train(
     elif config is None:
         raise ConfigError("train needs a config file (or a run to resume).")
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    require_packages(cfg)  # tracking's packages: fail now rather than after training
+    console = console or Console()
     # First: MultiWorkerMirroredStrategy must exist before anything else runs on the TensorFlow runtime.
     devices = choose_devices(cfg.training.distribute)
     worker_dir = None
@@ -139,10 +142,12 @@ def train(
         worker_dir = Path(tempfile.mkdtemp(prefix=f"keeneye-worker-{devices.worker_index}-"))
         cfg = cfg.model_copy(update={"output_dir": worker_dir})
     with op_determinism(cfg.training.deterministic):
-        result = _train(cfg, console or Console(), partial, devices, tuple(callbacks))
+        result = _train(cfg, console, partial, devices, tuple(callbacks))
     if worker_dir is not None:
         shutil.rmtree(worker_dir, ignore_errors=True)
         result.run_dir = None
+    else:
+        track_run(result.run_dir, cfg, console)  # after publishing: a tracking failure is a warning, never a lost bundle
     return result
 
 
@@ -283,7 +288,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         console.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
     head, history = fit_head(
         train_x, train_y, embeddings.features[sets["validation"]], y[sets["validation"]], cfg.head, cfg.training,
-        checkpoint_dir=partial.phase_dir("head"), callbacks=callbacks, strategy=devices.strategy,
+        checkpoint_dir=partial.phase_dir("head"), callbacks=(*callbacks, *tensorboard_callbacks(cfg, partial.folder, "head")),
+        strategy=devices.strategy,
     )
     timings["head_training_s"] = time.perf_counter() - phase
     resumed = history.attrs.get("resumed_from", 0)
@@ -310,7 +316,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         from keeneye.training.finetune import fine_tune_and_choose
 
         tuned = fine_tune_and_choose(cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"],
-                                     devices, partial.phase_dir("fine_tune"), callbacks, console)
+                                     devices, partial.phase_dir("fine_tune"),
+                                     (*callbacks, *tensorboard_callbacks(cfg, partial.folder, "fine_tune")), console)
         timings["fine_tuning_s"] = tuned.phases["fine_tune"]["seconds"]
         extractor, head, choice, head_probability, history = tuned.extractor, tuned.head, tuned.choice, tuned.probability, tuned.history
         sets["testing"] = tuned.testing
@@ -347,6 +354,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         manifest.assign(used=ok, evaluated=sets["testing"]).to_csv(folder / "manifest.csv", index=False)
         audit.write(folder)
         counts.to_csv(folder / "data_counts.csv", index=False)
+        keep_tensorboard_logs(partial.folder, folder)
         timings["total_s"] = time.perf_counter() - started
         write_run_report(
             folder, title=f"keeneye run {run_name}", metrics=metrics, class_names=scan.class_names, threshold=choice.threshold,

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperGroup
 
 from keeneye.errors import KeeneyeError
 
@@ -229,6 +230,55 @@ def explain(
     if frame["overlay"].isna().all():
         err_console.print("[bold red]error:[/] no image could be explained.")
         raise typer.Exit(1)
+
+
+class _RunsGroup(TyperGroup):
+    """`keeneye runs [OUTPUT_DIR] [--sort KEY]` means `keeneye runs list ...`; `keeneye runs compare A B` stays."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] != "--help"):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+runs_app = typer.Typer(cls=_RunsGroup, help="Past runs: `keeneye runs [OUTPUT_DIR] [--sort f1]` lists them; `keeneye runs compare A B` diffs two.")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(
+    output_dir: Path = typer.Argument(Path("runs"), help="Folder holding the run folders (a config's output_dir)."),
+    sort: str = typer.Option("date", "--sort", "-s", help="date, name, f1, ap, cv, threshold or time (metrics: best first)."),
+    reverse: bool = typer.Option(False, "--reverse", "-r", help="Reverse the order."),
+) -> None:
+    """A table of the runs in OUTPUT_DIR (default ./runs), read from their bundles (no MLflow needed)."""
+    from keeneye.runs import SORT_KEYS, list_runs, runs_table
+
+    try:
+        frame = list_runs(output_dir, sort=sort, descending=None if not reverse else not SORT_KEYS.get(sort, ("", False))[1])
+    except KeeneyeError as exc:
+        _fail(exc)
+    if frame.empty:
+        console.print(f"no runs in {output_dir}")
+        return
+    console.print(runs_table(frame, title=f"Runs in {output_dir} (sorted by {sort})"))
+
+
+@runs_app.command("compare")
+def runs_compare(
+    a: str = typer.Argument(..., help="A run folder, or a run name under --output-dir."),
+    b: str = typer.Argument(..., help="The run to compare it with (changes are b - a)."),
+    output_dir: Path = typer.Option(Path("runs"), "--output-dir", "-d", help="Where run names are looked up."),
+) -> None:
+    """The config keys and the metrics that differ between two runs."""
+    from keeneye.runs import compare_runs
+
+    try:
+        comparison = compare_runs(a, b, output_dir)
+    except KeeneyeError as exc:
+        _fail(exc)
+    for table in comparison.tables():
+        console.print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m keeneye`

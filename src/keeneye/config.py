@@ -43,6 +43,7 @@ __all__ = [
     "DataConfig",
     "AugmentationConfig",
     "FineTuneConfig",
+    "TrackingConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -673,6 +674,80 @@ class DataConfig(BaseModel):
         return value
 
 
+_URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//|$)|^databricks")
+
+
+class TrackingConfig(BaseModel):
+    """Experiment tracking: MLflow (parameters, metrics, artifacts, the model, a registry) and TensorBoard logs."""
+
+    model_config = _FORBID
+
+    mlflow: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "After the bundle is published, log the run to MLflow: the resolved config as parameters, the test "
+                "metrics (at the threshold and at 0.5), timings, data counts and the cross-validated estimate as "
+                "metrics, the audit and the report as artifacts, and the model as an MLflow pyfunc (uint8 image in, "
+                "probability out). Needs pip install 'keeneye[mlflow]'. A tracking failure is a warning, never a "
+                "failed run."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+    mlflow_uri: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "Where MLflow logs: a tracking URI (http://host:5000, sqlite:///path/mlflow.db, databricks), or a "
+                "folder for a local store that needs no server (an SQLite database mlflow.db plus an artifacts/ "
+                f"folder; {_RELATIVE_NOTE}; stored absolute). null: the folder mlruns/ in output_dir."
+            )
+        ),
+        _Expect("a tracking URI such as \"http://host:5000\", a folder path, or null", ("string", "null")),
+    ] = None
+    experiment: Annotated[
+        StrictStr,
+        Field(min_length=1, description="MLflow experiment the runs are logged under (created if missing)."),
+        _Expect("a non-empty string", ("string",)),
+    ] = "keeneye"
+    registered_model: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "Also register the logged model in the MLflow model registry under this name (a new version per "
+                "run). null: log the model without registering it."
+            )
+        ),
+        _Expect("a model name, or null", ("string", "null")),
+    ] = None
+    tensorboard: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Write Keras TensorBoard logs for every training phase into the run folder "
+                "(runs/<name>/tensorboard/head, .../fine_tune); view them with tensorboard --logdir runs."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _resolve_store_folder(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        # A URI goes to MLflow as given; a plain path is a local store folder, resolved like every config path.
+        if value is None or _URI_SCHEME_RE.match(value):
+            return value
+        resolved = _resolve(value, _base_dir(info))
+        if resolved.exists() and not resolved.is_dir():
+            raise PydanticCustomError(
+                "path_not_dir", "resolved to {resolved}, which exists and is a file, not a folder", {"resolved": str(resolved)}
+            )
+        return str(resolved)
+
+
 class Config(BaseModel):
     """A keeneye run configuration (config.json). Relative paths are resolved against the config file's folder."""
 
@@ -782,6 +857,12 @@ class Config(BaseModel):
         Field(description="Optional fine-tuning of the top of the backbone after the head (an object)."),
         _Expect("an object", ("object",)),
     ] = Field(default_factory=FineTuneConfig)
+
+    tracking: Annotated[
+        TrackingConfig,
+        Field(description="Experiment tracking with MLflow and TensorBoard (an object)."),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=TrackingConfig)
 
     _config_path: Optional[Path] = PrivateAttr(default=None)
 
