@@ -23,10 +23,11 @@ QUIET = Console(quiet=True)
 
 
 def _extractor(size: int = 96, weights=None):
+    from keeneye.config import ModelConfig
     from keeneye.model.backbone import ResolvedWeights, build_feature_extractor, resolve_weights
 
     resolved = ResolvedWeights("none", None, None) if weights is None else resolve_weights(str(weights), 1.0, size)
-    return build_feature_extractor(1.0, size, resolved)
+    return build_feature_extractor(1.0, size, resolved, ModelConfig().features)  # the config's default mode, as train builds it
 
 
 # ------------------------------------------------------------------------------------------------
