@@ -591,6 +591,18 @@ class DataConfig(BaseModel):
         ),
         _Expect("a regular expression (Python syntax), or null", ("string", "null")),
     ] = None
+    frame_pattern: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "A regular expression whose first capture group is the frame number in an image's file name, for "
+                "folders of frames extracted from videos; the image's group (its video) comes from group_pattern, or "
+                "from what precedes the number. null: names like 0001_000000012.jpg (video 0001, frame 12) are "
+                "recognised by default (both parts digits)."
+            )
+        ),
+        _Expect("a regular expression (Python syntax) with one capture group, or null", ("string", "null")),
+    ] = None
     test_fraction: Annotated[
         StrictFloat,
         Field(
@@ -662,7 +674,7 @@ class DataConfig(BaseModel):
             )
         return resolved
 
-    @field_validator("group_pattern")
+    @field_validator("group_pattern", "frame_pattern")
     @classmethod
     def _check_group_pattern(cls, value: Optional[str]) -> Optional[str]:
         if value is None:
@@ -672,6 +684,65 @@ class DataConfig(BaseModel):
         except re.error as exc:
             raise PydanticCustomError("regex_invalid", "is not a valid regular expression ({problem})", {"problem": str(exc)})
         return value
+
+
+class VideoConfig(BaseModel):
+    """Video files and frame sequences: how frames are sampled and how per-frame probabilities become events."""
+
+    model_config = _FORBID
+
+    fps: Annotated[
+        Optional[StrictFloat],
+        Field(
+            gt=0,
+            le=1000,
+            description=(
+                "Frames per second sampled from video files, for training (each sampled frame is embedded like an "
+                "image) and for predict/watch. null: every frame."
+            ),
+        ),
+        _Expect("a number > 0 (frames per second), or null for every frame", ("integer", "number", "null")),
+    ] = 5.0
+    smoothing_frames: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=1001,
+            description=(
+                "Width, in sampled frames, of the centred moving average applied to the probabilities over time "
+                "before events are found (1: no smoothing). Live (watch), events are reported this many frames / 2 late."
+            ),
+        ),
+        _Expect("an integer >= 1", ("integer",)),
+    ] = 5
+    enter_threshold: Annotated[
+        Optional[StrictFloat],
+        Field(
+            gt=0,
+            lt=1,
+            description=(
+                "An event starts when the smoothed probability reaches this value. null: the bundle's threshold."
+            ),
+        ),
+        _Expect("a number strictly between 0 and 1, or null", ("number", "null")),
+    ] = None
+    hysteresis: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            lt=1,
+            description=(
+                "An event ends when the smoothed probability falls below enter_threshold minus this margin, so a "
+                "probability wavering around the threshold does not cut one event into many."
+            ),
+        ),
+        _Expect("a number >= 0 and < 1, e.g. 0.1", ("integer", "number")),
+    ] = 0.1
+    min_event_frames: Annotated[
+        StrictInt,
+        Field(ge=1, description="Events shorter than this many sampled frames are discarded as noise."),
+        _Expect("an integer >= 1", ("integer",)),
+    ] = 3
 
 
 _URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//|$)|^databricks")
@@ -858,6 +929,11 @@ class Config(BaseModel):
         _Expect("an object", ("object",)),
     ] = Field(default_factory=FineTuneConfig)
 
+    video: Annotated[
+        VideoConfig,
+        Field(description="Frame sampling of video files and event detection over time (an object)."),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=VideoConfig)
     tracking: Annotated[
         TrackingConfig,
         Field(description="Experiment tracking with MLflow and TensorBoard (an object)."),
