@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 import keeneye
@@ -46,6 +45,7 @@ from keeneye.data.cache import default_cache_dir
 from keeneye.data.video import is_video, with_sequences
 from keeneye.evaluation.sequence import plot_sequences
 from keeneye.inference.video import EventSettings, bundle_video_config, evaluate_sequences
+from keeneye.terminal import keras_progress, plural, progress_bar
 from keeneye.tracking import keep_tensorboard_logs, require_packages, tensorboard_callbacks, track_run
 
 PREPROCESSING = {
@@ -74,11 +74,9 @@ class EvaluationResult:
     predictions: pd.DataFrame
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=console.quiet,
-    )
+def _progress(console: Console):
+    """One bar per long phase on a terminal; a plain line at least every 10 s in a log file."""
+    return progress_bar(console)
 
 
 def data_counts(manifest: pd.DataFrame, skipped: pd.DataFrame, dropped: pd.DataFrame) -> pd.DataFrame:
@@ -264,7 +262,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             f"more than max_dropped_fraction={cfg.max_dropped_fraction}; the list with reasons is in {report}."
         )
     if len(dropped):
-        console.print(f"[yellow]warning:[/] {len(dropped)} unreadable images dropped (listed in dropped_files.csv).")
+        console.print(f"[yellow]warning:[/] {plural(len(dropped), 'unreadable image')} dropped (listed in dropped_files.csv).")
 
     ok = embeddings.ok
     y = (manifest["label"] == positive).to_numpy().astype(int)
@@ -298,14 +296,17 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         views_x, views_y, _ = embed_augmented_views(cfg, extractor, manifest[sets["training"]], train_y, cfg.augmentation.frozen_views)
         train_x, train_y = np.concatenate([train_x, views_x]), np.concatenate([train_y, views_y])
         console.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
-    head, history = fit_head(
-        train_x, train_y, embeddings.features[sets["validation"]], y[sets["validation"]], cfg.head, cfg.training,
-        checkpoint_dir=partial.phase_dir("head"), callbacks=(*callbacks, *tensorboard_callbacks(cfg, partial.folder, "head")),
-        strategy=devices.strategy,
-    )
+    with _progress(console) as progress:
+        task = progress.add_task("training the head", total=cfg.training.epochs)
+        head, history = fit_head(
+            train_x, train_y, embeddings.features[sets["validation"]], y[sets["validation"]], cfg.head, cfg.training,
+            checkpoint_dir=partial.phase_dir("head"),
+            callbacks=(*callbacks, *tensorboard_callbacks(cfg, partial.folder, "head"), keras_progress(progress, task, "training the head")),
+            strategy=devices.strategy,
+        )
     timings["head_training_s"] = time.perf_counter() - phase
     resumed = history.attrs.get("resumed_from", 0)
-    console.print(f"head trained: {len(history)} epochs, best epoch {history.attrs['best_epoch']} ({history.attrs['monitor']})"
+    console.print(f"head trained: {plural(len(history), 'epoch')}, best epoch {history.attrs['best_epoch']} ({history.attrs['monitor']})"
                   + (f", resumed after epoch {resumed}" if resumed else ""))
 
     phase = time.perf_counter()
@@ -327,9 +328,14 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     if cfg.fine_tune.enabled:
         from keeneye.training.finetune import fine_tune_and_choose
 
-        tuned = fine_tune_and_choose(cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"],
-                                     devices, partial.phase_dir("fine_tune"),
-                                     (*callbacks, *tensorboard_callbacks(cfg, partial.folder, "fine_tune")), console)
+        with _progress(console) as progress:
+            task = progress.add_task("fine-tuning", total=cfg.fine_tune.epochs)
+            tuned = fine_tune_and_choose(
+                cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"], devices,
+                partial.phase_dir("fine_tune"),
+                (*callbacks, *tensorboard_callbacks(cfg, partial.folder, "fine_tune"), keras_progress(progress, task, "fine-tuning")),
+                console,
+            )
         timings["fine_tuning_s"] = tuned.phases["fine_tune"]["seconds"]
         extractor, head, choice, head_probability, history = tuned.extractor, tuned.head, tuned.choice, tuned.probability, tuned.history
         sets["testing"] = tuned.testing
@@ -341,7 +347,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             dropped = pd.concat([dropped, late])
             ok = ok & ~manifest.index.isin(late.index)
             counts = data_counts(counted, scan.skipped, dropped)
-            console.print(f"[yellow]warning:[/] {len(late)} images failed to decode while fine-tuning (dropped_files.csv):")
+            console.print(f"[yellow]warning:[/] {plural(len(late), 'image')} failed to decode while fine-tuning (dropped_files.csv):")
             for row in late.itertuples():
                 console.print(f"  {escape(str(row.path))}: {escape(str(row.reason))}", highlight=False, soft_wrap=True)
         phase = time.perf_counter()
@@ -454,7 +460,7 @@ def evaluate(
         scan = scan_evaluation_folder(data, bundle.class_names)
         video, patterns = bundle_video_config(bundle.path)
         scan = with_sequences(scan, video.fps, default_cache_dir(), patterns.get("frame_pattern"), patterns.get("group_pattern"))
-    console.print(f"evaluating {escape(bundle.path.name)} on {len(scan.manifest)} images from {escape(str(data))} (engine: {predictor.engine_name}{tiles_note(predictor)})", highlight=False)
+    console.print(f"evaluating {escape(bundle.path.name)} on {plural(len(scan.manifest), 'image')} from {escape(str(data))} (engine: {predictor.engine_name}{tiles_note(predictor)})", highlight=False)
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(scan.manifest))
         predictions = predictor.predict_paths(scan.manifest["path"].tolist(), progress=lambda n: progress.advance(task, n))
@@ -476,7 +482,7 @@ def evaluate(
     dropped.to_csv(folder / "dropped_files.csv", index=False)
     scan.skipped.to_csv(folder / "skipped_files.csv", index=False)
     if (~ok).any():
-        console.print(f"[yellow]warning:[/] {(~ok).sum()} unreadable images left out (dropped_files.csv).")
+        console.print(f"[yellow]warning:[/] {plural(int((~ok).sum()), 'unreadable image')} left out (dropped_files.csv).")
     write_run_report(
         folder, title=f"keeneye evaluation of {bundle.path.name}", metrics=metrics, class_names=bundle.class_names,
         threshold=bundle.threshold, model=getattr(bundle, "model", None), console=console,
@@ -503,8 +509,8 @@ def predict(
     paths, problems = expand_inputs(inputs, videos=True)
     videos = [p for p in paths if is_video(p)]
     paths = [p for p in paths if not is_video(p)]
-    console.print(f"predicting {len(paths)} images{f' and {len(videos)} videos' if videos else ''} with "
-                  f"{predictor.bundle.path.name} (engine: {predictor.engine_name}{tiles_note(predictor)})")
+    what = plural(len(paths), "image") + (f" and {plural(len(videos), 'video')}" if videos else "")
+    console.print(f"predicting {what} with {predictor.bundle.path.name} (engine: {predictor.engine_name}{tiles_note(predictor)})")
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(paths))
         frame = predictor.predict_paths(paths, progress=lambda n: progress.advance(task, n))

@@ -40,6 +40,7 @@ import pandas as pd
 from keeneye.data.decode import DecodeError, decode_image_bytes
 from keeneye.data.decode import _header_size, _jpeg_header, _sniff_format  # cheap header readers, shared on purpose
 from keeneye.data.scan import SPLITS
+from keeneye.terminal import plural
 
 __all__ = [
     "AUDIT_FILE", "AUDIT_SUMMARY_FILE", "Audit", "audit_manifest", "dhash", "hamming_pairs", "inspect_image",
@@ -415,13 +416,13 @@ class Audit:
         if hashed is not None and hashed.get("max_distance", -1) >= 0:
             lines.append(
                 f"near-duplicates by perceptual hash (dHash, distance <= {hashed['max_distance']} of 256 bits): "
-                f"{hashed['n_pairs']} cross-split pairs beyond identical files"
+                f"{plural(hashed['n_pairs'], 'cross-split pair')} beyond identical files"
                 + (f" ({_pairs_by_splits(hashed['pairs'])})" if hashed["pairs"] else "")
             )
         embedded = near.get("embedding")
         if embedded is not None:
             lines.append(
-                f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {embedded['n_pairs']} cross-split pairs "
+                f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {plural(embedded['n_pairs'], 'cross-split pair')} "
                 "beyond identical files" + (f" ({_pairs_by_splits(embedded['pairs'])})" if embedded["pairs"] else "")
             )
         groups = r["groups"]
@@ -673,7 +674,7 @@ def settle_leakage(audit: Audit, testing: np.ndarray, drop: bool, console) -> np
     embedded = audit.report["near_duplicates"].get("embedding")
     if embedded is not None:
         console.print(
-            f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {embedded['n_pairs']} cross-split pairs "
+            f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {plural(embedded['n_pairs'], 'cross-split pair')} "
             "beyond identical files", highlight=False,
         )
     leaked = audit.manifest.index.isin(audit.leaked_test_index())
