@@ -23,10 +23,11 @@ QUIET = Console(quiet=True)
 
 
 def _extractor(size: int = 96, weights=None):
+    from keeneye.config import ModelConfig
     from keeneye.model.backbone import ResolvedWeights, build_feature_extractor, resolve_weights
 
     resolved = ResolvedWeights("none", None, None) if weights is None else resolve_weights(str(weights), 1.0, size)
-    return build_feature_extractor(1.0, size, resolved)
+    return build_feature_extractor(1.0, size, resolved, ModelConfig().features)  # the config's default mode, as train builds it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_frozen_views_are_reproducible_and_labelled(tmp_path, demo_data, imagene
     labels = np.array([int("/defect/" in p) for p in paths])
     features, view_labels, dropped = embed_augmented_views(cfg, extractor, rows, labels, 2)
     again, _, _ = embed_augmented_views(cfg, extractor, rows, labels, 2)
-    assert features.shape == (2 * len(paths), 1280) and np.array_equal(view_labels, np.tile(labels, 2)) and dropped.empty
+    assert features.shape == (2 * len(paths), extractor.output_shape[-1]) and np.array_equal(view_labels, np.tile(labels, 2)) and dropped.empty
     np.testing.assert_array_equal(features, again)
     assert not np.allclose(features[: len(paths)], features[len(paths):]), "two views of an image must differ"
 

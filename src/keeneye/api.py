@@ -51,7 +51,9 @@ from keeneye.terminal import keras_progress, plural, progress_bar
 from keeneye.tracking import keep_tensorboard_logs, require_packages, tensorboard_callbacks, track_run
 
 PREPROCESSING = {
-    "input": "RGB uint8, any size; resized to image_size x image_size (squashed; cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR)",
+    "input": "RGB uint8, any size; resized to image_size x image_size by input.resize (squash, pad = letterbox, crop = centre; "
+             "cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR), or with input.tiles cut at native "
+             "scale into rows x cols overlapping square tiles, each resized so, stacked vertically (keeneye.data.preprocess)",
     "inside_model": "x / 127.5 - 1 (MobileNetV2 preprocess_input), part of model.keras",
     "decision": "positive when probability >= threshold",
 }
@@ -156,6 +158,26 @@ def train(
     return result
 
 
+def input_spec_for(cfg: Config, paths: Sequence[str], console: Console) -> "InputSpec":
+    """The run's InputSpec: model.tiles "auto" becomes a grid from the median size of the training images."""
+    from keeneye.data.preprocess import InputSpec, auto_grid, median_size
+
+    model = cfg.model
+    tiles = None
+    if model.tiles != "none" and (cfg.fine_tune.enabled or cfg.augmentation.frozen_views):
+        raise ConfigError("model.tiles cannot be combined with fine_tune.enabled or augmentation.frozen_views (yet): "
+                          'set model.tiles to "none", or turn those off.')
+    if model.tiles == "auto":
+        size = median_size(paths)
+        tiles = auto_grid(*size, model.image_size, model.tile_overlap) if size else None
+        shown = "unknown image size" if size is None else f"median image {size[1]:.0f}x{size[0]:.0f} px"
+        console.print(f"model.tiles auto: {shown} -> {'no tiles' if not tiles or tiles == (1, 1) else f'{tiles[0]}x{tiles[1]} tiles'}")
+    elif model.tiles != "none":
+        rows, cols = model.tiles.split("x")
+        tiles = (int(rows), int(cols))
+    return InputSpec(model.image_size, model.resize, tiles, model.tile_overlap)
+
+
 def training_summary(info: dict) -> str:
     """One line for the report: the phases, their validation F1 and which model was kept."""
     parts = []
@@ -254,7 +276,7 @@ def _fit_published_head(cfg: Config, extractor, manifest: pd.DataFrame, features
 def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) -> TrainResult:
     import keras
 
-    from keeneye.model.backbone import build_feature_extractor, resolve_weights
+    from keeneye.model.backbone import build_feature_extractor, build_tiled_extractor, resolve_weights
     from keeneye.model.head import build_classifier
     from keeneye.inference.engines import make_feature_engine
     from keeneye.inference.export import write_bundle_onnx
@@ -271,10 +293,14 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
     if weights.path is None:
         console.print("[yellow]warning:[/] model.weights is 'none': the backbone has random weights (for tests only).")
-    extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, weights)
+    # model.tiles "auto" reads the image sizes (headers only, no labels) of every image not given as testing
+    spec = input_spec_for(cfg, scan.manifest.loc[scan.manifest["split"] != "testing", "path"].tolist(), console)
+    extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, weights, cfg.model.features)
+    if spec.tiles is not None:  # the features of every tile, max-pooled: what the head sees and the bundle computes
+        extractor = build_tiled_extractor(extractor, spec.n_tiles)
     cache = None
     if weights.sha256:
-        key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256)
+        key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256, cfg.model.features, spec)
         cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), key)
     feature_engine = make_feature_engine(extractor, cache_folder=cache.folder if cache is not None else None)
     # Hashes and embeddings come before the split: near-duplicates join automatic groups (data.auto_groups).
@@ -282,9 +308,11 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         task = progress.add_task("hashing images", total=len(scan.manifest))
         inspection = inspect_images(scan.manifest["path"].tolist(), progress=lambda n: progress.advance(task, n))
     with _progress(console) as progress:
-        task = progress.add_task("embedding images", total=len(scan.manifest))
+        what = "embedding images" if spec.tiles is None else (
+            f"embedding images ({spec.tiles[0]}x{spec.tiles[1]} = {spec.n_tiles} tiles each: {spec.n_tiles}x the backbone passes)")
+        task = progress.add_task(what, total=len(scan.manifest))
         embeddings = embed_manifest(
-            scan.manifest, feature_engine, extractor.output_shape[-1], cfg.model.image_size, cache,
+            scan.manifest, feature_engine, extractor.output_shape[-1], spec, cache,
             batch_size=32, progress=lambda n: progress.advance(task, n),
         )
     splits = split_with_auto_groups(cfg, scan.manifest, inspection, embeddings.features, embeddings.ok)
@@ -435,7 +463,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         timings["evaluation_s"] = time.perf_counter() - phase
         classifier = build_classifier(extractor, head)
         classifier.save(folder / MODEL_FILE)
-        console.print(write_bundle_onnx(folder, classifier, test_rows["path"].tolist(), feature_engine), highlight=False)
+        console.print(write_bundle_onnx(folder, classifier, test_rows["path"].tolist(), feature_engine, spec=spec), highlight=False)
         save_config(cfg, folder / CONFIG_FILE)
         history.to_csv(folder / "history.csv", index=False)
         plot_training_curves(history, folder / "training_curves.png")
@@ -450,7 +478,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             folder, title=f"keeneye run {run_name}", metrics=metrics, class_names=scan.class_names, threshold=choice.threshold,
             audit=audit.report, config=cfg.model_dump(mode="json"), model=classifier, console=console,
             summary=[("run", run_name), ("data", audit.report["data_source"]),
-                     ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px"),
+                     ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px, "
+                                  f"features {cfg.model.features}, " + (f"{spec.tiles[0]}x{spec.tiles[1]} tiles" if spec.tiles else f"resize {spec.resize}")),
                      ("threshold", f"{choice.threshold:.4f} ({choice.method})"),
                      ("training", training_summary(training_info)),
                      *([("cross-validation", cv_summary(cv))] if cv is not None else []),
@@ -465,9 +494,9 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             "positive_class": positive,
             "threshold": choice.threshold,
             "threshold_choice": choice.to_dict(),
-            "input": {"image_size": cfg.model.image_size, "dtype": "uint8", "channels": "RGB"},
+            "input": spec.to_dict() | {"dtype": "uint8", "channels": "RGB", "shape": list(spec.shape)},
             "preprocessing": PREPROCESSING,
-            "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha, "weights": weights.spec if weights.path is None else weights.path.name,
+            "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha, "features": cfg.model.features, "weights": weights.spec if weights.path is None else weights.path.name,
                          "weights_sha256": weights.sha256},
             "head": run_cfg.head.model_dump(),
             "training": training_info,
@@ -484,6 +513,12 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     console.print(format_metrics_table(metrics))
     console.print(f"model bundle: [bold]{escape(str(run.final))}[/]")
     return TrainResult(run.final, metrics, choice.threshold, scan.class_names, counts, timings)
+
+
+def tiles_note(predictor: Predictor) -> str:
+    """', 3 tiles per image: 3x the backbone passes' for a tiled bundle, else ''."""
+    n = predictor.input_spec.n_tiles
+    return f", {n} tiles per image: {n}x the backbone passes" if n > 1 else ""
 
 
 def _with_video_problems(dropped: pd.DataFrame, manifest: pd.DataFrame, problems: pd.DataFrame | None, console: Console):
@@ -526,7 +561,7 @@ def evaluate(
         scan = scan_evaluation_folder(data, bundle.class_names)
         video, patterns = bundle_video_config(bundle.path)
         scan = with_sequences(scan, video.fps, default_cache_dir(), patterns.get("frame_pattern"), patterns.get("group_pattern"))
-    console.print(f"evaluating {escape(bundle.path.name)} on {plural(len(scan.manifest), 'image')} from {escape(str(data))} (engine: {predictor.engine_name})", highlight=False)
+    console.print(f"evaluating {escape(bundle.path.name)} on {plural(len(scan.manifest), 'image')} from {escape(str(data))} (engine: {predictor.engine_name}{tiles_note(predictor)})", highlight=False)
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(scan.manifest))
         predictions = predictor.predict_paths(scan.manifest["path"].tolist(), progress=lambda n: progress.advance(task, n))
@@ -576,7 +611,7 @@ def predict(
     videos = [p for p in paths if is_video(p)]
     paths = [p for p in paths if not is_video(p)]
     what = plural(len(paths), "image") + (f" and {plural(len(videos), 'video')}" if videos else "")
-    console.print(f"predicting {what} with {predictor.bundle.path.name} (engine: {predictor.engine_name})")
+    console.print(f"predicting {what} with {predictor.bundle.path.name} (engine: {predictor.engine_name}{tiles_note(predictor)})")
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(paths))
         frame = predictor.predict_paths(paths, progress=lambda n: progress.advance(task, n))

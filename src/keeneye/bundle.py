@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from keeneye.data import preprocess
 from keeneye.errors import BundleError
 
 MODEL_FILE = "model.keras"
@@ -32,12 +33,22 @@ CONFIG_FILE = "config.json"
 BUNDLE_FORMAT_VERSION = 1
 
 
+class TilesSpec(BaseModel):
+    """The tile grid of a tiled bundle (data/preprocess.py): rows x cols square tiles, least overlap."""
+
+    rows: int = Field(..., ge=1, le=99, strict=True)
+    cols: int = Field(..., ge=1, le=99, strict=True)
+    overlap: float = Field(0.25, ge=0.0, le=0.75, allow_inf_nan=False)
+
+
 class InputSpec(BaseModel):
-    """What model.keras takes: square RGB uint8 images of `image_size` pixels."""
+    """What model.keras takes: RGB uint8 images of `image_size` pixels, made by `resize` or cut into `tiles`."""
 
     model_config = ConfigDict(extra="allow")
 
     image_size: int = Field(..., ge=16, le=4096, strict=True, description="Side of the square input, in pixels.")
+    resize: Literal["squash", "pad", "crop"] = Field("squash", description="How a non-square image becomes square.")
+    tiles: Optional[TilesSpec] = Field(None, description="Tile grid (model.tiles), or null: the whole image.")
 
 
 class BundleMetadata(BaseModel):
@@ -115,6 +126,11 @@ class Bundle:
     @property
     def image_size(self) -> int:
         return self.spec.input.image_size
+
+    @property
+    def input_spec(self) -> preprocess.InputSpec:
+        """How images become the model's input (resize rule, tiles), as in training (checked by `spec` first)."""
+        return preprocess.InputSpec.from_dict(self.spec.input.model_dump())
 
 
 def unique_run_folder(output_dir: Path, name: str) -> Path:

@@ -168,6 +168,50 @@ class ModelConfig(BaseModel):
         _Expect('"imagenet", "none" or the path of an existing .h5 / .weights.h5 file', ("string",)),
     ] = "imagenet"
 
+    features: Annotated[
+        Literal["gap", "gap+gmp", "multi"],
+        Field(
+            description=(
+                'What the embedding holds: "gap" = average of the last block; "gap+gmp" = its average and '
+                'maximum (a small defect lighting a few positions survives the max); "multi" = average and '
+                "maximum of the last block and of the mid-level block_13_expand_relu (finer texture, about "
+                "the same cost). Part of the embedding cache key and of the bundle. Default gap+gmp: higher test F1 "
+                "than gap in 5 of 5 magnetic-tile group folds at the same cost (benchmarks/features.py)."
+            )
+        ),
+        _Expect('"gap", "gap+gmp" or "multi"', ("string",)),
+    ] = "gap+gmp"
+    resize: Annotated[
+        Literal["squash", "pad", "crop"],
+        Field(
+            description=(
+                'How an image that is not square becomes image_size x image_size: "squash" (stretch, keeps '
+                'everything), "pad" (letterbox with black bars, keeps the aspect ratio) or "crop" (the '
+                "centre square, loses the borders). Ignored with tiles (tiles are square)."
+            )
+        ),
+        _Expect('"squash", "pad" or "crop"', ("string",)),
+    ] = "squash"
+    tiles: Annotated[
+        StrictStr,
+        Field(
+            pattern=r"^(none|auto|[1-9][0-9]?x[1-9][0-9]?)$",
+            description=(
+                'Cut each image at native scale into overlapping square tiles, embed every tile, and max-pool '
+                'the features over tiles before the head, so one tile can decide (small defects on large '
+                'images): "none", "RxC" (e.g. "1x3": rows x columns), or "auto" (a grid chosen from the '
+                "training images' median size: tiles of at most 2 x image_size native pixels, at most 16). "
+                "Costs one backbone pass per tile. Not combined with fine_tune or augmentation.frozen_views."
+            ),
+        ),
+        _Expect('"none", "auto" or "RxC" such as "2x4"', ("string",)),
+    ] = "none"
+    tile_overlap: Annotated[
+        StrictFloat,
+        Field(ge=0.0, le=0.75, description="Least overlap between neighbouring tiles, as a fraction of the tile side."),
+        _Expect("a number from 0 to 0.75", ("integer", "number")),
+    ] = 0.25
+
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, value: str, info: ValidationInfo) -> str:

@@ -56,7 +56,7 @@ class GradCam:
             extractor = model.get_layer("feature_extractor")
             head = model.get_layer("head")
             self.preprocess = extractor.get_layer("mobilenet_v2_preprocess")
-            self.pool = extractor.get_layer("features")
+            self.pool = self._pooling(extractor)
             self.backbone = next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
             output = head.get_layer("probability")
         except (ValueError, StopIteration) as exc:
@@ -67,6 +67,21 @@ class GradCam:
         self.hidden = keras.Model(head.inputs, output.input, name="head_hidden")
         self.kernel, self.bias = output.kernel, output.bias
         self.image_size = int(model.input_shape[1])
+
+    @staticmethod
+    def _pooling(extractor):
+        """Last-block feature map -> the extractor's pooled features ("gap" and "gap+gmp"; "multi" pools a
+        second, mid-level map too and tiled models several images: not supported, ValueError)."""
+        import keras
+
+        pool = extractor.get_layer("features")
+        if isinstance(pool, keras.layers.GlobalAveragePooling2D):
+            return pool
+        names = {layer.name for layer in extractor.layers}
+        if isinstance(pool, keras.layers.Concatenate) and names >= {"last_avg", "last_max"} and "mid_avg" not in names:
+            average, maximum = extractor.get_layer("last_avg"), extractor.get_layer("last_max")
+            return lambda features: pool([average(features), maximum(features)])
+        raise ValueError('Grad-CAM is implemented for model.features "gap" and "gap+gmp" without tiles')
 
     @staticmethod
     def _maps(features: np.ndarray, gradients: np.ndarray) -> np.ndarray:

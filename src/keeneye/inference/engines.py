@@ -37,7 +37,7 @@ import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -384,16 +384,25 @@ def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def generated_images(count: int, size: int, seed: int = 0) -> np.ndarray:
-    """Seeded textured surfaces, half with a defect: stand-ins when no real images are at hand."""
+def generated_images(count: int, size: int | Sequence[int], seed: int = 0) -> np.ndarray:
+    """Seeded textured surfaces, half with a defect: stand-ins when no real images are at hand.
+
+    `size`: a side (square images), or a model input shape (T*S, S, 3) of stacked tiles, where every
+    image is T such surfaces stacked (the defect in one of them).
+    """
     from keeneye.demo import add_defect, surface_texture
 
+    height, side = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    tiles = max(1, height // side)
     rng = np.random.default_rng(seed)
     images = []
     for index in range(count):
-        image = surface_texture(rng, size)
-        images.append(add_defect(rng, image) if index % 2 else image)
-    return np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
+        parts = [surface_texture(rng, side) for _ in range(tiles)]
+        if index % 2:
+            where = int(rng.integers(tiles)) if tiles > 1 else 0
+            parts[where] = add_defect(rng, parts[where])
+        images.append(np.concatenate(parts, axis=0))
+    return np.stack(images) if images else np.empty((0, tiles * side, side, 3), np.uint8)
 
 
 def read_verification(path: Path) -> dict | None:
@@ -461,7 +470,7 @@ def bundle_onnx_engine(bundle, threads: int | None = None) -> OnnxEngine:
     if bundle.model is None:
         raise EngineError(f"{bundle.path} has no usable {ONNX_FILE} and its Keras model is not loaded.")
     why = "is stale (made from another model.keras)" if inside.is_file() else "is missing"
-    images = generated_images(8, bundle.image_size, seed=0)
+    images = generated_images(8, bundle.model.input_shape[1:], seed=0)
     data, difference, seconds = convert_and_check(bundle.model, images)
     if difference > PROBABILITY_TOLERANCE:
         raise EngineError(
@@ -505,7 +514,7 @@ def make_engine(model, engine: str = "auto", bundle=None, threads: int | None = 
     try:
         if bundle is not None:
             return bundle_onnx_engine(bundle, threads=threads)
-        data, difference, _ = convert_and_check(model, generated_images(8, int(model.input_shape[1]), seed=0))
+        data, difference, _ = convert_and_check(model, generated_images(8, model.input_shape[1:], seed=0))
         if difference > PROBABILITY_TOLERANCE:
             raise EngineError(f"the ONNX conversion disagrees with Keras (max difference {difference:.2e}).")
         return OnnxEngine(data, threads=threads, source="converted in memory")

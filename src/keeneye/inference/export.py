@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from keeneye.bundle import MODEL_FILE, Bundle, load_bundle
+from keeneye.data.preprocess import InputSpec
 from keeneye.errors import KeeneyeError
 from keeneye.inference.engines import (
     ONNX_FILE, ONNX_OPSET, PROBABILITY_TOLERANCE, KerasEngine, OnnxEngine, convert_classifier_to_onnx, convert_to_onnx,
@@ -129,15 +130,17 @@ class ExportResult:
 # --- images for verification and calibration ------------------------------------------------------
 
 
-def _decode(paths: list[str], size: int) -> tuple[list[int], np.ndarray]:
-    from keeneye.training.features import iter_decoded
+def _decode(paths: list[str], spec: InputSpec | int) -> tuple[list[int], np.ndarray]:
+    """Images prepared as the bundle's model takes them (resize rule, tiles: see data/preprocess.py)."""
+    from keeneye.training.features import as_spec, iter_decoded
 
+    spec = as_spec(spec)
     keys, images = [], []
-    for key, image, _ in iter_decoded(enumerate(paths), size, workers=physical_cores(), prefetch=16):
+    for key, image, _ in iter_decoded(enumerate(paths), spec, workers=physical_cores(), prefetch=16):
         if image is not None:
             keys.append(key)
             images.append(image)
-    return keys, (np.stack(images) if images else np.empty((0, size, size, 3), np.uint8))
+    return keys, (np.stack(images) if images else spec.empty_batch())
 
 
 def _manifest_rows(bundle: Bundle, split: str) -> tuple[pd.DataFrame, int]:
@@ -165,12 +168,12 @@ def held_out_images(bundle: Bundle, max_images: int = 256, seed: int = 0) -> Ima
     """The bundle's testing images (a stratified sample of at most `max_images`), else generated ones."""
     rows, listed = _manifest_rows(bundle, "testing")
     rows = _sample(rows, max_images, seed)
-    keys, images = _decode(rows["path"].tolist(), bundle.image_size)
+    keys, images = _decode(rows["path"].tolist(), bundle.input_spec)
     if len(images):
         labels = (rows["label"].iloc[keys] == bundle.positive_class).to_numpy().astype(int)
         return ImageSet(images, labels, f"{len(images)} testing images of the bundle's manifest ({listed} listed)")
     count = min(max_images, 32)
-    return ImageSet(generated_images(count, bundle.image_size, seed), None,
+    return ImageSet(generated_images(count, bundle.input_spec.shape, seed), None,
                     f"{count} generated images (the bundle's testing images are not on disk)")
 
 
@@ -178,12 +181,12 @@ def representative_images(bundle: Bundle, count: int = 200, seed: int = 0) -> Im
     """A stratified sample of the bundle's training images for int8 calibration, else generated ones."""
     rows, listed = _manifest_rows(bundle, "training")
     rows = _sample(rows, count, seed)
-    keys, images = _decode(rows["path"].tolist(), bundle.image_size)
+    keys, images = _decode(rows["path"].tolist(), bundle.input_spec)
     if len(images):
         return ImageSet(images, None, f"{len(images)} training images of the bundle's manifest ({listed} listed)")
     warnings.warn("no training images of the bundle on disk: int8 calibration uses generated images.", stacklevel=2)
     n = min(count, 64)
-    return ImageSet(generated_images(n, bundle.image_size, seed + 1), None, f"{n} generated images (training images not on disk)")
+    return ImageSet(generated_images(n, bundle.input_spec.shape, seed + 1), None, f"{n} generated images (training images not on disk)")
 
 
 # --- loading exported models ---------------------------------------------------------------------
@@ -496,7 +499,7 @@ def export_bundle(
     calibration = None
     if quantize == "int8":
         if fmt == "onnx":
-            calibration_images = min(calibration_images, max(16, ONNX_CALIBRATION_PIXELS // bundle.image_size**2))
+            calibration_images = min(calibration_images, max(16, ONNX_CALIBRATION_PIXELS // (bundle.image_size**2 * bundle.input_spec.n_tiles)))
         calibration = representative_images(bundle, calibration_images)
     label = fmt + (f" ({quantize})" if quantize else "")
     say(f"exporting {bundle.path.name} as {label}; verifying on {held_out.description}", highlight=False)
@@ -567,7 +570,7 @@ def export_bundle(
 
 
 def write_bundle_onnx(folder: str | os.PathLike, model, sample_paths: list[str] | None = None, feature_engine=None,
-                      max_images: int = 16) -> str:
+                      max_images: int = 16, spec: InputSpec | None = None) -> str:
     """Write `model.onnx` (+ its verification record) into a bundle folder being built; never raises.
 
     `feature_engine` (the FeatureEngine that computed the embeddings) lends its converted backbone,
@@ -579,11 +582,11 @@ def write_bundle_onnx(folder: str | os.PathLike, model, sample_paths: list[str] 
 
     folder = Path(folder)
     try:
-        size = int(model.input_shape[1])
-        _, images = _decode(list(sample_paths or [])[:max_images], size)
+        spec = spec or InputSpec(int(model.input_shape[2]))
+        _, images = _decode(list(sample_paths or [])[:max_images], spec)
         source = f"{len(images)} testing images"
         if not len(images):
-            images, source = generated_images(8, size, seed=0), "8 generated images"
+            images, source = generated_images(8, spec.shape, seed=0), "8 generated images"
         started = time.perf_counter()
         feature_onnx = feature_engine.onnx_model() if feature_engine is not None else None
         try:

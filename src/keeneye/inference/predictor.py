@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from keeneye.bundle import Bundle, load_bundle
-from keeneye.data.decode import decode_image_bytes, resize_square
 from keeneye.data.scan import entry_problem, skip_reason, walk_files
 from keeneye.data.video import is_video
 from keeneye.inference import engines as _engines
@@ -97,6 +96,7 @@ class Predictor:
         self.engine = make_engine(bundle.model, engine, bundle=bundle, threads=threads) if isinstance(engine, str) else engine
         self.batch_size = batch_size
         self.workers = workers
+        self.input_spec = bundle.input_spec  # resize rule and tiles, exactly as in training
 
     @classmethod
     def from_bundle(
@@ -114,25 +114,24 @@ class Predictor:
         return np.where(probabilities >= self.bundle.threshold, positive, negative)
 
     def predict_images(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        """Probabilities for RGB uint8 images of any size (resized as in training)."""
-        size = self.bundle.image_size
+        """Probabilities for RGB uint8 images of any size (resized or tiled as in training).
 
-        def fit(image: np.ndarray) -> np.ndarray:
-            return resize_square(np.asarray(image, dtype=np.uint8), size)
-
-        batch = np.stack([fit(image) for image in images]) if len(images) else np.empty((0, size, size, 3), np.uint8)
+        An array already of the model's input shape (`input_spec.shape`) is taken as prepared.
+        """
+        spec = self.input_spec
+        batch = np.stack([spec.prepare(image) for image in images]) if len(images) else spec.empty_batch()
         outputs = [self.engine(batch[i : i + self.batch_size]) for i in range(0, len(batch), self.batch_size)]
         return np.concatenate(outputs).reshape(-1) if outputs else np.empty(0, np.float32)
 
     def predict_bytes(self, data: bytes) -> float:
         """Probability for one encoded image (raises DecodeError if it cannot be decoded)."""
-        return float(self.predict_images([decode_image_bytes(data, self.bundle.image_size)])[0])
+        return float(self.predict_images([self.input_spec.from_bytes(data)])[0])
 
     def predict_paths(self, paths: Sequence[str], progress: Callable[[int], None] | None = None) -> pd.DataFrame:
         """One row per path, in order: probability and label, or the reason it failed."""
         probabilities = np.full(len(paths), np.nan, dtype=np.float64)
         errors: list[str | None] = [None] * len(paths)
-        for keys, batch, failures in iter_batches(enumerate(paths), self.bundle.image_size, self.batch_size, self.workers):
+        for keys, batch, failures in iter_batches(enumerate(paths), self.input_spec, self.batch_size, self.workers):
             for key, reason in failures:
                 errors[key] = reason
             if keys:

@@ -30,6 +30,7 @@ import pandas as pd
 from keeneye.bundle import CONFIG_FILE
 from keeneye.config import VideoConfig
 from keeneye.data.decode import resize_square
+from keeneye.data.preprocess import InputSpec
 from keeneye.data.video import VideoError, iter_frames
 from keeneye.evaluation.sequence import Event, sequence_metrics
 
@@ -155,11 +156,13 @@ class _Either:
         return any(event.is_set() for event in self.events)
 
 
-def _produce(source, fps: float | None, size: int, frames: queue.Queue, stop: _Either, closed: threading.Event) -> None:
-    """Decoder thread: frames resized to the model's input, then _END or the exception that ended them."""
+def _produce(source, fps: float | None, size: int | InputSpec, frames: queue.Queue, stop: _Either, closed: threading.Event) -> None:
+    """Decoder thread: frames prepared as the model takes them (the bundle's InputSpec: resize rule, tiles;
+    a plain size: squashed), then _END or the exception that ended them."""
+    prepare = size.prepare if isinstance(size, InputSpec) else (lambda image: resize_square(image, size))
     try:
         for frame in iter_frames(source, fps, stop):
-            if not _put(frames, (frame.index, frame.time, resize_square(frame.image, size), clock.perf_counter()), closed):
+            if not _put(frames, (frame.index, frame.time, prepare(frame.image), clock.perf_counter()), closed):
                 return
         _put(frames, _END, closed)
     except Exception as exc:  # noqa: BLE001 - VideoError or a bug: handed to the consumer, which raises it
@@ -178,7 +181,7 @@ def _put(frames: queue.Queue, item, closed: threading.Event) -> bool:
 
 
 def stream_video(
-    engine: Callable[[np.ndarray], np.ndarray], source, image_size: int, fps: float | None = None,
+    engine: Callable[[np.ndarray], np.ndarray], source, image_size: int | InputSpec, fps: float | None = None,
     batch_size: int = 32, queue_size: int = 64, stop: threading.Event | None = None,
 ) -> Iterator[FrameResult]:
     """Probabilities frame by frame while a producer thread decodes ahead (at most `queue_size` frames).
@@ -248,7 +251,7 @@ def predict_video(predictor, path: str, fps: float | None, settings: EventSettin
     events: list[Event] = []
     error = None
     try:
-        for result in stream_video(predictor.engine, path, predictor.bundle.image_size, fps, predictor.batch_size, queue_size):
+        for result in stream_video(predictor.engine, path, predictor.input_spec, fps, predictor.batch_size, queue_size):
             rows.append((result.frame, result.time, result.probability))
             events += detector.push(result.frame, result.time, result.probability)
             if progress:
@@ -315,7 +318,7 @@ def watch_records(predictor, source, fps: float | None, settings: EventSettings,
         return {"type": "event", "label": positive, **asdict(event), "latency_ms": round(1000 * (clock.perf_counter() - last_read), 2)}
 
     try:
-        for result in stream_video(predictor.engine, source, predictor.bundle.image_size, fps, predictor.batch_size, 8, stop):
+        for result in stream_video(predictor.engine, source, predictor.input_spec, fps, predictor.batch_size, 8, stop):
             n += 1
             last_read = result.read_at
             if frames:

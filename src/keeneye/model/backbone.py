@@ -91,8 +91,30 @@ def resolve_weights(weights: str, alpha: float, image_size: int) -> ResolvedWeig
     return ResolvedWeights("imagenet", path, sha256_of_file(path))
 
 
-def build_feature_extractor(alpha: float, image_size: int, weights: ResolvedWeights) -> keras.Model:
-    """Raw RGB uint8 images (N, S, S, 3) -> pooled MobileNetV2 features (N, D), frozen."""
+#: What the pooled embedding holds (model.features). Every mode is plain Keras layers, so model.keras,
+#: its ONNX conversion and every export compute exactly the features the head was trained on.
+FEATURE_MODES: tuple[str, ...] = ("gap", "gap+gmp", "multi")
+#: The mid-level block "multi" pools besides the last one: stride 16 (14 x 14 at 224 px), computed on
+#: the way to the last block anyway, so it costs the pooling only.
+MID_LEVEL_LAYER = "block_13_expand_relu"
+
+
+def _pool(tensor, name: str, with_max: bool) -> list:
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"{name}_avg")(tensor)]
+    if with_max:
+        pooled.append(keras.layers.GlobalMaxPooling2D(name=f"{name}_max")(tensor))
+    return pooled
+
+
+def build_feature_extractor(alpha: float, image_size: int, weights: ResolvedWeights, features: str = "gap") -> keras.Model:
+    """Raw RGB uint8 images (N, S, S, 3) -> pooled MobileNetV2 features (N, D), frozen.
+
+    features: "gap" = average of the last block (D = 1280 at alpha 1); "gap+gmp" = its average and
+    maximum (2 D: a small defect that lights a few positions survives the max); "multi" = average and
+    maximum of the last block and of MID_LEVEL_LAYER (finer texture, 2 D + 2 x 576 at alpha 1).
+    """
+    if features not in FEATURE_MODES:
+        raise ValueError(f"unknown feature mode {features!r}; choose one of {', '.join(FEATURE_MODES)}")
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="mobilenet_v2_preprocess")(inputs)
     base = keras.applications.MobileNetV2(
@@ -107,6 +129,28 @@ def build_feature_extractor(alpha: float, image_size: int, weights: ResolvedWeig
                 f"{type(exc).__name__}: {exc}. Is it the no-top weights file for this alpha?"
             ) from None
     base.trainable = False
-    features = base(scaled, training=False)
-    pooled = keras.layers.GlobalAveragePooling2D(name=FEATURE_LAYER_NAME)(features)
-    return keras.Model(inputs, pooled, name="feature_extractor")
+    if features == "multi":  # one nested model with two outputs: the same layers, weights and fine-tuning
+        base = keras.Model(base.inputs, [base.get_layer(MID_LEVEL_LAYER).output, base.output], name=base.name)
+        middle, last = base(scaled, training=False)
+        pooled = _pool(middle, "mid", True) + _pool(last, "last", True)
+    elif features == "gap+gmp":
+        pooled = _pool(base(scaled, training=False), "last", True)
+    else:  # "gap": the layer layout of every bundle before model.features existed
+        return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name=FEATURE_LAYER_NAME)(base(scaled, training=False)),
+                           name="feature_extractor")
+    output = keras.layers.Concatenate(name=FEATURE_LAYER_NAME)(pooled)
+    return keras.Model(inputs, output, name="feature_extractor")
+
+
+def build_tiled_extractor(extractor: keras.Model, tiles: int) -> keras.Model:
+    """Stacked tiles (N, T*S, S, 3) -> features max-pooled over the T tiles (N, D): one tile can decide.
+
+    Reshape + TimeDistributed + GlobalMaxPooling1D are plain Keras layers: the bundle's model.keras
+    and its exports tile nothing themselves, they take the stack data/preprocess.cut_tiles makes.
+    """
+    size = int(extractor.input_shape[1])
+    stack = keras.Input((tiles * size, size, 3), dtype="uint8", name="image")
+    per_tile = keras.layers.Reshape((tiles, size, size, 3), name="tiles")(stack)
+    features = keras.layers.TimeDistributed(extractor, name="tile_features")(per_tile)
+    pooled = keras.layers.GlobalMaxPooling1D(name=FEATURE_LAYER_NAME)(features)
+    return keras.Model(stack, pooled, name="tiled_feature_extractor")

@@ -367,7 +367,7 @@ class Service:
 
     async def prepare_all(self, uploads: list[Upload]) -> list[np.ndarray | ImageRejected]:
         loop = asyncio.get_running_loop()
-        size = self.predictor.bundle.image_size
+        size = self.predictor.input_spec  # resize rule and tiles as in training
 
         async def one(upload: Upload):
             if upload.error is not None:

@@ -23,6 +23,7 @@ import pydantic_core
 # The format sniffer and header readers live in the decoder (one place for magic bytes); the
 # server needs them *before* decoding, to enforce its own pixel limit and format list.
 from keeneye.data.decode import DecodeError, decode_image_bytes, probe
+from keeneye.data.preprocess import InputSpec
 from keeneye.serving.settings import ServeSettings
 
 MAX_NAME_LENGTH = 200
@@ -180,8 +181,9 @@ def check_count(n_images: int, settings: ServeSettings) -> None:
 # --- one image ---------------------------------------------------------------------------
 
 
-def prepare_image(data: bytes, size: int, settings: ServeSettings) -> np.ndarray:
-    """Check the limits from the header, then decode and resize to (size, size, 3) uint8 RGB."""
+def prepare_image(data: bytes, size: int | InputSpec, settings: ServeSettings) -> np.ndarray:
+    """Check the limits from the header, then decode and prepare as the model takes it (`size`: the
+    bundle's InputSpec, resize rule and tiles; a plain size: squashed to (size, size, 3) uint8 RGB)."""
     if not data:
         raise ImageRejected("empty", "empty file (0 bytes)")
     if len(data) > settings.max_image_bytes:
@@ -201,6 +203,8 @@ def prepare_image(data: bytes, size: int, settings: ServeSettings) -> np.ndarray
             "too_many_pixels", f"image is {width}x{height} = {width * height} pixels; at most max_pixels={settings.max_pixels}",
         )
     try:
+        if isinstance(size, InputSpec):
+            return size.from_bytes(data)
         return decode_image_bytes(data, size)
     except DecodeError as exc:
         code = "truncated" if exc.reason.startswith("truncated") else "decode_error"

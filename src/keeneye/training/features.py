@@ -21,14 +21,27 @@ import numpy as np
 import pandas as pd
 
 from keeneye.data.cache import default_cache_dir  # noqa: F401  (defined in the data layer, which uses it too)
-from keeneye.data.decode import DecodeError, load_image
+from keeneye.data.decode import DecodeError
+from keeneye.data.preprocess import InputSpec
 
 FEATURE_FORMAT_VERSION = 2  # 2: resize rule of decode.resize_square
 
 
-def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha256: str) -> str:
-    """Features are only reusable for the same network, weights and input size."""
-    return f"{backbone}-a{alpha}-s{image_size}-w{weights_sha256[:16]}-v{FEATURE_FORMAT_VERSION}"
+def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha256: str, features: str = "gap",
+                       spec: InputSpec | None = None) -> str:
+    """Features are only reusable for the same network, weights, input size, feature mode, resize and tiles.
+
+    The default (gap, squash, no tiles) keeps the key it had before those options existed, so
+    earlier caches stay valid; the stored format is unchanged (one vector per content hash).
+    """
+    key = f"{backbone}-a{alpha}-s{image_size}-w{weights_sha256[:16]}-v{FEATURE_FORMAT_VERSION}"
+    if features != "gap":
+        key += f"-f{features.replace('+', '_')}"
+    if spec is not None and spec.tiles is not None:
+        key += f"-t{spec.tiles[0]}x{spec.tiles[1]}o{spec.overlap:g}"
+    elif spec is not None and spec.resize != "squash":
+        key += f"-r{spec.resize}"
+    return key
 
 
 class EmbeddingCache:
@@ -211,14 +224,20 @@ class EmbeddingResult:
         return ~np.isnan(self.features).any(axis=1)
 
 
+def as_spec(image_size: int | InputSpec) -> InputSpec:
+    """An InputSpec from a plain image size (squashed, untiled: keeneye's rule before specs existed)."""
+    return image_size if isinstance(image_size, InputSpec) else InputSpec(int(image_size))
+
+
 def iter_decoded(
-    paths: Iterable[tuple[int, str]], image_size: int, workers: int, prefetch: int
+    paths: Iterable[tuple[int, str]], image_size: int | InputSpec, workers: int, prefetch: int
 ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-    """Decode in a thread pool, in order, with at most `prefetch` images in flight."""
+    """Decode (and resize or tile, as `image_size` says) in a thread pool, in order, at most `prefetch` in flight."""
+    spec = as_spec(image_size)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="keeneye-decode") as pool:
         pending: deque[tuple[int, Future]] = deque()
         for key, path in paths:
-            pending.append((key, pool.submit(load_image, path, image_size)))
+            pending.append((key, pool.submit(spec.load, path)))
             if len(pending) >= prefetch:
                 yield _result(*pending.popleft())
         while pending:
@@ -233,9 +252,13 @@ def _result(key: int, future: Future) -> tuple[int, np.ndarray | None, str | Non
 
 
 def iter_batches(
-    paths: Iterable[tuple[int, str]], image_size: int, batch_size: int, workers: int = 2
+    paths: Iterable[tuple[int, str]], image_size: int | InputSpec, batch_size: int, workers: int = 2
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Yield (keys, uint8 batch, failures) with decoding overlapped with the consumer's work."""
+    """Yield (keys, uint8 batch, failures) with decoding overlapped with the consumer's work.
+
+    `image_size`: an InputSpec (resize rule, tiles) or a plain size (squashed, untiled).
+    """
+    spec = as_spec(image_size)
     keys: list[int] = []
     images: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
@@ -249,14 +272,14 @@ def iter_batches(
             yield keys, np.stack(images), failures
             keys, images, failures = [], [], []
     if images or failures:
-        yield keys, (np.stack(images) if images else np.empty((0, image_size, image_size, 3), np.uint8)), failures
+        yield keys, (np.stack(images) if images else spec.empty_batch()), failures
 
 
 def embed_manifest(
     manifest: pd.DataFrame,
     engine: Callable[[np.ndarray], np.ndarray],
     feature_dim: int,
-    image_size: int,
+    image_size: int | InputSpec,
     cache: EmbeddingCache | None,
     batch_size: int = 32,
     workers: int = 2,

@@ -34,6 +34,7 @@ import pandas as pd
 
 from keeneye.config import Config
 from keeneye.errors import ConfigError
+from keeneye.data.preprocess import InputSpec
 from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
 from keeneye.model.head import build_classifier, build_head
 from keeneye.training.augment import build_augmenter
@@ -89,14 +90,15 @@ def build_finetune_model(extractor: keras.Model, head: keras.Model, augmenter: k
 
 def plain_copy(cfg: Config, extractor: keras.Model, head: keras.Model) -> tuple[keras.Model, keras.Model]:
     """Float32 extractor and head with the bundle's architecture, holding the given models' weights."""
-    new_extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, ResolvedWeights("none", None, None))
+    new_extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, ResolvedWeights("none", None, None),
+                                            cfg.model.features)
     new_extractor.set_weights(extractor.get_weights())
     new_head = build_head(new_extractor.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=cfg.training.seed, l2=cfg.head.l2)
     new_head.set_weights(head.get_weights())
     return new_extractor, new_head
 
 
-def predict_paths(classifier: keras.Model, paths: Sequence[str], image_size: int, batch_size: int = 32,
+def predict_paths(classifier: keras.Model, paths: Sequence[str], image_size: int | InputSpec, batch_size: int = 32,
                   workers: int = 2, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Probabilities for image files (NaN where a file fails to decode) and {position: reason} of the failures.
 
@@ -155,7 +157,7 @@ def fine_tune(
     size = cfg.model.image_size
     keras.utils.set_random_seed(training.seed)
     with dtype_policy(policy), devices.strategy.scope():
-        ext_copy = build_feature_extractor(cfg.model.alpha, size, ResolvedWeights("none", None, None))
+        ext_copy = build_feature_extractor(cfg.model.alpha, size, ResolvedWeights("none", None, None), cfg.model.features)
         ext_copy.set_weights(extractor.get_weights())
         head_copy = build_head(ext_copy.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=training.seed, l2=cfg.head.l2)
         head_copy.set_weights(head.get_weights())
@@ -172,8 +174,9 @@ def fine_tune(
     plan = EpochPlan(train_labels, batch_size, training.seed, shuffle=True, oversample=training.oversample, stream=FINE_TUNE_STREAM)
     weights = sample_weights(train_labels, training.class_weight)
     has_validation = len(val_labels) > 0
-    with ImagePipeline(train_rows["path"].tolist(), train_labels, size, weights, failures=train_failures) as train_pipe, \
-            ImagePipeline(val_rows["path"].tolist(), val_labels, size, failures=val_failures) as val_pipe:
+    spec = InputSpec(size, cfg.model.resize)  # model.resize as in the embeddings (tiles are not fine-tuned)
+    with ImagePipeline(train_rows["path"].tolist(), train_labels, spec, weights, failures=train_failures) as train_pipe, \
+            ImagePipeline(val_rows["path"].tolist(), val_labels, spec, failures=val_failures) as val_pipe:
         validation = None
         if has_validation:
             val_plan = EpochPlan(val_labels, batch_size, training.seed, shuffle=False)
@@ -215,7 +218,7 @@ def embed_augmented_views(
     for view in range(views):
         for variable, first in seeds:
             variable.assign(np.array([first, view << 20], dtype=variable.dtype))
-        for keys, batch, failed in iter_batches(list(enumerate(paths)), cfg.model.image_size, batch_size):
+        for keys, batch, failed in iter_batches(list(enumerate(paths)), InputSpec(cfg.model.image_size, cfg.model.resize), batch_size):
             failures.update(failed)
             if keys:
                 augmented = np.asarray(augmenter(batch, training=True))
@@ -331,7 +334,7 @@ def fine_tune_and_choose(
         f"best epoch {result.history.attrs['best_epoch']}" + (f", resumed after epoch {resumed}" if resumed else "")
         + f" ({result.seconds:.0f} s)", highlight=False)
 
-    size = cfg.model.image_size
+    size = InputSpec(cfg.model.image_size, cfg.model.resize)
     classifier = build_classifier(result.extractor, result.head)
     probabilities = np.full(len(manifest), np.nan, np.float32)
     dropped = [result.dropped]

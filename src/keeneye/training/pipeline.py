@@ -30,7 +30,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from keeneye.data.decode import DecodeError, load_image
+from keeneye.data.decode import DecodeError
+from keeneye.data.preprocess import InputSpec
 
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
@@ -145,13 +146,14 @@ class ImagePipeline:
     """
 
     def __init__(
-        self, paths: Sequence[str], labels: np.ndarray, image_size: int, weights: np.ndarray | None = None,
+        self, paths: Sequence[str], labels: np.ndarray, image_size: int | InputSpec, weights: np.ndarray | None = None,
         workers: int = 2, parallel_batches: int = 2, prefetch: int = 2, failures: DecodeFailures | None = None,
     ) -> None:
         self.paths = [str(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.float32)
         self.weights = np.ones(len(self.paths), np.float32) if weights is None else np.asarray(weights, np.float32)
-        self.image_size = int(image_size)
+        self.spec = image_size if isinstance(image_size, InputSpec) else InputSpec(int(image_size))
+        self.image_size = self.spec.image_size
         self.failures = failures if failures is not None else DecodeFailures()
         self.parallel_batches = max(1, parallel_batches)
         self.prefetch = max(1, prefetch)
@@ -170,15 +172,14 @@ class ImagePipeline:
 
     def _load(self, row: int) -> np.ndarray | None:
         try:
-            return load_image(self.paths[row], self.image_size)
+            return self.spec.load(self.paths[row])
         except DecodeError as exc:
             self.failures.add(row, exc.reason)
             return None
 
     def decode_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """rows -> (images, labels, weights); a failed file becomes zeros with weight 0 (and is recorded)."""
-        size = self.image_size
-        images = np.zeros((len(rows), size, size, 3), np.uint8)
+        images = np.zeros((len(rows), *self.spec.shape), np.uint8)
         weights = self.weights[rows].copy()
         rows_list = [int(r) for r in rows]
         # After close(), an iterator Keras opened ahead of time may still prefetch a batch: decode it here.
@@ -197,11 +198,9 @@ class ImagePipeline:
         """One tf.data.Dataset over all the given epochs, `plan.steps_per_epoch` batches each."""
         import tensorflow as tf
 
-        size = self.image_size
-
         def decode(rows):
             images, labels, weights = tf.numpy_function(self.decode_batch, [rows], [tf.uint8, tf.float32, tf.float32])
-            images.set_shape([None, size, size, 3])
+            images.set_shape([None, *self.spec.shape])
             labels.set_shape([None])
             weights.set_shape([None])
             return images, labels, weights
