@@ -99,12 +99,13 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results to this .csv or .json (default: CSV on stdout)."),
     engine: str = typer.Option("auto", "--engine", help="Inference engine."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    maps: Optional[Path] = typer.Option(None, "--maps", help="One-class bundles: also write an anomaly-map overlay PNG per image into this folder."),
 ) -> None:
     """Predict images; failures are listed with their reason. Exit 1 only when nothing could be predicted."""
     from keeneye import api
 
     try:
-        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console)
+        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console, maps=maps)
     except KeeneyeError as exc:
         _fail(exc)
     if output is None:
@@ -217,9 +218,9 @@ def audit(
 def explain(
     run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
     images: List[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the Grad-CAM overlays (PNG) and explanations.csv."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the overlays (PNG) and explanations.csv."),
 ) -> None:
-    """Grad-CAM heat maps: where the model looked. Exit 1 only when nothing could be explained."""
+    """Heat maps: Grad-CAM (where the classifier looked) or, for a one-class bundle, the anomaly map. Exit 1 only when nothing could be explained."""
     from keeneye.explain import explain as explain_images
 
     try:
