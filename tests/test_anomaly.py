@@ -132,3 +132,18 @@ def test_anomaly_config_is_checked(tmp_path, demo_data) -> None:
         config_from_dict(tiny_config(tmp_path, demo_data, mode="oneclass"), base_dir=tmp_path)
     with pytest.raises(ConfigError, match="anomaly.layers"):
         config_from_dict(tiny_config(tmp_path, demo_data, anomaly={"layers": ["conv_pw_3"]}), base_dir=tmp_path)
+
+
+def test_explain_predict_maps_and_export_on_an_anomaly_bundle(anomaly_run, demo_data, tmp_path) -> None:
+    from keeneye import api
+    from keeneye.explain import explain
+    from keeneye.inference.export import ExportError, export_bundle
+
+    images = sorted((demo_data / "testing" / "defect").glob("*.png"))[:2]
+    frame = explain(anomaly_run.run_dir, images, tmp_path / "explained", console=Console(quiet=True))
+    assert frame["overlay"].notna().all() and all(str(p).endswith("_anomaly.png") for p in frame["overlay"])
+    predicted = api.predict(anomaly_run.run_dir, images, maps=tmp_path / "maps", console=Console(quiet=True))
+    assert predicted["anomaly_map"].notna().all()
+    assert cv2.imread(predicted["anomaly_map"][0]).shape[:2] == (96, 96)
+    with pytest.raises(ExportError, match="one-class"):
+        export_bundle(anomaly_run.run_dir, "onnx")
