@@ -207,7 +207,7 @@ def test_schema_describes_every_property() -> None:
     json.dumps(schema)  # serialisable
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert set(schema["$defs"]) == {"ModelConfig", "HeadConfig", "TrainingConfig", "EvaluationConfig", "DataConfig",
-                                    "AugmentationConfig", "FineTuneConfig"}
+                                    "AugmentationConfig", "FineTuneConfig", "AnomalyConfig"}
     count = 0
     for name, obj in _objects(schema):
         assert obj.get("additionalProperties") is False, name
@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 13 + 4 + 2 + 11 + 2 + 6 + 7 + 6  # "$schema" + every field
+    assert count == 1 + 13 + 2 + 4 + 2 + 11 + 2 + 6 + 7 + 6 + 8  # "$schema" + every field (+ mode, anomaly; AnomalyConfig)
 
 
 def test_schema_required_and_excluded_fields() -> None:
