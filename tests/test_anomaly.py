@@ -147,3 +147,14 @@ def test_explain_predict_maps_and_export_on_an_anomaly_bundle(anomaly_run, demo_
     assert cv2.imread(predicted["anomaly_map"][0]).shape[:2] == (96, 96)
     with pytest.raises(ExportError, match="one-class"):
         export_bundle(anomaly_run.run_dir, "onnx")
+
+
+def test_both_search_backends_find_the_exact_nearest_good_patch() -> None:
+    from keeneye.model.patchcore import PatchBank
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(3000, 32)).astype(np.float32)
+    patches = rng.normal(size=(2, 9, 9, 32)).astype(np.float32)
+    brute = np.sqrt(((patches.reshape(-1, 1, 32) - bank[None]) ** 2).sum(-1)).min(axis=1).reshape(2, 9, 9)
+    for backend in ("blas", "faiss"):
+        np.testing.assert_allclose(PatchBank(bank, backend=backend).distances(patches), brute, rtol=1e-4, atol=1e-4)

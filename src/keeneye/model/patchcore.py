@@ -14,7 +14,8 @@ and the per-patch distances, upsampled and smoothed, are its anomaly map.
 * **Coreset** (:func:`greedy_coreset`): greedy k-center selection (each new point is the one
   farthest from those chosen), on randomly projected copies of the features for speed, as
   PatchCore does; it keeps the share of patches asked for, bounded by a maximum bank size.
-* **Search** (:class:`PatchBank`): exact L2 nearest neighbour with faiss (``IndexFlatL2``).
+* **Search** (:class:`PatchBank`): exact L2 nearest neighbour, by a blocked GEMM (numpy's BLAS; measured
+  4-5x faster than faiss-cpu's IndexFlatL2 here) or by faiss (``backend="faiss"``).
 * **Normalised score**: ``s / (s + t)`` for a raw score ``s`` and threshold ``t``: monotone, in
   [0, 1), 0.5 exactly at the threshold, so keeneye's "positive iff probability >= threshold"
   rule and every metric work unchanged with threshold 0.5.
@@ -166,18 +167,31 @@ def greedy_coreset(
 # --- the memory bank -------------------------------------------------------------------------
 
 
+#: Nearest-neighbour search backends: "blas" (blocked float32 GEMM through numpy's BLAS, exact) and
+#: "faiss" (faiss IndexFlatL2, exact). Measured on the 2-core CPU here (12k x 256 bank, 784 queries,
+#: machine loaded): faiss-cpu 1.15 2.5-2.7 s with 1 or 2 threads, numpy/OpenBLAS GEMM 0.56 s; hence "blas".
+SEARCH_BACKENDS = ("blas", "faiss")
+_QUERY_BLOCK = 512
+
+
 @dataclass
 class PatchBank:
-    """The memory bank of good patch features (M, D) with exact L2 nearest-neighbour search (faiss)."""
+    """The memory bank of good patch features (M, D) with exact L2 nearest-neighbour search."""
 
     features: np.ndarray
+    backend: str = "blas"
 
     def __post_init__(self) -> None:
-        import faiss
-
+        if self.backend not in SEARCH_BACKENDS:
+            raise ValueError(f"unknown search backend {self.backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
         self.features = np.ascontiguousarray(self.features, dtype=np.float32)
-        self.index = faiss.IndexFlatL2(int(self.features.shape[1]))
-        self.index.add(self.features)
+        self._squared = np.einsum("ij,ij->i", self.features, self.features)
+        self.index = None
+        if self.backend == "faiss":
+            import faiss
+
+            self.index = faiss.IndexFlatL2(int(self.features.shape[1]))
+            self.index.add(self.features)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -186,6 +200,18 @@ class PatchBank:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
+    def _nearest_squared(self, queries: np.ndarray) -> np.ndarray:
+        if self.index is not None:
+            return self.index.search(queries, 1)[0][:, 0]
+        out = np.empty(len(queries), np.float32)
+        for start in range(0, len(queries), _QUERY_BLOCK):
+            block = queries[start : start + _QUERY_BLOCK]
+            products = block @ self.features.T  # (b, M): the GEMM is all the work
+            products *= -2.0
+            products += self._squared
+            out[start : start + len(block)] = products.min(axis=1) + np.einsum("ij,ij->i", block, block)
+        return out
+
     def distances(self, patches: np.ndarray) -> np.ndarray:
         """(N, H, W, D) patch features -> (N, H, W) Euclidean distance of each patch to its nearest bank patch."""
         patches = np.asarray(patches, dtype=np.float32)
@@ -193,15 +219,14 @@ class PatchBank:
         queries = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1]))
         if len(queries) == 0:
             return np.zeros(shape, np.float32)
-        squared, _ = self.index.search(queries, 1)
-        return np.sqrt(np.maximum(squared[:, 0], 0.0)).reshape(shape).astype(np.float32)
+        return np.sqrt(np.maximum(self._nearest_squared(queries), 0.0)).reshape(shape).astype(np.float32)
 
     def save(self, path: str | os.PathLike) -> None:
         np.save(Path(path), self.features, allow_pickle=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PatchBank":
-        return cls(np.load(Path(path), allow_pickle=False))
+    def load(cls, path: str | os.PathLike, backend: str = "blas") -> "PatchBank":
+        return cls(np.load(Path(path), allow_pickle=False), backend=backend)
 
 
 # --- scores and maps -------------------------------------------------------------------------
