@@ -29,12 +29,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
 __all__ = [
+    "AnomalyEngine",
     "BANK_FILE",
     "DEFAULT_LAYERS",
     "PATCH_OUTPUT_NAME",
@@ -262,6 +263,39 @@ def anomaly_maps(distance_maps: np.ndarray, size: int | tuple[int, int], sigma: 
         up = cv2.resize(patch_map, (width, height), interpolation=cv2.INTER_LINEAR)
         out[i] = cv2.GaussianBlur(up, (0, 0), sigmaX=sigma, sigmaY=sigma) if sigma > 0 else up
     return out
+
+
+# --- the engine: feature graph + bank ----------------------------------------------------------
+
+
+class AnomalyEngine:
+    """Feature engine + memory bank + normalisation: uint8 batch -> normalised anomaly scores (N, 1)."""
+
+    def __init__(self, features: Callable[[np.ndarray], np.ndarray], bank: PatchBank, raw_threshold: float,
+                 map_sigma: float = 4.0) -> None:
+        self.features = features
+        self.bank = bank
+        self.raw_threshold = float(raw_threshold)
+        self.map_sigma = float(map_sigma)
+        self.name = getattr(features, "name", "keras")
+        self.source = f"{getattr(features, 'source', 'model.keras')} + memory bank of {len(bank)} patches"
+
+    def distance_maps(self, batch: np.ndarray) -> np.ndarray:
+        """(N, H, W) distance of each patch to its nearest good patch."""
+        return self.bank.distances(self.features(np.ascontiguousarray(batch, dtype=np.uint8)))
+
+    def raw_scores(self, batch: np.ndarray) -> np.ndarray:
+        return image_scores(self.distance_maps(batch))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return normalise_scores(self.raw_scores(batch), self.raw_threshold).astype(np.float32).reshape(-1, 1)
+
+    def maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(anomaly maps (N, S, S) in raw distance units, normalised scores (N,)) for a batch at image_size."""
+        distances = self.distance_maps(batch)
+        size = int(np.asarray(batch).shape[1])
+        scores = normalise_scores(image_scores(distances), self.raw_threshold)
+        return anomaly_maps(distances, size, self.map_sigma), scores
 
 
 def overlay_anomaly_map(image: np.ndarray, anomaly_map: np.ndarray, raw_threshold: float, alpha: float = 0.45) -> np.ndarray:

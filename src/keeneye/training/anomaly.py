@@ -34,10 +34,9 @@ from keeneye.evaluation.outputs import write_evaluation
 from keeneye.evaluation.report import THUMBNAIL_SIDE, write_run_report
 from keeneye.evaluation.threshold import choose_threshold
 from keeneye.inference import engines as _engines
-from keeneye.inference.anomaly import AnomalyEngine
 from keeneye.model.backbone import resolve_weights
 from keeneye.model.patchcore import (
-    BANK_FILE, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, greedy_coreset, image_scores,
+    BANK_FILE, AnomalyEngine, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, greedy_coreset, image_scores,
     normalise_scores, overlay_anomaly_map, raw_threshold_from_normalised,
 )
 from keeneye.training.features import iter_batches
