@@ -14,6 +14,13 @@ real casting image (multipart upload). Phases (all by default):
              oversized body, wrong content type, malformed JSON, empty body, decompression bomb,
              mixed good+bad). Target: zero 5xx, zero connection errors, each kind answered with
              its expected status, and afterwards /health and one good prediction succeed.
+  hostile    batching on, production body limits (max body 32 MiB); a fraction of the requests is
+             hostile: JSON nested 1,000 and 100,000 deep, 31 MB bodies (raw and base64 JSON), 40 MB
+             bodies over the limit, and separate slow clients that announce a body and stall after
+             3 bytes (within and over the limit). A probe polls /health every 0.25 s and the
+             server's RSS is sampled every 0.1 s. Target: zero 5xx, zero connection errors, each
+             kind answered with its expected status (408 for stalled bodies), /health answering
+             throughout, and peak RSS growth at most 4 x --max-buffered-body-mb.
   sigterm    batching on; SIGTERM a few seconds into the load. Target: every request in flight
              when the signal arrived completes with 200, the server logs "shutdown complete".
 
@@ -21,7 +28,7 @@ Without --bundle, a small bundle is trained first (subprocess `keeneye train`) o
 ../shared/data/casting/casting_data with the shared MobileNetV2 weights, in a temporary folder.
 
     python benchmarks/load_test.py [--bundle runs/x] [--duration 30] [--clients 8]
-                                   [--phases compare,malformed,sigterm] [--malformed-fraction 0.3]
+                                   [--phases compare,malformed,hostile,sigterm] [--malformed-fraction 0.3]
 
 Prints a table and writes benchmarks/results/load_test.json. Exit status 1 if a check failed.
 The CPU is shared with the load generator (and anything else running): absolute numbers are
@@ -154,12 +161,13 @@ def free_port() -> int:
 class Server:
     """`python -m keeneye serve` in a subprocess, its JSON log in a file."""
 
-    def __init__(self, bundle: Path, batching: bool, log_path: Path, engine: str = "auto", extra: list[str] = ()) -> None:
+    def __init__(self, bundle: Path, batching: bool, log_path: Path, engine: str = "auto", extra: list[str] = (),
+                 max_body_mb: float = SERVER_MAX_BODY_MB) -> None:
         self.port = free_port()
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
         command = [sys.executable, "-m", "keeneye", "serve", str(bundle), "--host", HOST, "--port", str(self.port),
-                   "--batching" if batching else "--no-batching", "--max-body-mb", str(SERVER_MAX_BODY_MB),
+                   "--batching" if batching else "--no-batching", "--max-body-mb", str(max_body_mb),
                    "--engine", engine, *extra]
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT,
                                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -419,6 +427,152 @@ def phase_sigterm(bundle, args, images, logs: Path) -> dict:
     }
 
 
+# --- hostile traffic ----------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def nested_json(depth: int) -> bytes:
+    return b'{"images": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+def build_hostile_requests(images: list[tuple[str, bytes]]) -> list[RequestSpec]:
+    """Requests that used to crash or bloat the server (issue 9), each with the answer it must get."""
+    import base64
+
+    rng = random.Random(2)
+    _, sample = images[0]
+    large = sample + rng.randbytes(31 * MiB - len(sample))  # under max_body (32 MiB), over max_image (16 MiB)
+    large_json = json.dumps({"images": [{"name": "big.jpeg", "data": base64.b64encode(large[: 22 * MiB]).decode()}]}).encode()
+    return [
+        RequestSpec("nested_json_1k", "application/json", nested_json(1000), 400),
+        RequestSpec("nested_json_100k", "application/json", nested_json(100_000), 400),
+        RequestSpec("large_body_31mb", "image/jpeg", large, 422),
+        RequestSpec("large_json_30mb", "application/json", large_json, 422),
+        RequestSpec("oversized_40mb", "image/jpeg", large + rng.randbytes(9 * MiB), 413),
+    ]
+
+
+def stalled_client_loop(port: int, deadline: float, announce: int, expected: int, load: Load, measure_from: float) -> None:
+    """Announce `announce` bytes, send 3, then wait for the server's answer (a slow-body attack)."""
+    kind = f"stalled_body_{'over' if announce > 32 * MiB else 'under'}_limit"
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        status, error = None, None
+        try:
+            with socket.create_connection((HOST, port), timeout=120) as sock:
+                sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: image/jpeg\r\n"
+                             f"Content-Length: {announce}\r\n\r\n".encode() + b"abc")
+                answer = b""
+                while b"\r\n" not in answer:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    answer += chunk
+                status = int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else None
+                error = None if status else "no answer"
+        except (OSError, ValueError) as exc:
+            error = type(exc).__name__
+        if started >= measure_from:
+            with load.lock:
+                load.results.append(Result(kind, expected, started, time.monotonic(), status, error))
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def watch(port: int, pid: int, stop: threading.Event, health: list, rss: list) -> None:
+    """/health every 0.25 s on its own keep-alive connection (status, seconds), RSS every 0.1 s."""
+    connection = None
+    next_health = 0.0
+    while not stop.is_set():
+        value = rss_bytes(pid)
+        if value is not None:
+            rss.append(value)
+        if time.monotonic() >= next_health:
+            next_health = time.monotonic() + 0.25
+            started = time.monotonic()
+            try:
+                connection = connection or http.client.HTTPConnection(HOST, port, timeout=5)
+                connection.request("GET", "/health")
+                response = connection.getresponse()
+                response.read()
+                health.append((response.status, time.monotonic() - started))
+            except (OSError, http.client.HTTPException) as exc:
+                health.append((type(exc).__name__, time.monotonic() - started))
+                connection = None
+        stop.wait(0.1)
+
+
+def phase_hostile(bundle, args, good, images, logs: Path) -> dict:
+    hostile = build_hostile_requests(images)
+    extra = ["--max-buffered-body-mb", str(args.max_buffered_body_mb), "--body-timeout", str(args.body_timeout)]
+    server = Server(bundle, True, logs / "hostile.log", extra=extra, max_body_mb=32)
+    stop, health, rss = threading.Event(), [], []
+    try:
+        server.wait_ready()
+        print(f"[hostile] {args.clients} clients ({args.hostile_fraction:.0%} hostile) + {args.stalled_clients} stalled clients "
+              f"x {args.duration:.0f} s; max_buffered_body_bytes={args.max_buffered_body_mb} MiB, body_timeout_s={args.body_timeout} ...", flush=True)
+        time.sleep(1.0)
+        baseline = rss_bytes(server.process.pid)
+        watcher = threading.Thread(target=watch, args=(server.port, server.process.pid, stop, health, rss), daemon=True)
+        watcher.start()
+        load = Load()
+        measure_from = time.monotonic() + args.warmup
+        deadline = measure_from + args.duration
+        stalled = [threading.Thread(target=stalled_client_loop, daemon=True,
+                                    args=(server.port, deadline, announce, expected, load, measure_from))
+                   for i in range(args.stalled_clients)
+                   for announce, expected in [((1000, 408), (40 * MiB, 413))[i % 2]]]
+        for thread in stalled:
+            thread.start()
+        normal, _, _ = run_load(server.port, args.clients, args.duration, args.warmup, good, hostile, args.hostile_fraction)
+        for thread in stalled:
+            thread.join(timeout=args.body_timeout + 130)
+        load.results.extend(normal.results)
+        summary = summarise(load, deadline - measure_from)
+        stop.set()
+        watcher.join(10)
+        summary["server_responses_by_status"] = server.get("/stats")[1]["responses_by_status"]
+        summary["server_alive"] = server.process.poll() is None
+    finally:
+        stop.set()
+        summary_exit = server.stop()
+    slow = [seconds for status, seconds in health if status == 200]
+    summary.update({
+        "server_exit": summary_exit,
+        "server_5xx_logged": sum(1 for r in server.log_records() if r.get("event") == "request" and (r.get("status") or 0) >= 500),
+        "health_probes": len(health), "health_failures": sum(1 for status, _ in health if status != 200),
+        "health_max_ms": round(1000 * max(slow), 1) if slow else None,
+        "health_p99_ms": round(1000 * percentile(slow, 99), 1) if slow else None,
+        "rss_baseline_mb": round(baseline / MiB, 1) if baseline else None,
+        "rss_peak_mb": round(max(rss) / MiB, 1) if rss else None,
+        "rss_growth_mb": round((max(rss) - baseline) / MiB, 1) if rss and baseline else None,
+        "rss_bound_mb": 4 * args.max_buffered_body_mb,
+        "max_buffered_body_mb": args.max_buffered_body_mb, "body_timeout_s": args.body_timeout,
+        "stalled_clients": args.stalled_clients, "hostile_fraction": args.hostile_fraction,
+    })
+    return summary
+
+
+def hostile_checks(run: dict) -> dict:
+    """Issue 9's targets: no 5xx, every kind answered as expected, /health throughout, RSS within the bound."""
+    return {
+        "hostile_zero_5xx": run["n_5xx"] == 0 and run["server_5xx_logged"] == 0,
+        "hostile_zero_connection_errors": run["connection_errors"] == 0,
+        "hostile_expected_statuses": run["unexpected_status"] == 0,
+        "hostile_health_throughout": run["health_probes"] > 0 and run["health_failures"] == 0 and run["server_alive"],
+        "hostile_rss_bounded": run["rss_growth_mb"] is not None and run["rss_growth_mb"] <= run["rss_bound_mb"],
+    }
+
+
 ENGINE_COST_SCRIPT = r"""
 import json, sys, time
 import numpy as np
@@ -471,10 +625,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="Measured seconds per phase [30].")
     parser.add_argument("--warmup", type=float, default=3.0, help="Unmeasured seconds of load before each phase [3].")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--phases", default="engine_cost,compare,malformed,sigterm")
+    parser.add_argument("--phases", default="engine_cost,compare,malformed,hostile,sigterm")
     parser.add_argument("--engines", default="auto,keras",
                         help="Engines for the batching comparison, each compared in its own pair of runs [auto,keras].")
     parser.add_argument("--malformed-fraction", type=float, default=0.3)
+    parser.add_argument("--hostile-fraction", type=float, default=0.3, help="Share of hostile requests in the hostile phase [0.3].")
+    parser.add_argument("--stalled-clients", type=int, default=20, help="Slow-body clients in the hostile phase [20].")
+    parser.add_argument("--max-buffered-body-mb", type=int, default=64, help="Server's body-memory budget in the hostile phase [64].")
+    parser.add_argument("--body-timeout", type=float, default=10.0, help="Server's body_timeout_s in the hostile phase [10].")
     parser.add_argument("--sigterm-after", type=float, default=5.0)
     parser.add_argument("--sigterm-images-per-request", type=int, default=16)
     parser.add_argument("--train-per-class", type=int, default=120)
@@ -483,7 +641,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_test.json")
     args = parser.parse_args()
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - {"engine_cost", "compare", "malformed", "sigterm"}
+    unknown = set(phases) - {"engine_cost", "compare", "malformed", "hostile", "sigterm"}
     if unknown:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
 
@@ -533,6 +691,9 @@ def main() -> int:
             checks["malformed_expected_statuses"] = bad_run["unexpected_status"] == 0
             after = bad_run["after"]
             checks["healthy_after_malformed"] = after["health"] == 200 and after["predict_status"] == 200 and after["server_alive"]
+        if "hostile" in phases:
+            report["phases"]["hostile"] = run = phase_hostile(bundle, args, good, images, logs)
+            checks.update(hostile_checks(run))
         if "sigterm" in phases:
             term = phase_sigterm(bundle, args, images, logs)
             report["phases"]["sigterm"] = term
@@ -548,7 +709,7 @@ def main() -> int:
 
     rows = [("phase", "engine", "requests", "good rps", "p50 ms", "p99 ms", "errors", "5xx", "conn err", "mean batch")]
     for name, phase in report["phases"].items():
-        if name == "sigterm":
+        if name in ("sigterm", "hostile"):
             continue
         rows.append((name, phase["engine"], phase["requests"], phase["throughput_rps"], phase["p50_ms"],
                      phase["p99_ms"], phase["errors"], phase["n_5xx"], phase["connection_errors"], phase["server_batcher"]["mean_batch_images"]))
@@ -564,6 +725,13 @@ def main() -> int:
         print("\nmalformed run, statuses by request kind:")
         for kind, entry in report["phases"]["malformed"]["by_kind"].items():
             print(f"  {kind:20s} expected {entry['expected']}  got {entry['statuses']}")
+    if "hostile" in report["phases"]:
+        run = report["phases"]["hostile"]
+        print(f"\nhostile run: {run['requests']} requests, {run['n_5xx']} 5xx, {run['connection_errors']} connection errors; "
+              f"/health {run['health_probes'] - run['health_failures']}/{run['health_probes']} ok (max {run['health_max_ms']} ms); "
+              f"RSS {run['rss_baseline_mb']} -> peak {run['rss_peak_mb']} MB (growth {run['rss_growth_mb']} MB, bound {run['rss_bound_mb']} MB)")
+        for kind, entry in run["by_kind"].items():
+            print(f"  {kind:28s} expected {entry['expected']}  got {entry['statuses']}")
     if "sigterm" in report["phases"]:
         term = report["phases"]["sigterm"]
         print(f"\nSIGTERM: {term['in_flight_at_signal']} requests in flight, {term['in_flight_completed_200']} completed with 200, "

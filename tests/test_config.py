@@ -207,7 +207,7 @@ def test_schema_describes_every_property() -> None:
     json.dumps(schema)  # serialisable
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert set(schema["$defs"]) == {"ModelConfig", "HeadConfig", "TrainingConfig", "EvaluationConfig", "DataConfig",
-                                    "AugmentationConfig", "FineTuneConfig", "AnomalyConfig"}
+                                    "AugmentationConfig", "FineTuneConfig", "VideoConfig", "TrackingConfig", "AnomalyConfig"}
     count = 0
     for name, obj in _objects(schema):
         assert obj.get("additionalProperties") is False, name
@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 13 + 2 + 4 + 2 + 11 + 2 + 6 + 7 + 6 + 8  # "$schema" + every field (+ mode, anomaly; AnomalyConfig)
+    assert count == 1 + 15 + 2 + 4 + 2 + 11 + 2 + 7 + 7 + 6 + 5 + 5 + 8  # "$schema" + every field (video: 5, tracking: 5; mode, anomaly: 2 + 8)
 
 
 def test_schema_required_and_excluded_fields() -> None:
@@ -625,7 +625,7 @@ DATA_CASES = [
     ({"drop_leaked_test": 1}, "data.drop_leaked_test: expected true or false, got 1 (an integer)"),
     ({"near_duplicate_similarity": 0}, "data.near_duplicate_similarity: expected a number > 0 and <= 1, e.g. 0.95, got 0"),
     ({"near_duplicate_hash_distance": 65}, "data.near_duplicate_hash_distance: expected an integer from -1 to 64, got 65"),
-    ({"split": "group"}, "data.split: unknown key; valid keys in 'data' are: manifest_path, group_pattern, test_fraction, drop_leaked_test, near_duplicate_similarity, near_duplicate_hash_distance"),
+    ({"split": "group"}, "data.split: unknown key; valid keys in 'data' are: manifest_path, group_pattern, frame_pattern, test_fraction, drop_leaked_test, near_duplicate_similarity, near_duplicate_hash_distance"),
 ]
 
 

@@ -77,7 +77,7 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
 
 def test_image_extensions() -> None:
     assert isinstance(IMAGE_EXTENSIONS, frozenset)
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
 def test_decode_error_reason_and_pickle() -> None:

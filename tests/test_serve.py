@@ -267,7 +267,7 @@ BAD_IMAGES = {
     "decompression bomb": (lambda: png_bomb(5000, 5000), "too_many_pixels", "5000x5000"),
     "huge declared size": (lambda: png_bomb(64, 64)[:16] + struct.pack(">II", 100_000, 100_000) + png_bomb(64, 64)[24:], "too_many_pixels", "100000x100000"),
     "file too large": (lambda: good_jpeg_bytes() + b"\x00" * (1024 * 1024 + 10), "file_too_large", "max_image_bytes"),
-    "format not allowed": (gif_bytes, "unsupported_format", "GIF"),
+    "format not allowed": (lambda: b"\x00\x00\x00\x18ftypheic" + bytes(100), "unsupported_format", "HEIF"),
     "invalid base64": (None, "invalid_base64", "base64"),
 }
 

@@ -6,7 +6,7 @@
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "train": "keeneye.api", "evaluate": "keeneye.api", "predict": "keeneye.api",
+    "train": "keeneye.api", "evaluate": "keeneye.api", "predict": "keeneye.api", "watch": "keeneye.api",
     "TrainResult": "keeneye.api", "EvaluationResult": "keeneye.api",
     "Predictor": "keeneye.inference.predictor", "load_bundle": "keeneye.bundle",
     "load_config": "keeneye.config", "config_from_dict": "keeneye.config", "Config": "keeneye.config",

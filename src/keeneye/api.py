@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import keeneye
+
+if TYPE_CHECKING:  # pragma: no cover
+    import threading
 from keeneye.bundle import BUNDLE_FORMAT_VERSION, CONFIG_FILE, MODEL_FILE, PartialRun, load_bundle, staged_run, default_run_name, write_metadata
 from keeneye.config import Config, load_config, save_config
 from keeneye.data.scan import SPLITS, scan_evaluation_folder, scan_folder, split_validation
@@ -39,6 +42,11 @@ from keeneye.evaluation.outputs import write_evaluation
 from keeneye.evaluation.plots import plot_training_curves
 from keeneye.evaluation.threshold import choose_threshold
 from keeneye.inference.predictor import Predictor, expand_inputs, with_problem_rows
+from keeneye.data.cache import default_cache_dir
+from keeneye.data.video import is_video, with_sequences
+from keeneye.evaluation.sequence import plot_sequences
+from keeneye.inference.video import EventSettings, bundle_video_config, evaluate_sequences
+from keeneye.tracking import keep_tensorboard_logs, require_packages, tensorboard_callbacks, track_run
 
 PREPROCESSING = {
     "input": "RGB uint8, any size; resized to image_size x image_size (squashed; cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR)",
@@ -130,10 +138,12 @@ def train(
     elif config is None:
         raise ConfigError("train needs a config file (or a run to resume).")
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    require_packages(cfg)  # tracking's packages: fail now rather than after training
+    console = console or Console()
     if cfg.mode == "anomaly":  # one-class PatchCore: its own phase (training/anomaly.py), the same bundle contract
         from keeneye.training.anomaly import train_anomaly
 
-        done = train_anomaly(cfg, console or Console(), versions=library_versions())
+        done = train_anomaly(cfg, console, versions=library_versions())
         return TrainResult(done.run_dir, done.metrics, done.threshold, done.class_names, done.counts, done.timings)
     # First: MultiWorkerMirroredStrategy must exist before anything else runs on the TensorFlow runtime.
     devices = choose_devices(cfg.training.distribute)
@@ -142,10 +152,12 @@ def train(
         worker_dir = Path(tempfile.mkdtemp(prefix=f"keeneye-worker-{devices.worker_index}-"))
         cfg = cfg.model_copy(update={"output_dir": worker_dir})
     with op_determinism(cfg.training.deterministic):
-        result = _train(cfg, console or Console(), partial, devices, tuple(callbacks))
+        result = _train(cfg, console, partial, devices, tuple(callbacks))
     if worker_dir is not None:
         shutil.rmtree(worker_dir, ignore_errors=True)
         result.run_dir = None
+    else:
+        track_run(result.run_dir, cfg, console)  # after publishing: a tracking failure is a warning, never a lost bundle
     return result
 
 
@@ -184,6 +196,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         audit = audit_manifest(manifest, scan.class_names, scan.skipped, cfg.data.near_duplicate_hash_distance,
                                progress=lambda n: progress.advance(task, n), drop_leaked_test=cfg.data.drop_leaked_test)
     audit.report.update(data_source=str(cfg.data.manifest_path or cfg.data_folder_path), split_notes=splits.notes)
+    audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
     print_audit_summary(audit, console, splits.notes)
 
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
@@ -204,6 +217,9 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     if feature_engine.note:
         console.print(f"embedding engine: {escape(feature_engine.note)}", highlight=False)
     timings["scan_and_embeddings_s"] = time.perf_counter() - started
+    for shard, reason in cache.damaged if cache is not None else ():
+        console.print(f"[yellow]warning:[/] embedding cache shard {escape(str(shard))} was damaged ({escape(reason)}): "
+                      "skipped and removed; its features were recomputed.", highlight=False, soft_wrap=True)
     if cache is not None:
         verb = "reused" if embeddings.n_cached else "empty, filled"
         console.print(
@@ -213,7 +229,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
 
     dropped = manifest.loc[embeddings.dropped.index].assign(reason=embeddings.dropped["reason"])
     dropped = dropped[["path", "split", "label", "reason"]]
-    counts = data_counts(manifest, scan.skipped, dropped)
+    dropped, counted = _with_video_problems(dropped, manifest, scan.dropped, console)
+    counts = data_counts(counted, scan.skipped, dropped)
     _print_counts(console, counts)
     run_name = cfg.run_name or default_run_name()
     if len(manifest) and len(dropped) / len(manifest) > cfg.max_dropped_fraction:
@@ -261,7 +278,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         console.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
     head, history = fit_head(
         train_x, train_y, embeddings.features[sets["validation"]], y[sets["validation"]], cfg.head, cfg.training,
-        checkpoint_dir=partial.phase_dir("head"), callbacks=callbacks, strategy=devices.strategy,
+        checkpoint_dir=partial.phase_dir("head"), callbacks=(*callbacks, *tensorboard_callbacks(cfg, partial.folder, "head")),
+        strategy=devices.strategy,
     )
     timings["head_training_s"] = time.perf_counter() - phase
     resumed = history.attrs.get("resumed_from", 0)
@@ -288,7 +306,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         from keeneye.training.finetune import fine_tune_and_choose
 
         tuned = fine_tune_and_choose(cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"],
-                                     devices, partial.phase_dir("fine_tune"), callbacks, console)
+                                     devices, partial.phase_dir("fine_tune"),
+                                     (*callbacks, *tensorboard_callbacks(cfg, partial.folder, "fine_tune")), console)
         timings["fine_tuning_s"] = tuned.phases["fine_tune"]["seconds"]
         extractor, head, choice, head_probability, history = tuned.extractor, tuned.head, tuned.choice, tuned.probability, tuned.history
         sets["testing"] = tuned.testing
@@ -299,19 +318,23 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             late = manifest.loc[tuned.dropped.index].assign(reason=tuned.dropped["reason"])[["path", "split", "label", "reason"]]
             dropped = pd.concat([dropped, late])
             ok = ok & ~manifest.index.isin(late.index)
-            counts = data_counts(manifest, scan.skipped, dropped)
+            counts = data_counts(counted, scan.skipped, dropped)
             console.print(f"[yellow]warning:[/] {len(late)} images failed to decode while fine-tuning (dropped_files.csv):")
             for row in late.itertuples():
                 console.print(f"  {escape(str(row.path))}: {escape(str(row.reason))}", highlight=False, soft_wrap=True)
         phase = time.perf_counter()
 
     with staged_run(Path(cfg.output_dir), run_name, on_error=partial.remove) as run:
+        for stale in run.cleaned:
+            console.print(f"removed {escape(str(stale))}: staging folder of a publish that was killed", highlight=False)
         folder = run.staging
         test_rows = manifest[sets["testing"]]
+        test_probability = head_probability(sets["testing"])
         metrics = write_evaluation(
-            folder, test_rows["path"].tolist(), test_rows["label"].tolist(), head_probability(sets["testing"]),
+            folder, test_rows["path"].tolist(), test_rows["label"].tolist(), test_probability,
             choice.threshold, scan.class_names,
-            extra={"split": "testing", "threshold_choice": choice.to_dict(), "leakage": leakage_summary(audit)},
+            extra={"split": "testing", "threshold_choice": choice.to_dict(), "leakage": leakage_summary(audit),
+                   **_sequence_evaluation(test_rows, test_probability, scan.class_names, choice.threshold, cfg.video, folder)},
         )
         timings["evaluation_s"] = time.perf_counter() - phase
         classifier = build_classifier(extractor, head)
@@ -325,6 +348,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         manifest.assign(used=ok, evaluated=sets["testing"]).to_csv(folder / "manifest.csv", index=False)
         audit.write(folder)
         counts.to_csv(folder / "data_counts.csv", index=False)
+        keep_tensorboard_logs(partial.folder, folder)
         timings["total_s"] = time.perf_counter() - started
         write_run_report(
             folder, title=f"keeneye run {run_name}", metrics=metrics, class_names=scan.class_names, threshold=choice.threshold,
@@ -361,6 +385,28 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     return TrainResult(run.final, metrics, choice.threshold, scan.class_names, counts, timings)
 
 
+def _with_video_problems(dropped: pd.DataFrame, manifest: pd.DataFrame, problems: pd.DataFrame | None, console: Console):
+    """(dropped + damaged videos, rows to count) so that a video that failed counts as found and dropped."""
+    if problems is None or not len(problems):
+        return dropped, manifest
+    for row in problems.itertuples():
+        console.print(f"[yellow]warning:[/] video {escape(str(row.path))}: {escape(str(row.reason))} (dropped_files.csv)", highlight=False, soft_wrap=True)
+    return pd.concat([dropped, problems], ignore_index=True), pd.concat([manifest, problems[["path", "split", "label"]]], ignore_index=True)
+
+
+def _sequence_evaluation(rows: pd.DataFrame, probabilities: np.ndarray, class_names: tuple[str, str], threshold: float,
+                         video, folder: Path) -> dict:
+    """{"sequences": frame F1, event precision/recall, per-video accuracy} when the rows hold videos or frame
+    folders (and sequences.png, probability over time per video, in `folder`); {} otherwise."""
+    settings = EventSettings.from_config(video, threshold)
+    metrics, sequences = evaluate_sequences(rows, probabilities, class_names[1], threshold, settings)
+    if metrics is None:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    plot_sequences(sequences, settings.enter, folder / "sequences.png")
+    return {"sequences": metrics}
+
+
 def evaluate(
     run_dir: str | os.PathLike, data: str | os.PathLike | None = None, engine: str = "auto",
     console: Console | None = None,
@@ -377,6 +423,8 @@ def evaluate(
             cfg = load_config(bundle.path / CONFIG_FILE)
             data = cfg.data_folder_path
         scan = scan_evaluation_folder(data, bundle.class_names)
+        video, patterns = bundle_video_config(bundle.path)
+        scan = with_sequences(scan, video.fps, default_cache_dir(), patterns.get("frame_pattern"), patterns.get("group_pattern"))
     console.print(f"evaluating {escape(bundle.path.name)} on {len(scan.manifest)} images from {escape(str(data))} (engine: {predictor.engine_name})", highlight=False)
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(scan.manifest))
@@ -387,10 +435,14 @@ def evaluate(
     while folder.exists():
         folder = folder.with_name(folder.name + "-1")
     dropped = scan.manifest.loc[~ok, ["path", "split", "label"]].assign(reason=predictions.loc[~ok, "error"].to_numpy())
+    if scan.dropped is not None and len(scan.dropped):  # videos that could not be (fully) decoded
+        dropped = pd.concat([dropped, scan.dropped], ignore_index=True)
+    sequences = _sequence_evaluation(scan.manifest[ok], predictions.loc[ok, "probability"].to_numpy(), bundle.class_names,
+                                     bundle.threshold, bundle_video_config(bundle.path)[0], folder)
     metrics = write_evaluation(
         folder, predictions.loc[ok, "path"].tolist(), predictions.loc[ok, "true_label"].tolist(),
         predictions.loc[ok, "probability"].to_numpy(), bundle.threshold, bundle.class_names,
-        extra={"data": str(Path(data).resolve()), "dropped": int((~ok).sum()), "skipped": int(len(scan.skipped))},
+        extra={"data": str(Path(data).resolve()), "dropped": int(len(dropped)), "skipped": int(len(scan.skipped)), **sequences},
     )
     dropped.to_csv(folder / "dropped_files.csv", index=False)
     scan.skipped.to_csv(folder / "skipped_files.csv", index=False)
@@ -408,20 +460,30 @@ def evaluate(
 
 def predict(
     run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None = None,
-    engine: str = "auto", batch_size: int = 32, console: Console | None = None, maps: str | os.PathLike | None = None,
+    engine: str = "auto", batch_size: int = 32, console: Console | None = None,
+    events: str | os.PathLike | None = None, fps: float | None = None, smoothing_frames: int | None = None,
+    maps: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Predict files, folders (recursive) or globs; every input gets a row, failures with their reason.
 
+    Videos get one row per sampled frame (columns frame and time added) and their events and verdicts
+    go to `events` (JSON; default: beside `output` as <name>.events.json), also in `frame.attrs["videos"]`.
+    fps and smoothing_frames override the bundle's `video` settings.
     maps: a folder for anomaly-map overlays (PNG, one per image; one-class bundles only), listed in the
         `anomaly_map` column.
     """
     console = console or Console(stderr=True)
     predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=batch_size)
-    paths, problems = expand_inputs(inputs)
-    console.print(f"predicting {len(paths)} images with {predictor.bundle.path.name} (engine: {predictor.engine_name})")
+    paths, problems = expand_inputs(inputs, videos=True)
+    videos = [p for p in paths if is_video(p)]
+    paths = [p for p in paths if not is_video(p)]
+    console.print(f"predicting {len(paths)} images{f' and {len(videos)} videos' if videos else ''} with "
+                  f"{predictor.bundle.path.name} (engine: {predictor.engine_name})")
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(paths))
         frame = predictor.predict_paths(paths, progress=lambda n: progress.advance(task, n))
+    if videos:
+        frame = _predict_videos(predictor, videos, frame, fps, smoothing_frames, console, events or _events_path(output))
     frame = with_problem_rows(frame, problems)
     if maps is not None:
         frame = _with_anomaly_maps(predictor, frame, Path(maps))
@@ -452,6 +514,57 @@ def _with_anomaly_maps(predictor: Predictor, frame: pd.DataFrame, folder: Path) 
             cv2.imwrite(str(target), cv2.cvtColor(item.overlay, cv2.COLOR_RGB2BGR))
             written[item.path] = str(target)
     return frame.assign(anomaly_map=frame["path"].map(written))
+
+
+def watch(
+    run_dir: str | os.PathLike, source: str | int, frames: bool = False, fps: float | None = None, engine: str = "auto",
+    smoothing_frames: int | None = None, stop: "threading.Event | None" = None,
+) -> Iterator[dict]:
+    """Records from a live source (camera index, video file or stream URL), frame by frame: one per event,
+    one per frame with `frames`, and a final 'end' record. Setting `stop` ends the stream cleanly."""
+    from keeneye.inference.video import watch_records
+
+    predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=8)
+    video_cfg, _ = bundle_video_config(predictor.bundle.path)
+    settings = EventSettings.from_config(video_cfg, predictor.bundle.threshold, smoothing_frames)
+    return watch_records(predictor, source, video_cfg.fps if fps is None else fps, settings, frames=frames, stop=stop)
+
+
+def _events_path(output: str | os.PathLike | None) -> Path | None:
+    return None if output is None else Path(output).with_suffix(".events.json")
+
+
+def _predict_videos(predictor: Predictor, videos: list[str], frame: pd.DataFrame, fps: float | None, smoothing_frames: int | None,
+                    console: Console, events_path: Path | None) -> pd.DataFrame:
+    """Stream each video through the predictor; frame rows appended to `frame`, verdicts printed and written."""
+    from keeneye.inference.video import FRAME_COLUMNS, predict_video
+
+    video_cfg, _ = bundle_video_config(predictor.bundle.path)
+    fps = video_cfg.fps if fps is None else fps
+    settings = EventSettings.from_config(video_cfg, predictor.bundle.threshold, smoothing_frames)
+    positive = predictor.bundle.positive_class
+    parts, summaries = [frame.reindex(columns=FRAME_COLUMNS)], []
+    for path in videos:
+        with _progress(console) as progress:
+            task = progress.add_task(f"{Path(path).name}", total=None)
+            result = predict_video(predictor, path, fps, settings, progress=lambda n: progress.advance(task, n))
+        parts.append(result.frames)
+        if result.error:
+            parts.append(pd.DataFrame([{"path": path, "error": result.error}], columns=FRAME_COLUMNS))
+        summary = result.summary(positive)
+        summaries.append(summary)
+        spans = ", ".join(f"{e['start']:.2f}-{e['end']:.2f} s" for e in summary["events"])
+        console.print(f"{escape(path)}: {summary['verdict']}{f' ({spans})' if spans else ''}; {summary['frames']} frames"
+                      + (f"; [yellow]{escape(result.error)}[/]" if result.error else ""), highlight=False, soft_wrap=True)
+    out = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else parts[0]
+    out.attrs["videos"] = summaries
+    if events_path is not None:
+        events_path.parent.mkdir(parents=True, exist_ok=True)
+        events_path.write_text(json.dumps({"positive_class": positive, "fps": fps, "settings": {
+            "enter_threshold": settings.enter, "exit_threshold": settings.exit, "smoothing_frames": settings.smoothing_frames,
+            "min_event_frames": settings.min_event_frames}, "videos": summaries}, indent=2))
+        console.print(f"events and verdicts written to {escape(str(events_path))}", highlight=False)
+    return out
 
 
 def write_predictions(frame: pd.DataFrame, path: Path) -> None:

@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keeneye.errors import BundleError
 
@@ -27,28 +32,89 @@ CONFIG_FILE = "config.json"
 BUNDLE_FORMAT_VERSION = 1
 
 
+class InputSpec(BaseModel):
+    """What model.keras takes: square RGB uint8 images of `image_size` pixels."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image_size: int = Field(..., ge=16, le=4096, strict=True, description="Side of the square input, in pixels.")
+
+
+class BundleMetadata(BaseModel):
+    """The part of metadata.json that every consumer relies on, checked when a bundle loads.
+
+    Other keys (metrics, timings, versions, ...) are kept as they are: informative, not required.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    bundle_format: int = Field(..., strict=True, description=f"Layout version of the bundle ({BUNDLE_FORMAT_VERSION}).")
+    class_names: tuple[str, str] = Field(..., description="(negative, positive) class names.")
+    positive_class: str
+    threshold: float = Field(..., ge=0.0, le=1.0, allow_inf_nan=False, description="Positive when probability >= threshold.")
+    input: InputSpec
+
+    @field_validator("bundle_format")
+    @classmethod
+    def _supported(cls, value: int) -> int:
+        if value != BUNDLE_FORMAT_VERSION:
+            raise ValueError(f"bundle format {value} is not supported (expected {BUNDLE_FORMAT_VERSION})")
+        return value
+
+    @field_validator("class_names")
+    @classmethod
+    def _distinct(cls, value: tuple[str, str]) -> tuple[str, str]:
+        if not value[0] or not value[1] or value[0] == value[1]:
+            raise ValueError(f"must be two distinct non-empty names, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _positive_is_a_class(self) -> "BundleMetadata":
+        if self.positive_class != self.class_names[1]:
+            raise ValueError(f"positive_class {self.positive_class!r} must be the second of class_names {list(self.class_names)}")
+        return self
+
+
+def check_metadata(metadata: Any, where: str | os.PathLike) -> BundleMetadata:
+    """The typed metadata, or one BundleError listing every problem (never a KeyError later on)."""
+    if not isinstance(metadata, dict):
+        raise BundleError(f"{where}: metadata must be a JSON object, got {type(metadata).__name__}.")
+    try:
+        return BundleMetadata.model_validate(metadata)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "metadata"
+            problems.append(f"{key}: {error['msg']}" + (f" (got {error['input']!r})" if error["type"] != "missing" and key != "metadata" else ""))
+        raise BundleError(f"{where}: invalid bundle metadata: " + "; ".join(problems) + ".") from None
+
+
 @dataclass
 class Bundle:
     path: Path
     model: Any  # keras.Model
     metadata: dict
 
+    @cached_property
+    def spec(self) -> BundleMetadata:
+        """The validated view of `metadata` (checked once; also for bundles built by hand)."""
+        return check_metadata(self.metadata, self.path / METADATA_FILE)
+
     @property
     def class_names(self) -> tuple[str, str]:
-        negative, positive = self.metadata["class_names"]
-        return negative, positive
+        return self.spec.class_names
 
     @property
     def positive_class(self) -> str:
-        return self.metadata["positive_class"]
+        return self.spec.positive_class
 
     @property
     def threshold(self) -> float:
-        return float(self.metadata["threshold"])
+        return self.spec.threshold
 
     @property
     def image_size(self) -> int:
-        return int(self.metadata["input"]["image_size"])
+        return self.spec.input.image_size
 
 
 def unique_run_folder(output_dir: Path, name: str) -> Path:
@@ -61,18 +127,33 @@ def unique_run_folder(output_dir: Path, name: str) -> Path:
     return candidate
 
 
+STAGING_PREFIX = ".staging-"
+STAGING_OWNER = ".keeneye-staging.json"
+#: A staging folder whose owner cannot be checked (another host, an older keeneye) is only
+#: removed when it has not changed for this long: no publish takes a week.
+STALE_STAGING_S = 7 * 24 * 3600.0
+
+
 class StagedRun:
-    """A hidden staging folder that becomes `output_dir/<name>` on `publish()`."""
+    """A hidden staging folder that becomes `output_dir/<name>` on `publish()`.
+
+    It records its owner (host, pid) so that a later run can remove the staging folder of a
+    publish that was killed (`clean_stale_staging`), and never one that is still being written.
+    """
 
     def __init__(self, output_dir: Path, name: str) -> None:
         self.output_dir = Path(output_dir)
         self.name = name
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.staging = self.output_dir / f".staging-{name}-{uuid.uuid4().hex[:8]}"
+        self.cleaned = clean_stale_staging(self.output_dir)
+        self.staging = self.output_dir / f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir()
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        (self.staging / STAGING_OWNER).write_text(json.dumps(owner))
         self.final: Path | None = None
 
     def publish(self) -> Path:
+        (self.staging / STAGING_OWNER).unlink(missing_ok=True)  # not part of the bundle
         for _ in range(100):
             target = unique_run_folder(self.output_dir, self.name)
             try:
@@ -85,6 +166,45 @@ class StagedRun:
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: treat as alive
+    return True
+
+
+def staging_is_stale(folder: Path, now: float | None = None) -> bool:
+    """True for the staging folder of a publish that cannot finish any more.
+
+    Its owner on this host has exited (pid gone), or, when the owner cannot be checked, it has not
+    changed for STALE_STAGING_S. A live writer's folder is never stale.
+    """
+    now = time.time() if now is None else now
+    try:
+        owner = json.loads((folder / STAGING_OWNER).read_text())
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            return owner["pid"] != os.getpid() and not _pid_alive(owner["pid"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        return now - folder.stat().st_mtime > STALE_STAGING_S
+    except OSError:
+        return False
+
+
+def clean_stale_staging(output_dir: Path) -> list[Path]:
+    """Remove the `.staging-*` folders left by killed publishes in `output_dir`; returns what was removed."""
+    removed = []
+    for folder in sorted(Path(output_dir).glob(f"{STAGING_PREFIX}*")):
+        if folder.is_dir() and not folder.is_symlink() and staging_is_stale(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 @contextmanager
@@ -187,7 +307,8 @@ def default_run_name(prefix: str = "train") -> str:
 
 
 def write_metadata(folder: Path, metadata: dict) -> None:
-    """Written last: its presence marks a complete bundle."""
+    """Written last: its presence marks a complete bundle. Checked against the schema load_bundle applies."""
+    check_metadata(metadata, folder / METADATA_FILE)
     temporary = folder / f".{METADATA_FILE}.tmp"
     temporary.write_text(json.dumps(metadata, indent=2, allow_nan=False))
     os.replace(temporary, folder / METADATA_FILE)
@@ -205,10 +326,10 @@ def load_bundle(path: str | os.PathLike, load_model: bool = True) -> Bundle:
         raise BundleError(f"{folder} is not a complete keeneye bundle: missing {', '.join(missing)}.")
     try:
         metadata = json.loads(metadata_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BundleError(f"{metadata_path}: unreadable metadata ({exc}).") from None
-    if metadata.get("bundle_format") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{folder}: bundle format {metadata.get('bundle_format')!r} is not supported (expected {BUNDLE_FORMAT_VERSION}).")
+    check_metadata(metadata, metadata_path)
+    check_model_file(model_path)
     model = None
     if load_model:
         import keras
@@ -218,3 +339,20 @@ def load_bundle(path: str | os.PathLike, load_model: bool = True) -> Bundle:
         except Exception as exc:
             raise BundleError(f"{model_path}: could not load the model ({type(exc).__name__}: {exc}).") from None
     return Bundle(folder, model, metadata)
+
+
+def check_model_file(model_path: Path) -> None:
+    """A `.keras` file is a zip archive: a damaged one is named as such, before Keras says "File not found".
+
+    Reads the archive's index and CRC-checks every member (a few ms for a MobileNetV2 bundle).
+    """
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            bad_member = archive.testzip()
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise BundleError(f"{model_path} is corrupt: not a readable Keras archive ({exc}); retrain or restore the bundle.") from None
+    if bad_member is not None:
+        raise BundleError(f"{model_path} is corrupt: member {bad_member} fails its checksum; retrain or restore the bundle.")
+    if "config.json" not in names:
+        raise BundleError(f"{model_path} is corrupt: not a Keras archive (no config.json inside); retrain or restore the bundle.")

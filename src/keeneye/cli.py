@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperGroup
 
 from keeneye.errors import KeeneyeError
 
@@ -99,19 +100,64 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results to this .csv or .json (default: CSV on stdout)."),
     engine: str = typer.Option("auto", "--engine", help="Inference engine."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
+    events: Optional[Path] = typer.Option(None, "--events", help="Videos: write events and per-video verdicts to this JSON (default: beside --output as <name>.events.json)."),
+    fps: Optional[float] = typer.Option(None, "--fps", min=0.001, help="Videos: frames per second to predict (default: the bundle's video.fps)."),
+    smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Videos: moving-average window in frames (default: video.smoothing_frames)."),
     maps: Optional[Path] = typer.Option(None, "--maps", help="One-class bundles: also write an anomaly-map overlay PNG per image into this folder."),
 ) -> None:
-    """Predict images; failures are listed with their reason. Exit 1 only when nothing could be predicted."""
+    """Predict images and videos (one row per sampled frame, events and verdicts per video); failures are listed
+    with their reason. Exit 1 only when nothing could be predicted."""
     from keeneye import api
 
     try:
-        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console, maps=maps)
+        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console,
+                            events=events, fps=fps, smoothing_frames=smoothing, maps=maps)
     except KeeneyeError as exc:
         _fail(exc)
     if output is None:
         typer.echo(frame.to_csv(index=False), nl=False)
     if frame["error"].notna().all():
         err_console.print("[bold red]error:[/] no image could be predicted.")
+        raise typer.Exit(1)
+
+
+@app.command()
+def watch(
+    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    source: str = typer.Argument(..., help="Camera index (0, 1, ...), video file or stream URL (rtsp://, http://...)."),
+    frames: bool = typer.Option(False, "--frames", help="Also print one line per frame."),
+    fps: Optional[float] = typer.Option(None, "--fps", min=0.001, help="Frames per second to predict (default: the bundle's video.fps)."),
+    smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Moving-average window in frames (default: video.smoothing_frames)."),
+    engine: str = typer.Option("auto", "--engine", help="Inference engine."),
+) -> None:
+    """Watch a camera, file or stream: one JSON line per event (and per frame with --frames), with latency.
+    Stops at the end of the stream or on Ctrl-C (the open event is closed and reported first)."""
+    import signal
+    import threading
+
+    from keeneye import api
+
+    stop = threading.Event()
+
+    def interrupted(*_) -> None:  # first Ctrl-C: finish cleanly; a second one (a stalled stream): leave now
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    end = {}
+    try:
+        for record in api.watch(run_dir, source, frames=frames, fps=fps, engine=engine, smoothing_frames=smoothing, stop=stop):
+            typer.echo(json.dumps(record))
+            end = record
+    except KeeneyeError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if end.get("error") and not end.get("frames"):
+        err_console.print(f"[bold red]error:[/] {end['error']}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -150,9 +196,12 @@ def serve(
     max_batch_wait_ms: Optional[float] = typer.Option(None, "--max-batch-wait-ms", help="How long a request that finds the model idle waits for others to join its batch [5]."),
     max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body in MiB [32]."),
     max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Largest single image file in MiB [16]."),
+    max_buffered_body_mb: Optional[float] = typer.Option(None, "--max-buffered-body-mb", help="Request bodies in memory at once, all requests together, in MiB [128]."),
+    body_timeout: Optional[float] = typer.Option(None, "--body-timeout", help="Longest time to receive one request body, s; slower clients get 408 [30]."),
+    max_json_depth: Optional[int] = typer.Option(None, "--max-json-depth", help="Deepest nesting in a JSON body [16]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest width x height, checked from the header [50000000]."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Most images per request [32]."),
-    formats: Optional[str] = typer.Option(None, "--formats", help="Accepted formats, comma-separated [jpeg,png,bmp,tiff,webp]."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Accepted formats, comma-separated [jpeg,png,bmp,tiff,webp,gif]."),
     decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Threads decoding uploads [2]."),
     max_pending_images: Optional[int] = typer.Option(None, "--max-pending-images", help="Queued images before 503 [1024]."),
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Longest wait for the model per request, s [60]."),
@@ -167,6 +216,7 @@ def serve(
         settings = make_settings(
             engine=engine, batching=batching, max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms,
             max_body_bytes=mib(max_body_mb), max_image_bytes=mib(max_image_mb), max_pixels=max_pixels,
+            max_buffered_body_bytes=mib(max_buffered_body_mb), body_timeout_s=body_timeout, max_json_depth=max_json_depth,
             max_images_per_request=max_images, allowed_formats=formats, decode_threads=decode_threads,
             max_pending_images=max_pending_images, request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
         )
@@ -230,6 +280,55 @@ def explain(
     if frame["overlay"].isna().all():
         err_console.print("[bold red]error:[/] no image could be explained.")
         raise typer.Exit(1)
+
+
+class _RunsGroup(TyperGroup):
+    """`keeneye runs [OUTPUT_DIR] [--sort KEY]` means `keeneye runs list ...`; `keeneye runs compare A B` stays."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] != "--help"):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+runs_app = typer.Typer(cls=_RunsGroup, help="Past runs: `keeneye runs [OUTPUT_DIR] [--sort f1]` lists them; `keeneye runs compare A B` diffs two.")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(
+    output_dir: Path = typer.Argument(Path("runs"), help="Folder holding the run folders (a config's output_dir)."),
+    sort: str = typer.Option("date", "--sort", "-s", help="date, name, f1, ap, cv, threshold or time (metrics: best first)."),
+    reverse: bool = typer.Option(False, "--reverse", "-r", help="Reverse the order."),
+) -> None:
+    """A table of the runs in OUTPUT_DIR (default ./runs), read from their bundles (no MLflow needed)."""
+    from keeneye.runs import SORT_KEYS, list_runs, runs_table
+
+    try:
+        frame = list_runs(output_dir, sort=sort, descending=None if not reverse else not SORT_KEYS.get(sort, ("", False))[1])
+    except KeeneyeError as exc:
+        _fail(exc)
+    if frame.empty:
+        console.print(f"no runs in {output_dir}")
+        return
+    console.print(runs_table(frame, title=f"Runs in {output_dir} (sorted by {sort})"))
+
+
+@runs_app.command("compare")
+def runs_compare(
+    a: str = typer.Argument(..., help="A run folder, or a run name under --output-dir."),
+    b: str = typer.Argument(..., help="The run to compare it with (changes are b - a)."),
+    output_dir: Path = typer.Option(Path("runs"), "--output-dir", "-d", help="Where run names are looked up."),
+) -> None:
+    """The config keys and the metrics that differ between two runs."""
+    from keeneye.runs import compare_runs
+
+    try:
+        comparison = compare_runs(a, b, output_dir)
+    except KeeneyeError as exc:
+        _fail(exc)
+    for table in comparison.tables():
+        console.print(table)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m keeneye`

@@ -44,6 +44,7 @@ __all__ = [
     "AugmentationConfig",
     "FineTuneConfig",
     "AnomalyConfig",
+    "TrackingConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -547,6 +548,18 @@ class DataConfig(BaseModel):
         ),
         _Expect("a regular expression (Python syntax), or null", ("string", "null")),
     ] = None
+    frame_pattern: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "A regular expression whose first capture group is the frame number in an image's file name, for "
+                "folders of frames extracted from videos; the image's group (its video) comes from group_pattern, or "
+                "from what precedes the number. null: names like 0001_000000012.jpg (video 0001, frame 12) are "
+                "recognised by default (both parts digits)."
+            )
+        ),
+        _Expect("a regular expression (Python syntax) with one capture group, or null", ("string", "null")),
+    ] = None
     test_fraction: Annotated[
         StrictFloat,
         Field(
@@ -618,7 +631,7 @@ class DataConfig(BaseModel):
             )
         return resolved
 
-    @field_validator("group_pattern")
+    @field_validator("group_pattern", "frame_pattern")
     @classmethod
     def _check_group_pattern(cls, value: Optional[str]) -> Optional[str]:
         if value is None:
@@ -734,6 +747,139 @@ class AnomalyConfig(BaseModel):
                 {"bad": ", ".join(bad)},
             )
         return value
+
+
+class VideoConfig(BaseModel):
+    """Video files and frame sequences: how frames are sampled and how per-frame probabilities become events."""
+
+    model_config = _FORBID
+
+    fps: Annotated[
+        Optional[StrictFloat],
+        Field(
+            gt=0,
+            le=1000,
+            description=(
+                "Frames per second sampled from video files, for training (each sampled frame is embedded like an "
+                "image) and for predict/watch. null: every frame."
+            ),
+        ),
+        _Expect("a number > 0 (frames per second), or null for every frame", ("integer", "number", "null")),
+    ] = 5.0
+    smoothing_frames: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=1001,
+            description=(
+                "Width, in sampled frames, of the centred moving average applied to the probabilities over time "
+                "before events are found (1: no smoothing). Live (watch), events are reported this many frames / 2 late."
+            ),
+        ),
+        _Expect("an integer >= 1", ("integer",)),
+    ] = 5
+    enter_threshold: Annotated[
+        Optional[StrictFloat],
+        Field(
+            gt=0,
+            lt=1,
+            description=(
+                "An event starts when the smoothed probability reaches this value. null: the bundle's threshold."
+            ),
+        ),
+        _Expect("a number strictly between 0 and 1, or null", ("number", "null")),
+    ] = None
+    hysteresis: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            lt=1,
+            description=(
+                "An event ends when the smoothed probability falls below enter_threshold minus this margin, so a "
+                "probability wavering around the threshold does not cut one event into many."
+            ),
+        ),
+        _Expect("a number >= 0 and < 1, e.g. 0.1", ("integer", "number")),
+    ] = 0.1
+    min_event_frames: Annotated[
+        StrictInt,
+        Field(ge=1, description="Events shorter than this many sampled frames are discarded as noise."),
+        _Expect("an integer >= 1", ("integer",)),
+    ] = 3
+
+
+_URI_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(//|$)|^databricks")
+
+
+class TrackingConfig(BaseModel):
+    """Experiment tracking: MLflow (parameters, metrics, artifacts, the model, a registry) and TensorBoard logs."""
+
+    model_config = _FORBID
+
+    mlflow: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "After the bundle is published, log the run to MLflow: the resolved config as parameters, the test "
+                "metrics (at the threshold and at 0.5), timings, data counts and the cross-validated estimate as "
+                "metrics, the audit and the report as artifacts, and the model as an MLflow pyfunc (uint8 image in, "
+                "probability out). Needs pip install 'keeneye[mlflow]'. A tracking failure is a warning, never a "
+                "failed run."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+    mlflow_uri: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "Where MLflow logs: a tracking URI (http://host:5000, sqlite:///path/mlflow.db, databricks), or a "
+                "folder for a local store that needs no server (an SQLite database mlflow.db plus an artifacts/ "
+                f"folder; {_RELATIVE_NOTE}; stored absolute). null: the folder mlruns/ in output_dir."
+            )
+        ),
+        _Expect("a tracking URI such as \"http://host:5000\", a folder path, or null", ("string", "null")),
+    ] = None
+    experiment: Annotated[
+        StrictStr,
+        Field(min_length=1, description="MLflow experiment the runs are logged under (created if missing)."),
+        _Expect("a non-empty string", ("string",)),
+    ] = "keeneye"
+    registered_model: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(
+            description=(
+                "Also register the logged model in the MLflow model registry under this name (a new version per "
+                "run). null: log the model without registering it."
+            )
+        ),
+        _Expect("a model name, or null", ("string", "null")),
+    ] = None
+    tensorboard: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Write Keras TensorBoard logs for every training phase into the run folder "
+                "(runs/<name>/tensorboard/head, .../fine_tune); view them with tensorboard --logdir runs."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _resolve_store_folder(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        # A URI goes to MLflow as given; a plain path is a local store folder, resolved like every config path.
+        if value is None or _URI_SCHEME_RE.match(value):
+            return value
+        resolved = _resolve(value, _base_dir(info))
+        if resolved.exists() and not resolved.is_dir():
+            raise PydanticCustomError(
+                "path_not_dir", "resolved to {resolved}, which exists and is a file, not a folder", {"resolved": str(resolved)}
+            )
+        return str(resolved)
 
 
 class Config(BaseModel):
@@ -861,6 +1007,17 @@ class Config(BaseModel):
         Field(description='One-class (PatchCore) settings, used when mode is "anomaly" (an object).'),
         _Expect("an object", ("object",)),
     ] = Field(default_factory=AnomalyConfig)
+
+    video: Annotated[
+        VideoConfig,
+        Field(description="Frame sampling of video files and event detection over time (an object)."),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=VideoConfig)
+    tracking: Annotated[
+        TrackingConfig,
+        Field(description="Experiment tracking with MLflow and TensorBoard (an object)."),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=TrackingConfig)
 
     _config_path: Optional[Path] = PrivateAttr(default=None)
 

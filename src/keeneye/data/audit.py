@@ -260,6 +260,13 @@ class Audit:
     leaks: dict = field(default_factory=dict)  # manifest index -> list of reasons (testing rows)
     validation_leaks: dict = field(default_factory=dict)  # same, for validation rows vs training
 
+    def add_unreadable(self, rows: pd.DataFrame | None) -> None:
+        """Files found unusable before the audit looked at images (damaged videos: path, split, label, reason)."""
+        if rows is None or not len(rows):
+            return
+        self.report["images"]["unreadable"] += rows[["path", "split", "label", "reason"]].to_dict(orient="records")
+        self._update_warnings()
+
     # ---- leakage bookkeeping
 
     def _leak(self, index, split: str, reason: str) -> None:
@@ -630,6 +637,7 @@ def audit_config(config, overrides=(), output: str | os.PathLike | None = None, 
                            drop_leaked_test=cfg.data.drop_leaked_test)
     audit.report["data_source"] = str(cfg.data.manifest_path or cfg.data_folder_path)
     audit.report["split_notes"] = split.notes
+    audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
     folder = Path(output) if output is not None else Path(cfg.output_dir) / "audits" / time.strftime("audit-%Y%m%d-%H%M%S")
     audit.write(folder)
     print_summary(audit, console, split.notes)

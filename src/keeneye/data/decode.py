@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "FORMAT_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "DecodeError",
@@ -50,10 +51,20 @@ __all__ = [
     "resize_square",
 ]
 
+#: The one list of formats keeneye reads (named as ``_sniff_format`` names them), with their file
+#: extensions: training and prediction scan folders by these extensions, the service accepts these
+#: formats by default (detected from the bytes). GIF: the first frame.
+FORMAT_EXTENSIONS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType({
+    "JPEG": (".jpg", ".jpeg", ".jpe"),
+    "PNG": (".png",),
+    "BMP": (".bmp",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+    "GIF": (".gif",),
+})
+
 #: File extensions (lowercase, with the dot) that a folder scanner treats as images.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-)
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(ext for extensions in FORMAT_EXTENSIONS.values() for ext in extensions)
 
 #: Refuse images declaring more pixels than this (a 200 MP RGB image is 600 MB decoded);
 #: protects worker threads from decompression bombs and corrupt headers.

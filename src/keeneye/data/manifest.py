@@ -190,16 +190,21 @@ def read_manifest(csv_path: str | os.PathLike, positive_class: str | None = None
 
 
 def load_data(cfg: "Config") -> ScanResult:
-    """The manifest a run starts from: a CSV manifest or a folder scan, with groups from `data.group_pattern`."""
-    from keeneye.data.split import assign_groups
+    """The manifest a run starts from: a CSV manifest (or segment manifest) or a folder scan, videos sampled
+    into frames, groups from `data.group_pattern`, frame numbers from frame-sequence file names."""
+    from keeneye.data.cache import default_cache_dir
+    from keeneye.data.video import is_segment_manifest, segment_scan, with_sequences
 
-    if cfg.data.manifest_path is not None:
+    cache_root = cfg.cache_dir or default_cache_dir()
+    segments = None
+    if cfg.data.manifest_path is not None and is_segment_manifest(cfg.data.manifest_path):
+        scan, segments = segment_scan(cfg.data.manifest_path, cfg.positive_class, cfg.video.fps, cache_root)
+    elif cfg.data.manifest_path is not None:
         scan = read_manifest(cfg.data.manifest_path, cfg.positive_class)
     else:
         scan = scan_folder(cfg.data_folder_path, cfg.positive_class)
-    if cfg.data.group_pattern:
-        scan.manifest = assign_groups(scan.manifest, cfg.data.group_pattern)
-    return scan
+    # videos -> sampled frames (group = video), then data.group_pattern, then frame numbers from file names
+    return with_sequences(scan, cfg.video.fps, cache_root, cfg.data.frame_pattern, cfg.data.group_pattern, segments)
 
 
 def run_testing_manifest(run_dir: str | os.PathLike, class_names: tuple[str, str]) -> ScanResult | None:
@@ -217,5 +222,6 @@ def run_testing_manifest(run_dir: str | os.PathLike, class_names: tuple[str, str
     else:
         rows = frame[frame["split"] == "testing"]
     rows = rows[rows["label"].isin(class_names)]
-    manifest = rows[MANIFEST_COLUMNS].reset_index(drop=True).astype({"group": object})
+    sequence = [c for c in ("video", "frame", "time") if c in rows.columns and rows[c].notna().any()]  # frames of videos
+    manifest = rows[MANIFEST_COLUMNS + sequence].reset_index(drop=True).astype({"group": object})
     return ScanResult(manifest, pd.DataFrame([], columns=SKIPPED_COLUMNS), class_names)

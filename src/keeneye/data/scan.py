@@ -1,8 +1,9 @@
 """Folder layout -> manifest: one row per file with its label, split and content hash.
 
 Nothing downstream reads folders again: everything works from the manifest DataFrame
-(columns `path, label, split, group, sha1`). Files that are not images by name are
-returned separately with the reason they were skipped, so every file on disk is accounted for.
+(columns `path, label, split, group, sha1`). Files that are not images by name, and entries that
+are not regular files at all (broken symbolic links, links to folders, pipes), are returned
+separately with the reason they were skipped, so every entry on disk is accounted for.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from keeneye.data.decode import IMAGE_EXTENSIONS
+from keeneye.data.video import VIDEO_EXTENSIONS
 from keeneye.data.split import split_validation  # noqa: F401  (moved to keeneye.data.split; kept importable here)
 from keeneye.errors import DataError
 
@@ -42,6 +45,7 @@ class ScanResult:
     manifest: pd.DataFrame
     skipped: pd.DataFrame
     class_names: tuple[str, str]  # (negative, positive)
+    dropped: pd.DataFrame | None = None  # candidates known unusable before decoding (videos: path, split, label, reason)
 
     @property
     def positive_class(self) -> str:
@@ -52,11 +56,50 @@ def skip_reason(path: Path) -> str | None:
     """Why a file is not a candidate image, judged by its name alone (None = candidate)."""
     if path.name.startswith("."):
         return "hidden file"
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if path.suffix.lower() not in IMAGE_EXTENSIONS and path.suffix.lower() not in VIDEO_EXTENSIONS:
         return f"not an image by extension ({path.suffix or 'no extension'})"
     if MASK_NAME.search(path.stem):
         return "mask or label image (name ends in _mask/_label/_gt/_seg)"
     return None
+
+
+def entry_problem(path: Path) -> str | None:
+    """Why a folder entry that is not a regular file (nor a folder) cannot be used; None otherwise.
+
+    Broken symbolic links, links to folders (never followed, so a link cannot pull in a tree or loop),
+    FIFOs, sockets and devices: each is reported with a reason instead of vanishing from the counts.
+    """
+    is_link = path.is_symlink()
+    try:
+        mode = path.stat().st_mode  # follows links
+    except OSError as exc:
+        if is_link:
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"broken symbolic link (target {target} does not exist)"
+        return f"unreadable entry ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "symbolic link to a folder (not followed)" if is_link else None
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "named pipe", stat.S_ISSOCK: "socket", stat.S_ISCHR: "character device", stat.S_ISBLK: "block device"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "special file")
+    return f"not a regular file ({kind})"
+
+
+def walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every entry under `folder`, recursively and sorted: (regular files, (entry, reason) for the unusable ones)."""
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    for path in sorted(folder.rglob("*")):
+        problem = entry_problem(path)
+        if problem is not None:
+            problems.append((path, problem))
+        elif not path.is_dir():
+            files.append(path)
+    return files, problems
 
 
 def file_sha1(path: Path) -> str | None:
@@ -107,18 +150,37 @@ def _split_folders(root: Path) -> dict[str, Path]:
 
 
 def _scan_split(split_dir: Path, split: str, rows: list[dict], skipped: list[dict]) -> list[str]:
-    """Add the files of `split_dir/<class>/**` to rows/skipped; return the class names found."""
-    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for loose in sorted(p for p in split_dir.iterdir() if p.is_file()):
-        skipped.append({"path": str(loose), "split": split, "label": None, "reason": "file outside a class folder"})
+    """Add every entry of `split_dir/<class>/**` to rows or skipped; return the class names found."""
+    class_dirs = []
+    for entry in sorted(split_dir.iterdir()):
+        problem = entry_problem(entry)
+        if problem is None and entry.is_dir() and not entry.name.startswith("."):
+            class_dirs.append(entry)
+            continue
+        reason = problem or ("hidden folder (not scanned)" if entry.is_dir() else "file outside a class folder")
+        skipped.append({"path": str(entry), "split": split, "label": None, "reason": reason})
     for class_dir in class_dirs:
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
+        files, problems = walk_files(class_dir)
+        for path, reason in problems:
+            skipped.append({"path": str(path), "split": split, "label": class_dir.name, "reason": reason})
+        for path in files:
             reason = skip_reason(path)
             if reason is not None:
                 skipped.append({"path": str(path), "split": split, "label": class_dir.name, "reason": reason})
             else:
                 rows.append({"path": str(path), "label": class_dir.name, "split": split, "group": None, "sha1": file_sha1(path)})
     return [p.name for p in class_dirs]
+
+
+def _check_not_empty(split_dir: Path, class_names: list[str], rows: list[dict], skipped: list[dict]) -> None:
+    """A class folder without a single candidate image, named now (before any image is decoded)."""
+    for name in class_names:
+        if any(row["label"] == name and Path(row["path"]).is_relative_to(split_dir) for row in rows):
+            continue
+        folder = split_dir / name
+        here = [item["reason"] for item in skipped if item["label"] == name and Path(item["path"]).is_relative_to(folder)]
+        found = f"{len(here)} files, none usable (e.g. {here[0]})" if here else "it is empty"
+        raise DataError(f"class folder {folder} holds no images: {found}. Every class needs training images.")
 
 
 def _frames(rows: list[dict], skipped: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -131,13 +193,15 @@ def scan_folder(root: str | os.PathLike, positive_class: str | None = None) -> S
     root = Path(root).expanduser().resolve()
     rows: list[dict] = []
     skipped: list[dict] = []
-    classes_by_split = {split: _scan_split(folder, split, rows, skipped) for split, folder in _split_folders(root).items()}
+    folders = _split_folders(root)
+    classes_by_split = {split: _scan_split(folder, split, rows, skipped) for split, folder in folders.items()}
     training_classes = classes_by_split["training"]
     if len(training_classes) != 2:
         raise DataError(
             f"{root}: training/ must hold exactly two class folders, found {len(training_classes)}: "
             f"{', '.join(training_classes) or 'none'}."
         )
+    _check_not_empty(folders["training"], training_classes, rows, skipped)
     extra = sorted(set(classes_by_split["testing"]) - set(training_classes))
     if extra:
         raise DataError(

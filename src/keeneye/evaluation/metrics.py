@@ -147,8 +147,8 @@ def _block(y: np.ndarray, p: np.ndarray, threshold: float, names: tuple[str, str
         "precision": float(precision_score(y, pred, labels=[0, 1], pos_label=1, zero_division=0)),
         "recall": float(recall_score(y, pred, labels=[0, 1], pos_label=1, zero_division=0)),
         "accuracy": float(accuracy_score(y, pred)),
-        # specificity = recall of the negative class
-        "specificity": float(recall_score(y, pred, labels=[0, 1], pos_label=0, zero_division=0)),
+        # specificity = recall of the negative class; undefined (None, shown "n/a") without negative samples
+        "specificity": float(recall_score(y, pred, labels=[0, 1], pos_label=0, zero_division=0)) if tn + fp else None,
         "confusion_matrix": {"labels": list(names), "matrix": [[tn, fp], [fn, tp]]},
         "tp": tp,
         "fp": fp,
@@ -169,7 +169,9 @@ def binary_metrics(
 
     ``class_names = (negative_name, positive_name)``; ``y_true`` in {0, 1} with 1 = positive.
     A sample is predicted positive iff ``probability >= threshold``. Precision, recall and
-    F1 are those of the positive class; undefined ratios are 0 (``zero_division=0``).
+    F1 are those of the positive class; undefined ratios are 0 (``zero_division=0``), except
+    ``specificity``, which is ``None`` when there is no negative sample (a 0 would read as "every
+    negative was misclassified").
     ``roc_auc`` is ``None`` unless both classes are present, ``average_precision`` is
     ``None`` when there is no positive sample. The result contains only plain Python
     types and no NaN, so ``json.dumps(result, allow_nan=False)`` works.

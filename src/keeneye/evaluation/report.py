@@ -33,6 +33,7 @@ PLOTS = (
     ("roc.png", "ROC curve"),
     ("threshold_curves.png", "F1, precision and recall against the threshold (chosen threshold marked)"),
     ("training_curves.png", "Training curves"),
+    ("sequences.png", "Probability over time per video: frames (grey), smoothed (blue), labelled events (green), found events (red bar)"),
 )
 THUMBNAIL_SIDE = 220
 MAX_TABLE_ROWS = 50
@@ -184,7 +185,19 @@ def _metrics_section(metrics: dict) -> str:
     ], [False, True])
     report_text = at_t.get("classification_report_text")
     text = f"<h3>Classification report at the chosen threshold</h3><pre>{_e(report_text)}</pre>" if report_text else ""
-    return f"<div style='display:flex;gap:28px;flex-wrap:wrap'>{table}{extra}</div>{text}"
+    return f"<div style='display:flex;gap:28px;flex-wrap:wrap'>{table}{extra}</div>{text}{_sequences_section(metrics.get('sequences'))}"
+
+
+def _sequences_section(sequences: dict | None) -> str:
+    """Frame F1, event precision/recall and per-video accuracy of videos and frame folders (see evaluation/sequence.py)."""
+    if not sequences:
+        return ""
+    event, frame = sequences["event"], sequences["frame"]
+    rows = [("videos / frame sequences", sequences["n_sequences"]), ("frames", sequences["n_frames"]),
+            ("frame F1", _fmt(frame["f1"])), ("event precision", f"{_fmt(event['precision'])} ({event['correct']} of {event['predicted']} found events)"),
+            ("event recall", f"{_fmt(event['recall'])} ({event['found']} of {event['labelled']} labelled events)"),
+            ("per-video accuracy (contains an event or not)", _fmt(sequences["video_accuracy"]))]
+    return "<h3>Sequences (an event counts when it overlaps a labelled one)</h3>" + _table(["", "value"], rows, [False, True])
 
 
 def _plots_section(folder: Path) -> str:
@@ -193,7 +206,7 @@ def _plots_section(folder: Path) -> str:
         path = folder / name
         if path.is_file():
             uri = data_uri(path.read_bytes(), "image/png")
-            wide = " class='wide'" if name == "training_curves.png" else ""
+            wide = " class='wide'" if name in ("training_curves.png", "sequences.png") else ""
             figures.append(f"<figure{wide}><img alt='{_e(caption)}' src='{uri}'><figcaption>{_e(caption)}</figcaption></figure>")
     return "<div class='plots'>" + "".join(figures) + "</div>" if figures else "<p class='muted'>No plots.</p>"
 

@@ -12,7 +12,8 @@ import pandas as pd
 
 from keeneye.bundle import Bundle, load_bundle
 from keeneye.data.decode import decode_image_bytes, resize_square
-from keeneye.data.scan import skip_reason
+from keeneye.data.scan import entry_problem, skip_reason, walk_files
+from keeneye.data.video import is_video
 from keeneye.inference import engines as _engines
 from keeneye.inference.anomaly import is_anomaly_bundle, make_anomaly_engine
 from keeneye.training.features import iter_batches
@@ -30,11 +31,13 @@ def make_engine(model, engine: str = "auto", bundle: Bundle | None = None):
     return _engines.make_engine(model, engine, bundle=bundle)
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[dict]]:
+def expand_inputs(inputs: Iterable[str | os.PathLike], videos: bool = False) -> tuple[list[str], list[dict]]:
     """Files, folders (recursive) and glob patterns -> (image paths, rows for inputs not used).
 
-    Inside folders and globs, files that are not images by name are reported as skipped;
-    a file named explicitly is always tried.
+    Inside folders and globs, files that are not images by name, broken symbolic links and other
+    entries that are not regular files are reported as skipped; a file named explicitly is always tried.
+    Video files are kept only with `videos` (callers that stream them, see inference/video.py);
+    otherwise they are reported as not predicted.
     """
     paths: list[str] = []
     problems: list[dict] = []
@@ -46,24 +49,40 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[str], list[
         else:
             problems.append({"path": str(path), "error": f"skipped: {reason}"})
 
+    def keep(found: list[str]) -> list[str]:
+        if videos:
+            return found
+        for path in (p for p in found if is_video(p)):
+            problems.append({"path": path, "error": "skipped: a video file (keeneye predict samples its frames)"})
+        return [p for p in found if not is_video(p)]
+
     for item in inputs:
         text = str(item)
         path = Path(text).expanduser()
+        if path.is_symlink() and not path.exists():  # named explicitly but broken (a named link to a folder is followed)
+            problems.append({"path": text, "error": f"skipped: {entry_problem(path)}"})
+            continue
         if path.is_dir():
-            for found in sorted(p for p in path.rglob("*") if p.is_file()):
+            files, unusable = walk_files(path)
+            for found, reason in unusable:
+                problems.append({"path": str(found.absolute()), "error": f"skipped: {reason}"})
+            for found in files:
                 add_found(found.resolve())
         elif path.is_file():
             paths.append(str(path.resolve()))
         elif glob.has_magic(text):
-            matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
-            files = [Path(m).resolve() for m in matches if Path(m).is_file()]
-            if not files:
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(text), recursive=True))]
+            unusable = [(m, entry_problem(m)) for m in matches if not m.is_file() and not m.is_dir()]
+            files = [m.resolve() for m in matches if m.is_file()]
+            if not files and not unusable:
                 problems.append({"path": text, "error": "no files match this pattern"})
+            for found, reason in unusable:
+                problems.append({"path": str(found.absolute()), "error": f"skipped: {reason or 'not a regular file'}"})
             for found in files:
                 add_found(found)
         else:
             problems.append({"path": text, "error": "no such file or folder"})
-    return paths, problems
+    return keep(paths), problems
 
 
 class Predictor:

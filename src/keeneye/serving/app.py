@@ -15,11 +15,14 @@ Status policy for /predict
          own slot (`probability` and `label` null, `error` = {code, message}).
     422  every image of the request failed (`error.code` = "no_valid_images"); `results` still
          holds each image's reason. Also a JSON body of the wrong shape ("invalid_request").
-    400  empty body, malformed JSON or multipart, no images in the request.
+    400  empty body, malformed JSON or multipart, JSON nested deeper than max_json_depth or with
+         too many values, no images in the request.
+    408  the body did not arrive within body_timeout_s (slow or stalled client); connection closed.
     413  body larger than max_body_bytes, or more than max_images_per_request images.
     415  missing or unsupported Content-Type.
-    503  shutting down, too much work queued (back-pressure), or the model took longer than
-         request_timeout_s. Bad input never produces a 5xx.
+    503  shutting down, too much work queued (back-pressure), no room for the body within
+         max_buffered_body_bytes in time, or the model took longer than request_timeout_s.
+         Bad input never produces a 5xx.
 Every error body is `{"error": {"code": ..., "message": ...}}`.
 
 Concurrency: the event loop only does I/O. Uploads are parsed and decoded in a small thread pool;
@@ -63,14 +66,12 @@ from keeneye.serving.inputs import (
     parse_json_body,
     prepare_image,
 )
+from keeneye.serving.limits import BodyBudget, read_body, reservation
 from keeneye.serving.settings import ServeSettings
 
 log = logging.getLogger("keeneye.serving")
 access_log = logging.getLogger("keeneye.serving.access")
 
-#: An oversized body is read (and thrown away) up to this many bytes so the client gets its 413
-#: instead of a reset connection; beyond it the connection is closed after the answer.
-DRAIN_BYTES = 64 * 1024 * 1024
 _REPLAY_CHUNK = 1024 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -112,7 +113,8 @@ _PREDICT_BODY = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                "required": ["files"],
+                "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}},
             }
         },
         "application/json": {
@@ -122,6 +124,8 @@ _PREDICT_BODY = {
                 "properties": {
                     "images": {
                         "type": "array",
+                        "minItems": 1,
+                        "description": "At least one image.",
                         "items": {
                             "type": "object",
                             "required": ["data"],
@@ -258,6 +262,7 @@ class Service:
         self.status_counts: dict[int, int] = {}
         self.images_ok = 0
         self.images_failed = 0
+        self.body_budget = BodyBudget(settings.max_buffered_body_bytes)
 
     def count(self, status: int) -> None:
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
@@ -313,7 +318,7 @@ class Service:
         settings = self.settings
         content_type = request.headers.get("content-type", "")
         mime = content_type.split(";", 1)[0].strip().lower()
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         if not body:
             raise RequestRejected(400, "empty_body", "empty request body: send images as multipart files, JSON or an image/* body")
         if not mime:
@@ -378,9 +383,10 @@ class Service:
         try:
             if not self.ready:
                 raise Unavailable("shutting_down" if self.draining else "not_ready", "the model is not ready")
-            uploads = await self.read_uploads(request)
-            info["n_images"] = len(uploads)
-            prepared = await self.prepare_all(uploads)
+            async with self.body_budget.reserve(reservation(request, self.settings), self.settings.request_timeout_s):
+                uploads = await self.read_uploads(request)
+                info["n_images"] = len(uploads)
+                prepared = await self.prepare_all(uploads)
             good = [item for item in prepared if isinstance(item, np.ndarray)]
             probabilities = np.empty(0, np.float32)
             if good:
@@ -441,6 +447,8 @@ class Service:
             "images_predicted": self.images_ok,
             "images_rejected": self.images_failed,
             "pending_images": self.batcher.pending_images if self.batcher else 0,
+            "body_bytes_reserved": self.body_budget.reserved,
+            "requests_waiting_for_body_budget": self.body_budget.waiting,
             "batcher": self.batcher.stats.to_dict() if self.batcher else None,
         }
 
@@ -450,36 +458,6 @@ _ACCEPTED = "send multipart/form-data (image files), application/json ({\"images
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` bytes without keeping it in memory."""
-    declared = request.headers.get("content-length")
-    too_large = RequestRejected(413, "body_too_large", f"request body is larger than max_body_bytes={limit}")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        if int(declared) <= DRAIN_BYTES:  # else: answer at once, uvicorn then closes the connection
-            await _drain(request, 0)
-        raise too_large
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            await _drain(request, total)
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _drain(request: Request, already: int) -> None:
-    """Read and discard the rest of an oversized body (bounded), so the 413 reaches the client."""
-    total = already
-    try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > DRAIN_BYTES:
-                return
-    except ClientDisconnect:
-        return
 
 
 def _replay(body: bytes):
@@ -586,7 +564,8 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
         response_model=None,
         responses={
             200: {"model": PredictResponse, "description": "At least one image predicted; failed images carry `error`."},
-            400: {"model": ErrorResponse, "description": "Empty body, malformed JSON or multipart, no images."},
+            400: {"model": ErrorResponse, "description": "Empty body, malformed or too deeply nested JSON, malformed multipart, no images."},
+            408: {"model": ErrorResponse, "description": "The body did not arrive within body_timeout_s."},
             413: {"model": ErrorResponse, "description": "Body too large or too many images."},
             415: {"model": ErrorResponse, "description": "Unsupported Content-Type."},
             422: {"model": ErrorResponse, "description": "No image could be used (per-image reasons in `results`), or JSON of the wrong shape."},

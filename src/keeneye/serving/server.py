@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from keeneye.bundle import load_bundle
-from keeneye.errors import ConfigError
+from keeneye.errors import BundleError, ConfigError, KeeneyeError
 from keeneye.serving.app import configure_logging, create_app
 from keeneye.serving.settings import ServeSettings
 
@@ -21,6 +21,18 @@ def app_from_env():
     spec = json.loads(os.environ[SPEC_ENV])
     configure_logging(spec.get("log_level", "info"))
     return create_app(spec["bundle"], ServeSettings(**spec["settings"]))
+
+
+def load_predictor(path: Path, settings: ServeSettings):
+    """The Predictor `serve` will use, or a BundleError saying why the bundle cannot be served (no traceback)."""
+    from keeneye.inference.predictor import Predictor
+
+    try:
+        return Predictor.from_bundle(path, engine=settings.engine, batch_size=max(32, settings.max_batch_size))
+    except KeeneyeError:
+        raise
+    except Exception as exc:  # an engine that cannot run this model: still the bundle's problem for the user
+        raise BundleError(f"{path}: cannot be served ({type(exc).__name__}: {exc}).") from None
 
 
 def serve(
@@ -37,7 +49,7 @@ def serve(
 
     settings = settings or ServeSettings()
     path = Path(bundle).expanduser().resolve()
-    load_bundle(path, load_model=False)  # a clear BundleError now, not a traceback from a worker
+    load_bundle(path, load_model=False)  # metadata schema and model archive checked: a clear BundleError now
     engines = getattr(predictor_module, "ENGINES", None)
     if engines and settings.engine not in engines:
         raise ConfigError(f"serve setting engine={settings.engine!r}: unknown engine (choose one of {', '.join(engines)})")
@@ -48,8 +60,8 @@ def serve(
         host=host, port=port, log_level=log_level, access_log=False, server_header=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
-    if workers == 1:
-        uvicorn.run(create_app(path, settings), **options)
+    if workers == 1:  # the model is loaded here, so a bundle that cannot serve is refused before uvicorn starts
+        uvicorn.run(create_app(load_predictor(path, settings), settings), **options)
     else:
         os.environ[SPEC_ENV] = json.dumps({"bundle": str(path), "settings": settings.model_dump(mode="json"), "log_level": log_level})
         uvicorn.run("keeneye.serving.server:app_from_env", factory=True, workers=workers, **options)

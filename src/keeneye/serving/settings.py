@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from keeneye.data.decode import MAX_PIXELS
+from keeneye.data.decode import FORMAT_EXTENSIONS, MAX_PIXELS
 from keeneye.errors import ConfigError
 
 MiB = 1024 * 1024
 
-#: Formats the decoder can read, by the names `keeneye.data.decode` sniffs from magic bytes.
-KNOWN_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+#: Formats the decoder can read, by the names `keeneye.data.decode` sniffs from magic bytes; by
+#: default the service accepts all of them, the same rule as `train` and `predict` (by extension).
+KNOWN_FORMATS = tuple(FORMAT_EXTENSIONS)
 _FORMAT_ALIASES = {"JPG": "JPEG", "JPE": "JPEG", "TIF": "TIFF"}
-DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+DEFAULT_FORMATS = KNOWN_FORMATS
 
 
 class ServeSettings(BaseModel):
@@ -27,6 +28,21 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one forward pass.")
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a request that finds the model idle waits for others to join its batch (under load, queued requests run at once).")
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="Largest request body (413 beyond it).")
+    max_json_depth: int = Field(
+        16, ge=3, le=100,
+        description='Deepest nesting of arrays/objects in a JSON body (400 beyond it); {"images": [{...}]} needs 3.',
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="Longest time to receive one whole request body; a slower (or stalled) client gets 408 and the connection is closed.",
+    )
+    max_buffered_body_bytes: int = Field(
+        128 * MiB, ge=1024,
+        description=(
+            "Request bytes held in memory at once, all requests together (reserved by declared size, else max_body_bytes); "
+            "a request that does not fit waits, its bytes left in the network, up to request_timeout_s (then 503)."
+        ),
+    )
     max_image_bytes: int = Field(16 * MiB, ge=1, description="Largest single encoded image (reported per image beyond it).")
     max_pixels: int = Field(
         50_000_000, ge=1, le=MAX_PIXELS,
@@ -55,6 +71,15 @@ class ServeSettings(BaseModel):
         if not names:
             raise ValueError("at least one image format must be allowed")
         return tuple(names)
+
+    @model_validator(mode="after")
+    def _check_body_budget(self) -> "ServeSettings":
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_body_bytes={self.max_buffered_body_bytes} is smaller than max_body_bytes={self.max_body_bytes}: "
+                "a request of the largest accepted size could never be read"
+            )
+        return self
 
     @field_validator("engine")
     @classmethod

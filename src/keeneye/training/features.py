@@ -20,17 +20,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from keeneye.data.cache import default_cache_dir  # noqa: F401  (defined in the data layer, which uses it too)
 from keeneye.data.decode import DecodeError, load_image
 
 FEATURE_FORMAT_VERSION = 2  # 2: resize rule of decode.resize_square
-
-
-def default_cache_dir() -> Path:
-    """`$KEENEYE_CACHE_DIR`, else `$XDG_CACHE_HOME/keeneye`, else `~/.cache/keeneye`."""
-    if os.environ.get("KEENEYE_CACHE_DIR"):
-        return Path(os.environ["KEENEYE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "keeneye"
 
 
 def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha256: str) -> str:
@@ -41,36 +34,130 @@ def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha
 class EmbeddingCache:
     """Features keyed by image content hash, stored as append-only `.npz` shards in one folder.
 
-    Each run that computes new features adds one shard, written to a temporary name and renamed,
-    so a crash never leaves a shard that loads half-written.
+    A cache must never be the reason a run fails. Each shard is written whole under a hidden
+    temporary name the reader ignores (`.<name>.npz.tmp`), flushed to disk, then renamed into
+    place, so a crash or a full disk never leaves a half-written `*.npz`. On read, every shard is
+    verified (zip CRCs, array names, shapes, dtypes); a damaged one is skipped, named in
+    `self.damaged` and deleted, so its features are recomputed and written to a fresh shard by
+    this run, and the next run finds the cache healthy.
     """
+
+    SUFFIX = ".npz"
+    TEMPORARY_SUFFIX = ".npz.tmp"
+    #: Temporary files older than this were left by a crashed writer (a live one finishes in seconds).
+    STALE_TEMPORARY_S = 3600.0
 
     def __init__(self, root: Path, key: str) -> None:
         self.folder = Path(root) / "embeddings" / key
+        self.damaged: list[tuple[Path, str]] = []  # (shard, reason), filled by load()
+
+    def shards(self) -> list[Path]:
+        """The complete shards, oldest first (hidden names are temporary files, never read)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.glob(f"*{self.SUFFIX}") if not p.name.startswith(".") and p.is_file())
 
     def load(self) -> dict[str, np.ndarray]:
+        """Every verified shard's features by sha1; damaged shards are reported, removed and skipped."""
         features: dict[str, np.ndarray] = {}
-        if not self.folder.is_dir():
-            return features
-        for shard in sorted(self.folder.glob("*.npz")):
+        self.damaged = []
+        for shard in self.shards():
             try:
-                with np.load(shard, allow_pickle=False) as data:
-                    for sha1, vector in zip(data["sha1"], data["features"]):
-                        features[str(sha1)] = vector
-            except (OSError, ValueError, KeyError):
-                continue  # an unreadable shard only costs recomputation
+                sha1s, vectors = read_shard(shard)
+            except DamagedShard as exc:
+                self.damaged.append((shard, exc.reason))
+                _remove_quietly(shard)  # recomputed by this run; the next one finds the cache healthy
+                continue
+            features.update(zip(sha1s, vectors))
+        self._remove_stale_temporaries()
         return features
 
     def add(self, sha1s: list[str], vectors: np.ndarray) -> Path | None:
+        """Write one new shard atomically: temporary file, fsync, rename, fsync of the folder."""
         if not sha1s:
             return None
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(sha1s):
+            raise ValueError(f"{len(sha1s)} hashes but features of shape {vectors.shape}")
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        temporary = self.folder / f".{name}.tmp.npz"
-        np.savez(temporary, sha1=np.asarray(sha1s), features=np.asarray(vectors, dtype=np.float32))
-        final = self.folder / f"{name}.npz"
-        os.replace(temporary, final)
+        temporary = self.folder / f".{name}{self.TEMPORARY_SUFFIX}"
+        final = self.folder / f"{name}{self.SUFFIX}"
+        try:
+            with open(temporary, "wb") as handle:  # a file object: np.savez adds no suffix of its own
+                np.savez(handle, sha1=np.asarray(sha1s, dtype=str), features=vectors)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        except BaseException:
+            _remove_quietly(temporary)
+            raise
+        _fsync_folder(self.folder)
         return final
+
+    def _remove_stale_temporaries(self) -> None:
+        cutoff = time.time() - self.STALE_TEMPORARY_S
+        for path in self.folder.glob(f".*{self.TEMPORARY_SUFFIX}") if self.folder.is_dir() else ():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass
+
+
+class DamagedShard(Exception):
+    """A cache shard that cannot be trusted; `reason` says why (for the user, with the shard's name)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_shard(path: Path) -> tuple[list[str], np.ndarray]:
+    """(sha1s, features) of one shard, or DamagedShard: whatever the bytes on disk are.
+
+    np.load reads the zip members through zipfile, which checks each member's CRC-32, so a
+    flipped bit anywhere in the data is caught, as well as truncation and a wrong layout.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"sha1", "features"} - set(data.files)
+            if missing:
+                raise DamagedShard(f"missing arrays: {', '.join(sorted(missing))}")
+            sha1s = data["sha1"]
+            vectors = data["features"]
+    except DamagedShard:
+        raise
+    except Exception as exc:  # BadZipFile, EOFError, OSError, ValueError, zlib.error, ...: all mean "damaged"
+        raise DamagedShard(f"unreadable ({type(exc).__name__}: {exc})") from None
+    if sha1s.ndim != 1 or sha1s.dtype.kind != "U":
+        raise DamagedShard(f"'sha1' is not a list of strings (dtype {sha1s.dtype}, shape {sha1s.shape})")
+    if vectors.ndim != 2 or vectors.dtype != np.float32 or len(vectors) != len(sha1s):
+        raise DamagedShard(f"'features' has shape {vectors.shape} and dtype {vectors.dtype} for {len(sha1s)} hashes")
+    if not np.isfinite(vectors).all():
+        raise DamagedShard("'features' holds NaN or infinite values")
+    return [str(sha1) for sha1 in sha1s], vectors
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); not possible on every platform, where it is skipped."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 @dataclass
