@@ -110,18 +110,19 @@ def test_bundle_round_trip_gives_identical_scores(anomaly_run) -> None:
 
 
 def test_anomaly_mode_without_good_training_images_fails_clearly(tmp_path, demo_data) -> None:
-    import shutil
-
     from keeneye import api
     from keeneye.config import config_from_dict
 
-    data = tmp_path / "data"
-    shutil.copytree(demo_data, data)
-    for image in (data / "training" / "good").iterdir():
-        image.rename(data / "testing" / "good" / f"moved_{image.name}")
-    config = config_from_dict(tiny_config(tmp_path, data, mode="anomaly"), base_dir=tmp_path)
+    # A manifest whose training rows are all defects (good parts only in testing): nothing to learn "good" from.
+    rows = [(p, "defect", "training") for p in sorted((demo_data / "training" / "defect").glob("*.png"))]
+    rows += [(p, p.parent.name, "testing") for p in sorted((demo_data / "testing").glob("*/*.png"))]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(manifest, index=False)
+    config = tiny_config(tmp_path, demo_data, mode="anomaly", positive_class="defect")
+    config["data"] = {"manifest_path": str(manifest)}
+    del config["data_folder_path"]
     with pytest.raises(DataError, match="good images only.*no images of the good"):
-        api.train(config, console=Console(quiet=True))
+        api.train(config_from_dict(config, base_dir=tmp_path), console=Console(quiet=True))
 
 
 def test_anomaly_config_is_checked(tmp_path, demo_data) -> None:
