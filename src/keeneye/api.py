@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 import keeneye
@@ -32,9 +31,11 @@ if TYPE_CHECKING:  # pragma: no cover
 from keeneye.bundle import BUNDLE_FORMAT_VERSION, CONFIG_FILE, MODEL_FILE, PartialRun, load_bundle, staged_run, default_run_name, write_metadata
 from keeneye.config import Config, load_config, save_config
 from keeneye.data.scan import SPLITS, scan_evaluation_folder, scan_folder, split_validation
-from keeneye.data.audit import audit_manifest, leakage_summary, print_summary as print_audit_summary, settle_leakage
+from keeneye.data.audit import (
+    audit_manifest, inspect_images, leakage_summary, print_summary as print_audit_summary, settle_leakage,
+)
 from keeneye.data.manifest import load_data, run_testing_manifest
-from keeneye.data.split import assign_splits
+from keeneye.data.split import split_with_auto_groups
 from keeneye.evaluation.report import write_run_report
 from keeneye.errors import ConfigError, DataError
 from keeneye.evaluation.metrics import format_metrics_table
@@ -46,6 +47,7 @@ from keeneye.data.cache import default_cache_dir
 from keeneye.data.video import is_video, with_sequences
 from keeneye.evaluation.sequence import plot_sequences
 from keeneye.inference.video import EventSettings, bundle_video_config, evaluate_sequences
+from keeneye.terminal import keras_progress, plural, progress_bar
 from keeneye.tracking import keep_tensorboard_logs, require_packages, tensorboard_callbacks, track_run
 
 PREPROCESSING = {
@@ -72,11 +74,9 @@ class EvaluationResult:
     predictions: pd.DataFrame
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True, disable=console.quiet,
-    )
+def _progress(console: Console):
+    """One bar per long phase on a terminal; a plain line at least every 10 s in a log file."""
+    return progress_bar(console)
 
 
 def data_counts(manifest: pd.DataFrame, skipped: pd.DataFrame, dropped: pd.DataFrame) -> pd.DataFrame:
@@ -172,6 +172,90 @@ def training_summary(info: dict) -> str:
     return ", ".join(parts) + kept
 
 
+def _cross_validate_head(cfg: Config, features: np.ndarray, y: np.ndarray, sets: dict, units: np.ndarray, console: Console):
+    """K group folds over training + validation (training.cv_folds); None when off or impossible (said why).
+
+    With cv_folds 0 but too few validation images of a class for a threshold, cross-validation
+    still runs (5 folds): out-of-fold choices beat a 0.5 default.
+    """
+    from keeneye.training.crossval import run_cross_validation
+
+    pool = sets["training"] | sets["validation"]
+    training = cfg.training
+    if training.cv_folds < 2:
+        y_val = y[sets["validation"]]
+        if cfg.evaluation.threshold != "auto" or min(int(y_val.sum()), int(len(y_val) - y_val.sum())) >= cfg.evaluation.min_validation_per_class:
+            return None
+        console.print(f"[yellow]note:[/] validation holds fewer than {cfg.evaluation.min_validation_per_class} images of a class: "
+                      "the threshold is chosen on out-of-fold predictions (5 group folds) instead.")
+        training = training.model_copy(update={"cv_folds": 5})
+    with _progress(console) as progress:
+        n = 6 if cfg.head.auto else 1
+        task = progress.add_task(f"cross-validating {n} head{'s' if n > 1 else ''}", total=n)
+        cv = run_cross_validation(features[pool], y[pool], units[pool], cfg.head, training, cfg.evaluation,
+                                  progress=lambda k: progress.advance(task, k))
+    if cv is None:
+        n_pos = len(np.unique(units[pool][y[pool] == 1]))
+        console.print(f"[yellow]warning:[/] only {n_pos} positive group(s) in training and validation: too few for "
+                      "cross-validation; the threshold is chosen on the validation split.")
+        return None
+    for result in cv.results if len(cv.results) > 1 else []:
+        mark = "->" if result is cv.best else "  "
+        console.print(f"  {mark} {result.candidate.name:28s} out-of-fold AP {result.ap:.4f}", highlight=False)
+    if len(cv.results) > 1:
+        console.print(f"head chosen: {cv.best.candidate.name} ({escape(cv.reason)})", highlight=False)
+    return cv
+
+
+def cv_config(cfg: Config, cv) -> Config:
+    """The run's config with the cross-validated head and the refit's epoch count (no early stopping: no rows left)."""
+    candidate = cv.best.candidate
+    return cfg.model_copy(update={
+        "head": candidate.head_config(auto=cfg.head.auto),
+        "training": cfg.training.model_copy(update={"class_weight": candidate.class_weight, "epochs": cv.refit_epochs,
+                                                    "early_stopping_patience": 0}),
+    })
+
+
+def cv_summary(cv) -> str:
+    """One line: the cross-validated F1 and AP with their spread over the folds."""
+    e = cv.estimate
+    return (f"F1 {e['f1_mean']:.4f} +- {e['f1_sd']:.4f}, AP {e['average_precision_mean']:.4f} +- {e['average_precision_sd']:.4f} "
+            f"over {int(cv.folds.max()) + 1} group folds (head {cv.best.candidate.name}, threshold {cv.choice.threshold:.4f})")
+
+
+def _fold_history(cv) -> pd.DataFrame:
+    frame = pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    frame.attrs.update(best_epoch=cv.refit_epochs, monitor="out-of-fold loss", resumed_from=0)
+    return frame
+
+
+def _fit_published_head(cfg: Config, extractor, manifest: pd.DataFrame, features: np.ndarray, y: np.ndarray, rows: np.ndarray,
+                        validation: np.ndarray, partial, callbacks: tuple, devices, console: Console):
+    """The head that goes into the bundle: fit_head (resumable, callbacks, strategies) on `rows`."""
+    from keeneye.training.fit import fit_head
+
+    train_x, train_y = features[rows], y[rows]
+    if cfg.augmentation.frozen_views:  # K augmented copies per training image, embedded now (not cached)
+        from keeneye.training.finetune import embed_augmented_views
+
+        views_x, views_y, _ = embed_augmented_views(cfg, extractor, manifest[rows], train_y, cfg.augmentation.frozen_views)
+        train_x, train_y = np.concatenate([train_x, views_x]), np.concatenate([train_y, views_y])
+        console.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
+    with _progress(console) as progress:
+        task = progress.add_task("training the head", total=cfg.training.epochs)
+        head, history = fit_head(
+            train_x, train_y, features[validation], y[validation], cfg.head, cfg.training,
+            checkpoint_dir=partial.phase_dir("head"),
+            callbacks=(*callbacks, *tensorboard_callbacks(cfg, partial.folder, "head"), keras_progress(progress, task, "training the head")),
+            strategy=devices.strategy,
+        )
+    resumed = history.attrs.get("resumed_from", 0)
+    console.print(f"head trained: {plural(len(history), 'epoch')}, best epoch {history.attrs['best_epoch']} ({history.attrs['monitor']})"
+                  + (f", resumed after epoch {resumed}" if resumed else ""))
+    return head, history
+
+
 def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) -> TrainResult:
     import keras
 
@@ -180,7 +264,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     from keeneye.inference.engines import make_feature_engine
     from keeneye.inference.export import write_bundle_onnx
     from keeneye.training.features import EmbeddingCache, backbone_cache_key, default_cache_dir, embed_manifest
-    from keeneye.training.fit import data_fingerprint, fit_head
+    from keeneye.training.fit import data_fingerprint
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -189,16 +273,6 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     scan = load_data(cfg)  # folder or CSV manifest (data.manifest_path), groups from data.group_pattern
     negative, positive = scan.class_names
     console.print(f"classes: [bold]{escape(positive)}[/] = positive (1), [bold]{escape(negative)}[/] = negative (0)")
-    splits = assign_splits(scan.manifest, cfg.training.validation_fraction, cfg.data.test_fraction, cfg.training.seed)
-    manifest = splits.manifest
-    with _progress(console) as progress:
-        task = progress.add_task("auditing images", total=len(manifest))
-        audit = audit_manifest(manifest, scan.class_names, scan.skipped, cfg.data.near_duplicate_hash_distance,
-                               progress=lambda n: progress.advance(task, n), drop_leaked_test=cfg.data.drop_leaked_test)
-    audit.report.update(data_source=str(cfg.data.manifest_path or cfg.data_folder_path), split_notes=splits.notes)
-    audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
-    print_audit_summary(audit, console, splits.notes)
-
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
     if weights.path is None:
         console.print("[yellow]warning:[/] model.weights is 'none': the backbone has random weights (for tests only).")
@@ -208,12 +282,23 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256)
         cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), key)
     feature_engine = make_feature_engine(extractor, cache_folder=cache.folder if cache is not None else None)
+    # Hashes and embeddings come before the split: near-duplicates join automatic groups (data.auto_groups).
     with _progress(console) as progress:
-        task = progress.add_task("embedding images", total=len(manifest))
+        task = progress.add_task("hashing images", total=len(scan.manifest))
+        inspection = inspect_images(scan.manifest["path"].tolist(), progress=lambda n: progress.advance(task, n))
+    with _progress(console) as progress:
+        task = progress.add_task("embedding images", total=len(scan.manifest))
         embeddings = embed_manifest(
-            manifest, feature_engine, extractor.output_shape[-1], cfg.model.image_size, cache,
+            scan.manifest, feature_engine, extractor.output_shape[-1], cfg.model.image_size, cache,
             batch_size=32, progress=lambda n: progress.advance(task, n),
         )
+    splits = split_with_auto_groups(cfg, scan.manifest, inspection, embeddings.features, embeddings.ok)
+    manifest = splits.manifest
+    audit = audit_manifest(manifest, scan.class_names, scan.skipped, cfg.data.near_duplicate_hash_distance,
+                           drop_leaked_test=cfg.data.drop_leaked_test, inspection=inspection, auto_groups=splits.auto_groups)
+    audit.report.update(data_source=str(cfg.data.manifest_path or cfg.data_folder_path), split_notes=splits.notes)
+    audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
+    print_audit_summary(audit, console, splits.notes)
     if feature_engine.note:
         console.print(f"embedding engine: {escape(feature_engine.note)}", highlight=False)
     timings["scan_and_embeddings_s"] = time.perf_counter() - started
@@ -242,7 +327,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             f"more than max_dropped_fraction={cfg.max_dropped_fraction}; the list with reasons is in {report}."
         )
     if len(dropped):
-        console.print(f"[yellow]warning:[/] {len(dropped)} unreadable images dropped (listed in dropped_files.csv).")
+        console.print(f"[yellow]warning:[/] {plural(len(dropped), 'unreadable image')} dropped (listed in dropped_files.csv).")
 
     ok = embeddings.ok
     y = (manifest["label"] == positive).to_numpy().astype(int)
@@ -269,45 +354,60 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     console.print(f"devices: {escape(devices.description)}", highlight=False)
 
     phase = time.perf_counter()
-    train_x = embeddings.features[sets["training"]]
-    if cfg.augmentation.frozen_views:  # K augmented copies per training image, embedded now (not cached)
-        from keeneye.training.finetune import embed_augmented_views
+    cv = _cross_validate_head(cfg, embeddings.features, y, sets, splits.units, console)
+    run_cfg = cfg if cv is None else cv_config(cfg, cv)  # the chosen head (head.auto) and the refit's epochs
+    # With cross-validation the head is refit on training + validation, except when fine-tuning: then validation
+    # stays unseen, for the honest comparison of the fine-tuned model with the frozen one.
+    pool = sets["training"] | sets["validation"] if cv is not None and not cfg.fine_tune.enabled else sets["training"]
+    validation = sets["validation"] if cv is None else np.zeros_like(pool)
+    publish = cfg.training.cv_publish if cv is not None and not cfg.fine_tune.enabled else "refit"
+    if publish == "average":
+        from keeneye.model.head import average_heads
 
-        views_x, views_y, _ = embed_augmented_views(cfg, extractor, manifest[sets["training"]], train_y, cfg.augmentation.frozen_views)
-        train_x, train_y = np.concatenate([train_x, views_x]), np.concatenate([train_y, views_y])
-        console.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
-    head, history = fit_head(
-        train_x, train_y, embeddings.features[sets["validation"]], y[sets["validation"]], cfg.head, cfg.training,
-        checkpoint_dir=partial.phase_dir("head"), callbacks=(*callbacks, *tensorboard_callbacks(cfg, partial.folder, "head")),
-        strategy=devices.strategy,
-    )
-    timings["head_training_s"] = time.perf_counter() - phase
-    resumed = history.attrs.get("resumed_from", 0)
-    console.print(f"head trained: {len(history)} epochs, best epoch {history.attrs['best_epoch']} ({history.attrs['monitor']})"
-                  + (f", resumed after epoch {resumed}" if resumed else ""))
-
+        head, history = average_heads(cv.best.heads), _fold_history(cv)
+        console.print(f"head: the mean of the {len(cv.best.heads)} fold heads (training.cv_publish average)")
+    else:
+        head, history = _fit_published_head(run_cfg, extractor, manifest, embeddings.features, y, pool, validation,
+                                            partial, callbacks, devices, console)
+    timings["head_training_s"] = time.perf_counter() - phase  # with cross-validation: the folds and the refit
     phase = time.perf_counter()
     head_probability = lambda mask: np.asarray(head(embeddings.features[mask], training=False)).reshape(-1)  # noqa: E731
-    fixed = None if cfg.evaluation.threshold == "auto" else float(cfg.evaluation.threshold)
-    choice = choose_threshold(
-        y[sets["validation"]], head_probability(sets["validation"]),
-        min_per_class=cfg.evaluation.min_validation_per_class, fixed=fixed,
-    )
+    if cv is not None:
+        choice = cv.choice
+    else:
+        fixed = None if cfg.evaluation.threshold == "auto" else float(cfg.evaluation.threshold)
+        choice = choose_threshold(
+            y[sets["validation"]], head_probability(sets["validation"]), min_per_class=cfg.evaluation.min_validation_per_class,
+            fixed=fixed, objective=cfg.evaluation.threshold_objective, target=cfg.evaluation.objective_target,
+        )
     if choice.warning:
         console.print(f"[yellow]warning:[/] {escape(choice.warning)}")
     console.print(f"threshold: {choice.threshold:.4f} ({choice.method})")
-    console.print(f"validation F1 after head training: {'n/a' if choice.validation_f1 is None else f'{choice.validation_f1:.4f}'}")
+    where = "" if cv is None else " (out-of-fold, over training + validation)"
+    console.print(f"validation F1 after head training: {'n/a' if choice.validation_f1 is None else f'{choice.validation_f1:.4f}'}{where}")
     from keeneye.training.finetune import phase_summary
 
     training_info = {"epochs_run": len(history), "best_epoch": history.attrs["best_epoch"], "kept": "head",
-                     "devices": devices.description, "deterministic": cfg.training.deterministic,
+                     "devices": devices.description, "deterministic": cfg.training.deterministic, "published": publish,
                      "phases": {"head": phase_summary(history, choice.validation_f1, choice.threshold, timings["head_training_s"])}}
+    if cv is not None:
+        training_info["cross_validation"] = cv.to_dict()
     if cfg.fine_tune.enabled:
         from keeneye.training.finetune import fine_tune_and_choose
 
-        tuned = fine_tune_and_choose(cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"],
-                                     devices, partial.phase_dir("fine_tune"),
-                                     (*callbacks, *tensorboard_callbacks(cfg, partial.folder, "fine_tune")), console)
+        reference = None
+        if cv is not None:  # honest comparison: the frozen head's out-of-fold probabilities, the folds' AP spread
+            frozen_oof = np.full(len(manifest), np.nan, np.float32)
+            frozen_oof[sets["training"] | sets["validation"]] = cv.best.oof
+            reference = (frozen_oof, cv.estimate["average_precision_sd"], cv.choice)
+        with _progress(console) as progress:
+            task = progress.add_task("fine-tuning", total=cfg.fine_tune.epochs)
+            tuned = fine_tune_and_choose(
+                run_cfg, extractor, head, manifest, y, sets, history, head_probability, timings["head_training_s"], devices,
+                partial.phase_dir("fine_tune"),
+                (*callbacks, *tensorboard_callbacks(cfg, partial.folder, "fine_tune"), keras_progress(progress, task, "fine-tuning")),
+                console, frozen_reference=reference,
+            )
         timings["fine_tuning_s"] = tuned.phases["fine_tune"]["seconds"]
         extractor, head, choice, head_probability, history = tuned.extractor, tuned.head, tuned.choice, tuned.probability, tuned.history
         sets["testing"] = tuned.testing
@@ -319,7 +419,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             dropped = pd.concat([dropped, late])
             ok = ok & ~manifest.index.isin(late.index)
             counts = data_counts(counted, scan.skipped, dropped)
-            console.print(f"[yellow]warning:[/] {len(late)} images failed to decode while fine-tuning (dropped_files.csv):")
+            console.print(f"[yellow]warning:[/] {plural(len(late), 'image')} failed to decode while fine-tuning (dropped_files.csv):")
             for row in late.itertuples():
                 console.print(f"  {escape(str(row.path))}: {escape(str(row.reason))}", highlight=False, soft_wrap=True)
         phase = time.perf_counter()
@@ -334,7 +434,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             folder, test_rows["path"].tolist(), test_rows["label"].tolist(), test_probability,
             choice.threshold, scan.class_names,
             extra={"split": "testing", "threshold_choice": choice.to_dict(), "leakage": leakage_summary(audit),
-                   **_sequence_evaluation(test_rows, test_probability, scan.class_names, choice.threshold, cfg.video, folder)},
+                   **_sequence_evaluation(test_rows, test_probability, scan.class_names, choice.threshold, cfg.video, folder)}
+            | ({"cross_validation": cv.to_dict()} if cv is not None else {}),
         )
         timings["evaluation_s"] = time.perf_counter() - phase
         classifier = build_classifier(extractor, head)
@@ -357,6 +458,9 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
                      ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px"),
                      ("threshold", f"{choice.threshold:.4f} ({choice.method})"),
                      ("training", training_summary(training_info)),
+                     *([("cross-validation", cv_summary(cv))] if cv is not None else []),
+                     *([("head candidates", "; ".join(f"{r.candidate.name} AP {r.ap:.4f}" for r in cv.results) + f" -> {cv.reason}")]
+                       if cv is not None and len(cv.results) > 1 else []),
                      ("split", " ".join(splits.notes) or "as given"), ("total time", f"{timings['total_s']:.1f} s")],
         )
         write_metadata(folder, {
@@ -370,7 +474,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
             "preprocessing": PREPROCESSING,
             "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha, "weights": weights.spec if weights.path is None else weights.path.name,
                          "weights_sha256": weights.sha256},
-            "head": cfg.head.model_dump(),
+            "head": run_cfg.head.model_dump(),
             "training": training_info,
             "metrics": {"testing": {k: metrics[k] for k in ("n", "n_positive", "roc_auc", "average_precision")}
                         | {"at_threshold": {k: metrics["at_threshold"][k] for k in ("f1", "precision", "recall", "accuracy")}}},
@@ -380,6 +484,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         })
         run.publish()
     partial.remove()  # the bundle is published: the resumable state has served its purpose
+    if cv is not None:
+        console.print(f"cross-validated estimate (before the test score below): {cv_summary(cv)}", highlight=False)
     console.print(format_metrics_table(metrics))
     console.print(f"model bundle: [bold]{escape(str(run.final))}[/]")
     return TrainResult(run.final, metrics, choice.threshold, scan.class_names, counts, timings)
@@ -425,7 +531,7 @@ def evaluate(
         scan = scan_evaluation_folder(data, bundle.class_names)
         video, patterns = bundle_video_config(bundle.path)
         scan = with_sequences(scan, video.fps, default_cache_dir(), patterns.get("frame_pattern"), patterns.get("group_pattern"))
-    console.print(f"evaluating {escape(bundle.path.name)} on {len(scan.manifest)} images from {escape(str(data))} (engine: {predictor.engine_name})", highlight=False)
+    console.print(f"evaluating {escape(bundle.path.name)} on {plural(len(scan.manifest), 'image')} from {escape(str(data))} (engine: {predictor.engine_name})", highlight=False)
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(scan.manifest))
         predictions = predictor.predict_paths(scan.manifest["path"].tolist(), progress=lambda n: progress.advance(task, n))
@@ -447,7 +553,7 @@ def evaluate(
     dropped.to_csv(folder / "dropped_files.csv", index=False)
     scan.skipped.to_csv(folder / "skipped_files.csv", index=False)
     if (~ok).any():
-        console.print(f"[yellow]warning:[/] {(~ok).sum()} unreadable images left out (dropped_files.csv).")
+        console.print(f"[yellow]warning:[/] {plural(int((~ok).sum()), 'unreadable image')} left out (dropped_files.csv).")
     write_run_report(
         folder, title=f"keeneye evaluation of {bundle.path.name}", metrics=metrics, class_names=bundle.class_names,
         threshold=bundle.threshold, model=getattr(bundle, "model", None), console=console,
@@ -477,8 +583,8 @@ def predict(
     paths, problems = expand_inputs(inputs, videos=True)
     videos = [p for p in paths if is_video(p)]
     paths = [p for p in paths if not is_video(p)]
-    console.print(f"predicting {len(paths)} images{f' and {len(videos)} videos' if videos else ''} with "
-                  f"{predictor.bundle.path.name} (engine: {predictor.engine_name})")
+    what = plural(len(paths), "image") + (f" and {plural(len(videos), 'video')}" if videos else "")
+    console.print(f"predicting {what} with {predictor.bundle.path.name} (engine: {predictor.engine_name})")
     with _progress(console) as progress:
         task = progress.add_task("predicting", total=len(paths))
         frame = predictor.predict_paths(paths, progress=lambda n: progress.advance(task, n))

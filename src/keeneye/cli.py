@@ -12,20 +12,44 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
+import keeneye
 from keeneye.errors import KeeneyeError
+from keeneye.terminal import quiet_runtime
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Binary image classification for visual inspection.")
-config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate config files.")
+# Plain help (click's layout): the rich one printed flags as `--help <bool>` and squeezed the
+# help texts into a narrow column.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Binary image classification for visual inspection: train, evaluate, predict, serve.")
+config_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and validate config files.")
 app.add_typer(config_app, name="config")
 err_console = Console(stderr=True)
 console = Console()
+for _console in (console, err_console):  # in a log file, a long line stays one line (rich wraps at 80 columns)
+    _console.soft_wrap = not _console.is_terminal
 
 SET_HELP = "Override a config value: section.key=value (repeatable); the value is parsed as JSON when it can be."
+BUNDLE_HELP = "Model bundle folder (runs/<name>)."
+ENGINE_HELP = "Inference engine: auto, onnx or keras."
 
 
 def _fail(exc: KeeneyeError) -> None:
     err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"keeneye {keeneye.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show TensorFlow's own log lines and library warnings."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Binary image classification for visual inspection: train, evaluate, predict, serve."""
+    quiet_runtime(verbose, err_console)
 
 
 @config_app.command("schema")
@@ -38,10 +62,13 @@ def config_schema() -> None:
 
 @config_app.command("check")
 def config_check(
-    config: Path = typer.Argument(..., help="Path to config.json."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Path to config.json."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
-    """Validate a config file and print it resolved (defaults filled, paths absolute)."""
+    """Validate a config file and print it resolved.
+
+    Defaults are filled in and paths made absolute.
+    """
     from keeneye.config import load_config
 
     try:
@@ -59,7 +86,11 @@ def train(
         None, "--resume", help="Continue an interrupted run from its last finished epoch: runs/<name> (its state is in runs/<name>.partial)."
     ),
 ) -> None:
-    """Train on <data_folder_path>/training, evaluate on testing; writes runs/<name>/ (the model bundle)."""
+    """Train a model and write its bundle to runs/<name>/.
+
+    Trains on <data_folder_path>/training, chooses the threshold on validation images and
+    evaluates on testing.
+    """
     from keeneye import api
     from keeneye.config import load_config
     from keeneye.errors import ConfigError
@@ -80,11 +111,14 @@ def train(
 
 @app.command()
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help=BUNDLE_HELP),
     data: Optional[Path] = typer.Option(None, "--data", help="Folder to evaluate on: DIR/testing/<class>/ or DIR/<class>/ (default: the run's testing split)."),
-    engine: str = typer.Option("auto", "--engine", help="Inference engine."),
+    engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
 ) -> None:
-    """F1, precision, recall, confusion matrix and plots for a trained bundle."""
+    """Measure a trained bundle: F1, precision, recall, plots.
+
+    On the run's own testing images, or on another folder with --data.
+    """
     from keeneye import api
 
     try:
@@ -95,18 +129,22 @@ def evaluate(
 
 @app.command()
 def predict(
-    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help=BUNDLE_HELP),
+    inputs: List[str] = typer.Argument(..., metavar="INPUT", help="Image or video files, folders (recursive) or glob patterns."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results to this .csv or .json (default: CSV on stdout)."),
-    engine: str = typer.Option("auto", "--engine", help="Inference engine."),
+    engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     events: Optional[Path] = typer.Option(None, "--events", help="Videos: write events and per-video verdicts to this JSON (default: beside --output as <name>.events.json)."),
     fps: Optional[float] = typer.Option(None, "--fps", min=0.001, help="Videos: frames per second to predict (default: the bundle's video.fps)."),
     smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Videos: moving-average window in frames (default: video.smoothing_frames)."),
     maps: Optional[Path] = typer.Option(None, "--maps", help="One-class bundles: also write an anomaly-map overlay PNG per image into this folder."),
 ) -> None:
-    """Predict images and videos (one row per sampled frame, events and verdicts per video); failures are listed
-    with their reason. Exit 1 only when nothing could be predicted."""
+    """Predict images and videos: probability and label for each.
+
+    Videos give one row per sampled frame, plus events and a verdict per video.
+    Inputs that cannot be used are listed with their reason. Exit status 1 only when nothing could
+    be predicted.
+    """
     from keeneye import api
 
     try:
@@ -130,8 +168,11 @@ def watch(
     smoothing: Optional[int] = typer.Option(None, "--smoothing", min=1, help="Moving-average window in frames (default: video.smoothing_frames)."),
     engine: str = typer.Option("auto", "--engine", help="Inference engine."),
 ) -> None:
-    """Watch a camera, file or stream: one JSON line per event (and per frame with --frames), with latency.
-    Stops at the end of the stream or on Ctrl-C (the open event is closed and reported first)."""
+    """Watch a camera, file or stream: one JSON line per event.
+
+    With --frames, also one line per frame; each line carries its latency. Stops at the end of the
+    stream or on Ctrl-C (the open event is closed and reported first).
+    """
     import signal
     import threading
 
@@ -167,7 +208,10 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
-    """Generate a small seeded inspection dataset, then train and evaluate on it."""
+    """Try keeneye on generated images: train and evaluate.
+
+    Writes a small seeded inspection dataset and a config, then trains and evaluates on it.
+    """
     from keeneye import api
     from keeneye.demo import make_demo_dataset, write_demo_config
 
@@ -186,12 +230,15 @@ def demo(
 
 @app.command()
 def serve(
-    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help=BUNDLE_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     workers: int = typer.Option(1, "--workers", min=1, help="Server processes (each loads its own model)."),
-    engine: str = typer.Option("auto", "--engine", help="Inference engine."),
-    batching: bool = typer.Option(True, "--batching/--no-batching", help="Merge concurrent requests into one forward pass."),
+    engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
+    batching: Optional[bool] = typer.Option(
+        None, "--batching/--no-batching", show_default=False,
+        help="Merge concurrent requests into one forward pass [default: on for keras, off for onnx, as measured by benchmarks/load_test.py].",
+    ),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size", help="Most images per forward pass [32]."),
     max_batch_wait_ms: Optional[float] = typer.Option(None, "--max-batch-wait-ms", help="How long a request that finds the model idle waits for others to join its batch [5]."),
     max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body in MiB [32]."),
@@ -208,7 +255,11 @@ def serve(
     shutdown_timeout: Optional[float] = typer.Option(None, "--shutdown-timeout", help="Grace period for in-flight requests on SIGTERM, s [30]."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:
-    """Serve a bundle over HTTP (POST /predict, /health, /ready, /metadata, /stats, /docs); SIGTERM drains."""
+    """Serve a bundle over HTTP: a web page and a JSON API.
+
+    Open http://HOST:PORT/ in a browser to check images; POST /predict for programs; /docs
+    documents the API. SIGTERM lets requests in flight finish.
+    """
     from keeneye.serving import make_settings
 
     mib = lambda value: None if value is None else int(value * 1024 * 1024)  # noqa: E731
@@ -229,7 +280,7 @@ def serve(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help=BUNDLE_HELP),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, tflite or savedmodel."),
     quantize: Optional[str] = typer.Option(None, "--quantize", "-q", help="float16 or int8 (onnx, tflite); int8 is calibrated on the bundle's training images."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File (SavedModel: folder) to write; its folder must exist (default: runs/<name>/exports/)."),
@@ -237,7 +288,11 @@ def export(
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Smallest share of equal decisions at the threshold (default 0.99; float16 0.98; int8 0.95)."),
     max_f1_drop: Optional[float] = typer.Option(None, "--max-f1-drop", help="Largest test F1 drop allowed (default: float16 0.01; int8 0.03)."),
 ) -> None:
-    """Export a bundle for deployment, verified against model.keras on held-out images (exit 3 if it disagrees)."""
+    """Export a bundle to ONNX, TFLite or SavedModel.
+
+    The export is verified against model.keras on held-out images (exit status 3 if it
+    disagrees).
+    """
     from keeneye.inference.export import export_bundle, tolerance_for
 
     try:
@@ -253,7 +308,11 @@ def audit(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for audit.json and audit.txt [<output_dir>/audits/audit-<time>/]."),
 ) -> None:
-    """Audit the data as train would split it: counts, sizes, unreadable files, duplicates, near-duplicates, leakage."""
+    """Audit the data before training: duplicates, leakage.
+
+    Splits the data as train would, then reports counts, sizes, unreadable files, duplicates,
+    near-duplicates and train/test leakage.
+    """
     from keeneye.config import load_config
     from keeneye.data.audit import audit_config
 
@@ -266,11 +325,14 @@ def audit(
 
 @app.command()
 def explain(
-    run_dir: Path = typer.Argument(..., help="Model bundle folder (runs/<name>)."),
-    images: List[str] = typer.Argument(..., help="Image files, folders (recursive) or glob patterns."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help=BUNDLE_HELP),
+    images: List[str] = typer.Argument(..., metavar="IMAGE", help="Image files, folders (recursive) or glob patterns."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the overlays (PNG) and explanations.csv."),
 ) -> None:
-    """Heat maps: Grad-CAM (where the classifier looked) or, for a one-class bundle, the anomaly map. Exit 1 only when nothing could be explained."""
+    """Heat maps: Grad-CAM (where the classifier looked) or, for a one-class bundle, the anomaly map.
+
+    Exit status 1 only when no image could be explained.
+    """
     from keeneye.explain import explain as explain_images
 
     try:
@@ -291,7 +353,8 @@ class _RunsGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-runs_app = typer.Typer(cls=_RunsGroup, help="Past runs: `keeneye runs [OUTPUT_DIR] [--sort f1]` lists them; `keeneye runs compare A B` diffs two.")
+runs_app = typer.Typer(cls=_RunsGroup, rich_markup_mode=None, help=(
+    "List and compare past runs.\n\n`keeneye runs [OUTPUT_DIR] [--sort f1]` lists them; `keeneye runs compare A B` diffs two."))
 app.add_typer(runs_app, name="runs")
 
 
@@ -301,7 +364,10 @@ def runs_list(
     sort: str = typer.Option("date", "--sort", "-s", help="date, name, f1, ap, cv, threshold or time (metrics: best first)."),
     reverse: bool = typer.Option(False, "--reverse", "-r", help="Reverse the order."),
 ) -> None:
-    """A table of the runs in OUTPUT_DIR (default ./runs), read from their bundles (no MLflow needed)."""
+    """A table of the runs in OUTPUT_DIR (default ./runs).
+
+    Read from their bundles (no MLflow needed).
+    """
     from keeneye.runs import SORT_KEYS, list_runs, runs_table
 
     try:

@@ -225,6 +225,29 @@ class HeadConfig(BaseModel):
         ),
         _Expect("a number >= 0 and < 1", ("integer", "number")),
     ] = 0.2
+    l2: Annotated[
+        StrictFloat,
+        Field(
+            ge=0,
+            lt=1,
+            description="L2 penalty on the weights of the head's dense layers (0: none), e.g. 0.0001.",
+        ),
+        _Expect("a number >= 0 and < 1, e.g. 0.0001", ("integer", "number")),
+    ] = 0.0
+    auto: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Choose the head by cross-validation (training.cv_folds group folds on the cached embeddings) from a "
+                "small fixed set of candidates (hidden width, dropout and L2, class weighting): the highest "
+                "out-of-fold average precision wins, and a candidate within one standard error of it that is simpler "
+                "wins the tie. The candidates and their scores go into metrics.json and the report. false: the head "
+                "as configured here (dense_units, dropout, l2) and training.class_weight."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
 
 
 class TrainingConfig(BaseModel):
@@ -332,6 +355,40 @@ class TrainingConfig(BaseModel):
         ),
         _Expect('"auto", "off", "mirrored" or "multi_worker"', ("string",)),
     ] = "auto"
+    cv_folds: Annotated[
+        StrictInt,
+        Field(
+            ge=0,
+            le=20,
+            description=(
+                "Cross-validate the head on the cached embeddings: K group-aware, label-stratified, seeded folds over "
+                "the training and validation images together (sklearn StratifiedGroupKFold on the split units, see "
+                "data.auto_groups). The out-of-fold probabilities choose the threshold (and the head with "
+                "head.auto), and the fold scores give the cross-validated estimate printed before the test score. "
+                "Fewer folds are used when there are fewer positive groups. 0: no cross-validation, the head early-"
+                "stops and the threshold is chosen on the validation split (as it is for a fine-tuned model)."
+            ),
+        ),
+        _Expect("0, or an integer from 2 to 20", ("integer",)),
+    ] = 5
+    cv_publish: Annotated[
+        Literal["refit", "average"],
+        Field(
+            description=(
+                'With cv_folds: the head that goes into the bundle. "refit": one head trained on all training and '
+                "validation images for the median of the folds' best epoch counts. \"average\": the mean of the K fold "
+                "heads' probabilities (one Keras model holding all K heads)."
+            )
+        ),
+        _Expect('"refit" or "average"', ("string",)),
+    ] = "refit"
+
+    @field_validator("cv_folds")
+    @classmethod
+    def _check_cv_folds(cls, value: int) -> int:
+        if value == 1:
+            raise PydanticCustomError("cv_folds_one", "one fold is not cross-validation (use 0 to turn it off, or 2 or more)")
+        return value
 
 
 # MobileNetV2's layer names (keras.applications); fine_tune.unfreeze may name one of them.
@@ -497,9 +554,9 @@ class EvaluationConfig(BaseModel):
         Union[Literal["auto"], Annotated[StrictFloat, Field(gt=0, lt=1)]],
         Field(
             description=(
-                "Probability at or above which an image is called positive. \"auto\" chooses it on the validation "
-                "images (falling back to 0.5 when there are too few, see min_validation_per_class); a number "
-                "strictly between 0 and 1 fixes it."
+                "Probability at or above which an image is called positive. \"auto\" chooses it on held-out "
+                "probabilities (out-of-fold with training.cv_folds, else the validation images; see threshold_objective "
+                "and min_validation_per_class); a number strictly between 0 and 1 fixes it."
             )
         ),
         _Expect('"auto" or a number strictly between 0 and 1, e.g. 0.5', ("string", "number")),
@@ -509,12 +566,40 @@ class EvaluationConfig(BaseModel):
         Field(
             ge=1,
             description=(
-                'With threshold "auto": the fewest validation images each class needs for the threshold to be '
-                "tuned; with fewer, the threshold falls back to 0.5."
+                'With threshold "auto": the fewest held-out images each class needs for the threshold to be '
+                "tuned (on validation; with training.cv_folds, out-of-fold, which holds every training and validation "
+                "image); with fewer, the threshold falls back to 0.5 with a warning."
             ),
         ),
         _Expect("an integer >= 1", ("integer",)),
     ] = 5
+    threshold_objective: Annotated[
+        Literal["f1", "precision_at_recall", "recall_at_precision"],
+        Field(
+            description=(
+                'What threshold "auto" optimises on the held-out probabilities: "f1" (of the positive class); '
+                '"precision_at_recall": the most precise threshold that still finds target_recall of the positives '
+                "(when a missed defect costs more than a false alarm); \"recall_at_precision\": the threshold that "
+                "finds the most positives while keeping target_precision."
+            )
+        ),
+        _Expect('"f1", "precision_at_recall" or "recall_at_precision"', ("string",)),
+    ] = "f1"
+    target_recall: Annotated[
+        StrictFloat,
+        Field(gt=0, le=1, description='The recall that threshold_objective "precision_at_recall" must reach.'),
+        _Expect("a number > 0 and <= 1, e.g. 0.95", ("integer", "number")),
+    ] = 0.95
+    target_precision: Annotated[
+        StrictFloat,
+        Field(gt=0, le=1, description='The precision that threshold_objective "recall_at_precision" must keep.'),
+        _Expect("a number > 0 and <= 1, e.g. 0.9", ("integer", "number")),
+    ] = 0.9
+
+    @property
+    def objective_target(self) -> float | None:
+        """The target that goes with threshold_objective (None for f1)."""
+        return {"precision_at_recall": self.target_recall, "recall_at_precision": self.target_precision}.get(self.threshold_objective)
 
 
 class DataConfig(BaseModel):
@@ -591,13 +676,31 @@ class DataConfig(BaseModel):
             gt=0,
             le=1,
             description=(
-                "Cosine similarity of the backbone embeddings (centred on the training mean) at or above which a "
-                "testing image counts as a near-duplicate of a training or validation image (checked during train, "
-                "after embedding)."
+                "Two images are near-duplicates by their backbone embeddings when each is the other's nearest "
+                "neighbour (mutual nearest neighbours) and the cosine similarity of their embeddings (centred on the "
+                "mean of all images) is at least this. Used for the automatic groups (data.auto_groups) and for the "
+                "audit's leakage check during train. Mutual nearest neighbours, not a plain cosine cut: in a "
+                "homogeneous set (solar cells, tiles) many different parts are above any usable cosine, and a plain "
+                "cut chains them into one big group."
             ),
         ),
         _Expect("a number > 0 and <= 1, e.g. 0.95", ("integer", "number")),
-    ] = 0.95
+    ] = 0.9
+    auto_groups: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Join images into groups by near-duplicate evidence before splitting: identical files, perceptual-hash "
+                "neighbours (near_duplicate_hash_distance) and, in train, mutual nearest neighbours of the "
+                "embeddings (near_duplicate_similarity); connected components become split units, so validation, "
+                "the cross-validation folds and a generated testing split never separate near-copies. Groups given "
+                "by the manifest or group_pattern rule: evidence that links two different given groups is ignored "
+                "(the audit still reports it). false: only identical files and the given groups are kept together."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = True
     near_duplicate_hash_distance: Annotated[
         StrictInt,
         Field(

@@ -31,7 +31,7 @@ import pandas as pd
 from keeneye.data.decode import DecodeError, load_image, resize_square
 from keeneye.errors import BundleError
 
-__all__ = ["GradCam", "Explanation", "overlay_heatmap", "explain_images", "explain"]
+__all__ = ["GradCam", "Explanation", "overlay_heatmap", "explain_decoded", "explain_images", "explain"]
 
 MAX_OVERLAY_SIDE = 512
 
@@ -109,29 +109,38 @@ def _display(image: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
 
 
+def explain_decoded(
+    cam: GradCam, images: Sequence[np.ndarray], threshold: float, class_names: tuple[str, str],
+    names: Sequence[str] | None = None, max_side: int = MAX_OVERLAY_SIDE,
+) -> list[Explanation]:
+    """Grad-CAM for decoded RGB uint8 images of any size (one batch): what files and the server both use."""
+    negative, positive = class_names
+    names = list(names) if names is not None else [f"image-{i}" for i in range(len(images))]
+    batch = np.stack([resize_square(image, cam.image_size) for image in images])
+    maps, probabilities = cam.explain(batch, threshold)
+    return [
+        Explanation(path=name, probability=float(probability), label=positive if probability >= threshold else negative,
+                    heatmap=heat, overlay=overlay_heatmap(_display(image, max_side), heat))
+        for name, image, heat, probability in zip(names, images, maps, probabilities)
+    ]
+
+
 def explain_images(
     model, paths: Sequence[str], threshold: float, class_names: tuple[str, str], batch_size: int = 16,
     max_side: int = MAX_OVERLAY_SIDE, cam: GradCam | None = None,
 ) -> list[Explanation]:
     """Grad-CAM overlays for image files, in order; a file that cannot be decoded gets its reason."""
     cam = cam or GradCam(model)
-    size = cam.image_size
-    negative, positive = class_names
     results: list[Explanation | None] = [None] * len(paths)
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
-        batch = np.stack([resize_square(img, size) for _, img in pending])
-        maps, probabilities = cam.explain(batch, threshold)
-        for (index, image), heat, probability in zip(pending, maps, probabilities):
-            shown = _display(image, max_side)
-            results[index] = Explanation(
-                path=str(paths[index]), probability=float(probability),
-                label=positive if probability >= threshold else negative,
-                heatmap=heat, overlay=overlay_heatmap(shown, heat),
-            )
+        explained = explain_decoded(cam, [image for _, image in pending], threshold, class_names,
+                                    [str(paths[index]) for index, _ in pending], max_side)
+        for (index, _), item in zip(pending, explained):
+            results[index] = item
         pending.clear()
 
     for index, path in enumerate(paths):

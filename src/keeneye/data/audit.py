@@ -40,6 +40,7 @@ import pandas as pd
 from keeneye.data.decode import DecodeError, decode_image_bytes
 from keeneye.data.decode import _header_size, _jpeg_header, _sniff_format  # cheap header readers, shared on purpose
 from keeneye.data.scan import SPLITS
+from keeneye.terminal import plural
 
 __all__ = [
     "AUDIT_FILE", "AUDIT_SUMMARY_FILE", "Audit", "audit_manifest", "dhash", "hamming_pairs", "inspect_image",
@@ -241,6 +242,71 @@ def similar_pairs(a: np.ndarray, b: np.ndarray, threshold: float) -> tuple[np.nd
     return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
 
 
+EMBEDDING_NEIGHBOURS = 2  # mutual top-k: see mutual_neighbour_pairs
+
+
+def mutual_neighbour_pairs(features: np.ndarray, ok: np.ndarray, threshold: float,
+                           k: int = EMBEDDING_NEIGHBOURS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, cosine) with i < j (row positions): each among the other's k nearest neighbours, cosine >= threshold.
+
+    Embeddings are centred on the mean of the `ok` rows (pooled ReLU features are all positive, so
+    raw cosines of unrelated images are high) and normalised. Why mutual top-2 and not a plain
+    cosine cut, measured on the real sets (benchmarks/results/near_duplicate_rules.json): a plain
+    cut at 0.9 chains 120 different cast parts into one group on casting, and at 0.95 it still
+    paired different solar cells of opposite labels on a homogeneous set; mutual top-2 at 0.9 keeps
+    the largest group at 6 on magnetic-tile (a tile was shot about 6 times) with 95% of its pairs
+    inside one heuristic tile group, and at 8 on casting with 99.2% same-label pairs. Top-1 would
+    pair at most two images, splitting a tile's six shots; top-3 chains 26 casting images.
+    """
+    rows = np.flatnonzero(np.asarray(ok, dtype=bool))
+    if len(rows) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    x = np.asarray(features[rows], dtype=np.float32)
+    x = x - x.mean(axis=0)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    k = min(k, len(rows) - 1)
+    top = np.empty((len(rows), k), np.int64)
+    top_sim = np.empty((len(rows), k), np.float32)
+    chunk = max(1, 4_000_000 // len(rows))
+    for start in range(0, len(rows), chunk):
+        sims = x[start : start + chunk] @ x.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top[start : start + chunk] = part
+        top_sim[start : start + chunk] = np.take_along_axis(sims, part, axis=1)
+    a = np.repeat(np.arange(len(rows)), k)
+    b = top.ravel()
+    sim = top_sim.ravel()
+    neighbours = set(zip(a.tolist(), b.tolist()))
+    keep = (a < b) & (sim >= threshold) & np.fromiter(((j, i) in neighbours for i, j in zip(a, b)), bool, len(a))
+    return rows[a[keep]], rows[b[keep]], sim[keep]
+
+
+def near_duplicate_edges(
+    manifest: pd.DataFrame, hashes: np.ndarray | None, readable: np.ndarray | None, hash_distance: int,
+    features: np.ndarray | None = None, ok: np.ndarray | None = None, similarity: float = 0.9,
+) -> pd.DataFrame:
+    """Pairs of rows (positions i < j) that are near-duplicates: `kind` "hash" or "embedding", and its `value`.
+
+    The evidence for automatic groups (:func:`keeneye.data.split.split_units`); identical files
+    are joined there by their sha1 already.
+    """
+    frames = []
+    if hashes is not None and hash_distance >= 0:
+        rows = np.flatnonzero(readable)
+        i, j, d = hamming_pairs(hashes[rows], hashes[rows], hash_distance)
+        keep = i < j
+        frames.append(pd.DataFrame({"i": rows[i[keep]], "j": rows[j[keep]], "kind": "hash", "value": d[keep].astype(float)}))
+    if features is not None:
+        i, j, sim = mutual_neighbour_pairs(features, ok, similarity)
+        frames.append(pd.DataFrame({"i": i, "j": j, "kind": "embedding", "value": sim.astype(float)}))
+    if not frames:
+        return pd.DataFrame({"i": pd.Series(dtype=np.int64), "j": pd.Series(dtype=np.int64), "kind": pd.Series(dtype=object),
+                             "value": pd.Series(dtype=float)})
+    return pd.concat(frames, ignore_index=True)
+
+
 # --------------------------------------------------------------------------------------------
 # The audit
 # --------------------------------------------------------------------------------------------
@@ -335,32 +401,25 @@ class Audit:
     # ---- embedding near-duplicates (train, after embedding)
 
     def add_embedding_near_duplicates(self, features: np.ndarray, ok: np.ndarray, threshold: float) -> None:
-        """Cross-split pairs whose centred, normalised embeddings have cosine >= threshold.
+        """Cross-split pairs of mutual nearest neighbours (top-2) whose centred embeddings have cosine >= threshold.
 
-        `features` is aligned with the manifest's rows. Centring on the training mean matters:
-        pooled ReLU features are all positive, so raw cosines of unrelated images are high.
+        `features` is aligned with the manifest's rows. The same rule as the automatic groups
+        (:func:`mutual_neighbour_pairs`, where the measurements behind it are): a plain cosine cut
+        flags merely similar parts of a homogeneous set as leaks.
         """
         split = self.manifest["split"].to_numpy()
         sha1 = self.manifest["sha1"].to_numpy()
-        ok = np.asarray(ok, dtype=bool)
-        fit = ok & (split == "training")
-        if not fit.any():
-            return
-        centred = np.asarray(features, dtype=np.float32) - features[fit].mean(axis=0)
-        norms = np.linalg.norm(centred, axis=1, keepdims=True)
-        centred = np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 0)
+        order = {name: n for n, name in enumerate(SPLITS)}
         pairs = []
-        for left, right in SPLIT_PAIRS:
-            a = np.flatnonzero(ok & (split == left))
-            b = np.flatnonzero(ok & (split == right))
-            i, j, s = similar_pairs(centred[a], centred[b], threshold)
-            for x, y, sim in zip(a[i], b[j], s):
-                if sha1[x] is not None and sha1[x] == sha1[y]:
-                    continue  # identical files are reported as such
-                pairs.append(self._pair(x, y, "similarity", round(float(sim), 4)))
-                self._leak(self.manifest.index[y], right, f"near-duplicate (embedding): cosine {sim:.3f} to {self.manifest['path'].iat[x]}")
+        i, j, s = mutual_neighbour_pairs(features, np.asarray(ok, dtype=bool), threshold)
+        for x, y, sim in zip(i, j, s):
+            if split[x] == split[y] or (sha1[x] is not None and sha1[x] == sha1[y]):
+                continue  # identical files are reported as such
+            x, y = (x, y) if order.get(split[x], 0) < order.get(split[y], 0) else (y, x)
+            pairs.append(self._pair(x, y, "similarity", round(float(sim), 4)))
+            self._leak(self.manifest.index[y], split[y], f"near-duplicate (embedding): cosine {sim:.3f} to {self.manifest['path'].iat[x]}")
         self.report["near_duplicates"]["embedding"] = {
-            "method": "cosine similarity of MobileNetV2 pooled features, centred on the training mean",
+            "method": "mutual nearest neighbours (top-2) of MobileNetV2 pooled features, centred, with cosine similarity >= threshold",
             "threshold": threshold,
             "pairs": pairs,
             "n_pairs": len(pairs),
@@ -415,13 +474,13 @@ class Audit:
         if hashed is not None and hashed.get("max_distance", -1) >= 0:
             lines.append(
                 f"near-duplicates by perceptual hash (dHash, distance <= {hashed['max_distance']} of 256 bits): "
-                f"{hashed['n_pairs']} cross-split pairs beyond identical files"
+                f"{plural(hashed['n_pairs'], 'cross-split pair')} beyond identical files"
                 + (f" ({_pairs_by_splits(hashed['pairs'])})" if hashed["pairs"] else "")
             )
         embedded = near.get("embedding")
         if embedded is not None:
             lines.append(
-                f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {embedded['n_pairs']} cross-split pairs "
+                f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {plural(embedded['n_pairs'], 'cross-split pair')} "
                 "beyond identical files" + (f" ({_pairs_by_splits(embedded['pairs'])})" if embedded["pairs"] else "")
             )
         groups = r["groups"]
@@ -431,7 +490,13 @@ class Audit:
                 f"{len(groups['crossing_splits'])} in more than one split"
             )
         else:
-            lines.append("groups: none (every image is its own unit)")
+            lines.append("groups: none given")
+        auto = groups.get("automatic")
+        if auto:
+            lines.append(
+                f"automatic groups (near-duplicate evidence): {auto['n_groups']} formed, joining {auto['n_images']} images; "
+                f"largest {auto['largest']} images; {auto['edges_ignored']} links between different given groups ignored"
+            )
         leak = r["leakage"]
         lines.append(
             f"leaked testing images: {leak['leaked_testing_images']} of {leak['testing_images']}"
@@ -472,11 +537,19 @@ def audit_manifest(
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
     drop_leaked_test: bool = False,
+    inspection: tuple[pd.DataFrame, np.ndarray] | None = None,
+    auto_groups: dict | None = None,
 ) -> Audit:
-    """Audit a split manifest (`path, label, split, group, sha1`); see the module docstring."""
+    """Audit a split manifest (`path, label, split, group, sha1`); see the module docstring.
+
+    inspection: :func:`inspect_images` of the manifest's paths when already done (train hashes the
+    images before splitting, for the automatic groups); auto_groups: what those groups joined.
+    """
     started = time.perf_counter()
     manifest = manifest.copy()
-    facts, hashes = inspect_images(manifest["path"].tolist(), workers=workers, progress=progress)
+    if inspection is None:
+        inspection = inspect_images(manifest["path"].tolist(), workers=workers, progress=progress)
+    facts, hashes = inspection[0].copy(), inspection[1]
     facts.index = manifest.index
     split = manifest["split"].to_numpy()
     labels = manifest["label"].to_numpy()
@@ -595,6 +668,7 @@ def audit_manifest(
         "n_groups": int(groups[has_group].astype(str).nunique()),
         "images_with_group": int(has_group.sum()),
         "crossing_splits": crossing,
+        "automatic": auto_groups,
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
     audit._update_leakage()
@@ -627,14 +701,15 @@ def audit_config(config, overrides=(), output: str | os.PathLike | None = None, 
 
     from keeneye.config import Config, load_config
     from keeneye.data.manifest import load_data
-    from keeneye.data.split import assign_splits
+    from keeneye.data.split import split_with_auto_groups
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     console = console or Console()
     scan = load_data(cfg)
-    split = assign_splits(scan.manifest, cfg.training.validation_fraction, cfg.data.test_fraction, cfg.training.seed)
+    inspection = inspect_images(scan.manifest["path"].tolist())
+    split = split_with_auto_groups(cfg, scan.manifest, inspection)  # no embeddings here: identical files and hashes
     audit = audit_manifest(split.manifest, scan.class_names, scan.skipped, hash_distance=cfg.data.near_duplicate_hash_distance,
-                           drop_leaked_test=cfg.data.drop_leaked_test)
+                           drop_leaked_test=cfg.data.drop_leaked_test, inspection=inspection, auto_groups=split.auto_groups)
     audit.report["data_source"] = str(cfg.data.manifest_path or cfg.data_folder_path)
     audit.report["split_notes"] = split.notes
     audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
@@ -673,7 +748,7 @@ def settle_leakage(audit: Audit, testing: np.ndarray, drop: bool, console) -> np
     embedded = audit.report["near_duplicates"].get("embedding")
     if embedded is not None:
         console.print(
-            f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {embedded['n_pairs']} cross-split pairs "
+            f"near-duplicates by embedding (cosine >= {embedded['threshold']}): {plural(embedded['n_pairs'], 'cross-split pair')} "
             "beyond identical files", highlight=False,
         )
     leaked = audit.manifest.index.isin(audit.leaked_test_index())

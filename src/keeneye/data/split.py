@@ -7,6 +7,11 @@ generalisation. So holding out images works on *split units*, not on images:
 * a unit is a group (the manifest's ``group`` column, or ``data.group_pattern`` applied to the
   file name) and every row without a group is a unit of its own;
 * byte-identical files (same ``sha1``) are always in the same unit, groups or not;
+* with automatic groups (``data.auto_groups``), near-duplicates are joined too: perceptual-hash
+  neighbours and mutual embedding neighbours (:func:`keeneye.data.audit.near_duplicate_edges`),
+  as connected components (scipy.sparse.csgraph). Given groups rule: a link between two images of
+  different given groups is ignored (the audit still reports it), so automatic evidence only
+  joins ungrouped images to each other or to a group;
 * validation (``training.validation_fraction``) and, when the data has no testing rows, testing
   (``data.test_fraction``) are carved from the training rows by whole units, stratified by label
   where possible (:class:`sklearn.model_selection.StratifiedGroupKFold`, seeded);
@@ -29,7 +34,7 @@ import pandas as pd
 
 from keeneye.errors import DataError
 
-__all__ = ["SplitResult", "assign_groups", "assign_splits", "split_units", "split_validation", "group_holdout"]
+__all__ = ["SplitResult", "assign_groups", "assign_splits", "split_units", "split_validation", "group_holdout", "split_with_auto_groups"]
 
 MAX_FOLDS = 20
 
@@ -73,16 +78,33 @@ def assign_groups(manifest: pd.DataFrame, pattern: str) -> pd.DataFrame:
     return manifest
 
 
-def split_units(manifest: pd.DataFrame) -> np.ndarray:
-    """An integer unit id per row: connected components of 'same group' and 'same file content'."""
+def _given_groups(manifest: pd.DataFrame) -> np.ndarray:
+    groups = pd.Series([None if pd.isna(g) or str(g) == "" else str(g) for g in manifest["group"]], dtype=object)
+    return pd.factorize(groups)[0]
+
+
+def usable_edges(manifest: pd.DataFrame, edges: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(i, j, n ignored): the near-duplicate links that do not join two different given groups."""
+    if edges is None or not len(edges):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    codes = _given_groups(manifest)
+    i, j = edges["i"].to_numpy(np.int64), edges["j"].to_numpy(np.int64)
+    crossing = (codes[i] >= 0) & (codes[j] >= 0) & (codes[i] != codes[j])
+    return i[~crossing], j[~crossing], int(crossing.sum())
+
+
+def split_units(manifest: pd.DataFrame, edges: pd.DataFrame | None = None) -> np.ndarray:
+    """An integer unit id per row: connected components of 'same group', 'same file content' and `edges`.
+
+    edges: near-duplicate links (row positions `i`, `j`), see :func:`usable_edges`.
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(manifest)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    groups = pd.Series([None if pd.isna(g) or str(g) == "" else str(g) for g in manifest["group"]], dtype=object)
-    group_codes, _ = pd.factorize(groups)
+    group_codes = _given_groups(manifest)
     sha_codes, _ = pd.factorize(manifest["sha1"].astype(object))
     rows, cols = [], []
     offset = n
@@ -91,8 +113,9 @@ def split_units(manifest: pd.DataFrame) -> np.ndarray:
         rows.append(np.flatnonzero(has))
         cols.append(codes[has] + offset)
         offset += int(codes.max()) + 1 if has.any() else 0
-    r = np.concatenate(rows)
-    c = np.concatenate(cols)
+    link_i, link_j, _ = usable_edges(manifest, edges)
+    r = np.concatenate(rows + [link_i])
+    c = np.concatenate(cols + [link_j])
     graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(offset, offset))
     _, labels = connected_components(graph, directed=False)
     _, units = np.unique(labels[:n], return_inverse=True)
@@ -122,7 +145,9 @@ def group_holdout(labels: np.ndarray, units: np.ndarray, fraction: float, seed: 
     n_units = len(np.unique(units))
     if fraction <= 0 or n_units < 2:
         return mask
-    k, n_folds = _fold_plan(fraction, n_units)
+    # StratifiedGroupKFold needs at least n_splits rows of every class (tiny sets, or few automatic groups)
+    smallest_class = int(np.unique(labels, return_counts=True)[1].min())
+    k, n_folds = _fold_plan(fraction, max(2, min(n_units, smallest_class)))
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed % (2**32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has fewer members than n_splits"
@@ -147,16 +172,38 @@ class SplitResult:
     manifest: pd.DataFrame
     group_aware: bool
     notes: list[str] = field(default_factory=list)
+    units: np.ndarray | None = None  # the split unit of every row (cross-validation folds use the same)
+    auto_groups: dict | None = None  # what the near-duplicate evidence joined (for the audit)
+
+
+def auto_group_summary(manifest: pd.DataFrame, edges: pd.DataFrame | None, units: np.ndarray) -> dict:
+    """How many units the near-duplicate evidence formed (joining units that would otherwise be apart), and the largest."""
+    plain = split_units(manifest)
+    _, _, ignored = usable_edges(manifest, edges)
+    frame = pd.DataFrame({"unit": units, "plain": plain})
+    merged = frame.groupby("unit")["plain"].nunique()
+    formed = merged[merged > 1].index
+    sizes = frame["unit"].value_counts()
+    by_kind = {} if edges is None or not len(edges) else {k: int(n) for k, n in edges["kind"].value_counts().items()}
+    return {"n_groups": int(len(formed)), "n_images": int(sizes[formed].sum()) if len(formed) else 0,
+            "largest": int(sizes[formed].max()) if len(formed) else 0, "links": by_kind, "edges_ignored": ignored}
 
 
 def _carve(manifest: pd.DataFrame, units: np.ndarray, fraction: float, seed: int, target: str, notes: list[str]) -> bool:
     """Move about `fraction` of the training rows (by unit) to `target`; returns whether it was group-aware."""
     pool = (manifest["split"] == "training").to_numpy()
+    blocked = np.zeros_like(pool)
+    if target == "validation":  # a unit that reaches into testing never gives images to validation
+        blocked = pool & np.isin(units, units[(manifest["split"] == "testing").to_numpy()])
+        pool = pool & ~blocked
+        if blocked.any():
+            notes.append(f"validation: {int(blocked.sum())} training images share a group, near-duplicate or file "
+                         "content with testing images; they stay in training, never in validation.")
     pool_units = units[pool]
     grouped = len(np.unique(pool_units)) < int(pool.sum())
     if fraction <= 0 or not pool.any():
         return grouped
-    if not grouped and target == "validation":  # exactly the earlier behaviour, so folder runs reproduce
+    if not grouped and target == "validation" and not blocked.any():  # exactly the earlier behaviour, so folder runs reproduce
         before = manifest["split"].copy()
         manifest["split"] = split_validation(manifest, fraction, seed)["split"]
         index = manifest.index[(before != "validation") & (manifest["split"] == "validation")]
@@ -171,7 +218,7 @@ def _carve(manifest: pd.DataFrame, units: np.ndarray, fraction: float, seed: int
             n = int(round(len(where) * fraction))
             n = min(max(n, 1), len(where) - 1) if len(where) >= 2 else 0
             mask[rng.choice(where, size=n, replace=False)] = True
-    if grouped or target != "validation":
+    if grouped or target != "validation" or blocked.any():
         index = manifest.index[pool][mask]
         manifest.loc[index, "split"] = target
     held = manifest.loc[index, "label"].value_counts()
@@ -182,12 +229,21 @@ def _carve(manifest: pd.DataFrame, units: np.ndarray, fraction: float, seed: int
     return grouped
 
 
-def assign_splits(manifest: pd.DataFrame, validation_fraction: float, test_fraction: float, seed: int) -> SplitResult:
-    """Carve testing (only when there are no testing rows) and validation from the training rows."""
+def assign_splits(manifest: pd.DataFrame, validation_fraction: float, test_fraction: float, seed: int,
+                  edges: pd.DataFrame | None = None) -> SplitResult:
+    """Carve testing (only when there are no testing rows) and validation from the training rows.
+
+    edges: near-duplicate links for automatic groups (:func:`keeneye.data.audit.near_duplicate_edges`).
+    """
     manifest = manifest.copy()
     manifest["split"] = manifest["split"].fillna("training")
     notes: list[str] = []
-    units = split_units(manifest)
+    units = split_units(manifest, edges)
+    auto = None
+    if edges is not None:
+        auto = auto_group_summary(manifest, edges, units)
+        notes.append(f"automatic groups: {auto['n_groups']} formed from near-duplicates ({auto['n_images']} images, "
+                     f"largest {auto['largest']}).")
     group_aware = False
     if not (manifest["split"] == "testing").any():
         if test_fraction <= 0:
@@ -197,4 +253,17 @@ def assign_splits(manifest: pd.DataFrame, validation_fraction: float, test_fract
         notes.append(f"validation: {int((manifest['split'] == 'validation').sum())} images given by the manifest.")
     else:
         group_aware |= _carve(manifest, units, validation_fraction, seed, "validation", notes)
-    return SplitResult(manifest, group_aware, notes)
+    return SplitResult(manifest, group_aware, notes, units, auto)
+
+
+def split_with_auto_groups(cfg, manifest: pd.DataFrame, inspection, features: np.ndarray | None = None,
+                           ok: np.ndarray | None = None):
+    """assign_splits with the near-duplicate links of data.auto_groups (hash neighbours, mutual embedding neighbours)."""
+    from keeneye.data.audit import near_duplicate_edges
+
+    edges = None
+    if cfg.data.auto_groups:
+        readable = inspection[0]["error"].isna().to_numpy()
+        edges = near_duplicate_edges(manifest, inspection[1], readable, cfg.data.near_duplicate_hash_distance,
+                                     features, ok, cfg.data.near_duplicate_similarity)
+    return assign_splits(manifest, cfg.training.validation_fraction, cfg.data.test_fraction, cfg.training.seed, edges=edges)

@@ -281,7 +281,7 @@ def _audit_section(audit: dict | None) -> str:
         if key == "hash" and limit is not None and limit < 0:
             continue
         rule = f"distance <= {limit} of 256 bits" if key == "hash" else f"cosine >= {limit}"
-        parts.append(f"<h3>{_e(title)}</h3><p>{block['n_pairs']} cross-split pairs ({_e(rule)}), beyond identical files. "
+        parts.append(f"<h3>{_e(title)}</h3><p>{block['n_pairs']} cross-split pair{'' if block['n_pairs'] == 1 else 's'} ({_e(rule)}), beyond identical files. "
                      f"<span class='muted'>{_e(block.get('method', ''))}</span></p>")
         if block["pairs"]:
             ordered = sorted(block["pairs"], key=lambda p: p.get("distance", -p.get("similarity", 0)))

@@ -7,21 +7,23 @@ from typing import Sequence
 import keras
 
 
-def build_head(input_dim: int, dense_units: Sequence[int], dropout: float, seed: int | None = None) -> keras.Model:
+def build_head(input_dim: int, dense_units: Sequence[int], dropout: float, seed: int | None = None, l2: float = 0.0) -> keras.Model:
     """Pooled features (N, D) -> probability of the positive class (N, 1).
 
-    Dropout / Dense(relu) blocks then a sigmoid unit. Trained on cached features, then attached
+    Dropout / Dense(relu) blocks then a sigmoid unit; `l2` penalises the dense kernels (a built-in
+    regulariser: the saved model still loads without custom objects). Trained on cached features, then attached
     to the backbone unchanged, so the bundle computes exactly what was trained.
     """
+    regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
     features = keras.Input((input_dim,), name="pooled_features")
     x = features
     for index, units in enumerate(dense_units):
         if dropout > 0:
             x = keras.layers.Dropout(dropout, seed=None if seed is None else seed + index, name=f"dropout_{index}")(x)
-        x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
+        x = keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer, name=f"dense_{index}")(x)
     if dropout > 0:
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout_out")(x)
-    probability = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(x)
+    probability = keras.layers.Dense(1, activation="sigmoid", dtype="float32", kernel_regularizer=regularizer, name="probability")(x)
     return keras.Model(features, probability, name="head")
 
 
@@ -30,3 +32,18 @@ def build_classifier(feature_extractor: keras.Model, head: keras.Model) -> keras
     image = keras.Input(feature_extractor.input_shape[1:], dtype="uint8", name="image")
     probability = head(feature_extractor(image))
     return keras.Model(image, probability, name="keeneye_classifier")
+
+
+def average_heads(heads: Sequence[keras.Model]) -> keras.Model:
+    """One head that outputs the mean probability of several heads (the fold heads of cross-validation).
+
+    Built from plain Keras layers (Average), so the bundle still loads with keras.saving.load_model alone.
+    """
+    if len(heads) == 1:
+        return heads[0]
+    features = keras.Input(heads[0].input_shape[1:], name="pooled_features")
+    outputs = []
+    for index, head in enumerate(heads):
+        head.name = f"fold_head_{index}"
+        outputs.append(head(features))
+    return keras.Model(features, keras.layers.Average(name="probability_mean")(outputs), name="head")

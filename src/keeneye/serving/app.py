@@ -8,7 +8,8 @@ Endpoints
     GET  /ready     readiness: model loaded and warmed up, batcher running, not shutting down (else 503).
     GET  /metadata  the bundle's metadata.json without anything path-like, plus the serving settings.
     GET  /stats     request and batching counters (forward passes, images per pass, ...).
-    GET  /docs      OpenAPI documentation (`/openapi.json` for the schema).
+    GET  /docs      OpenAPI documentation, offline (`/redoc` too; `/openapi.json` for the schema).
+    GET  /          the inspection web page; POST /explain: predictions with Grad-CAM heat maps (see ui.py).
 
 Status policy for /predict
     200  at least one image was predicted. Images that could not be used are reported in their
@@ -67,7 +68,8 @@ from keeneye.serving.inputs import (
     prepare_image,
 )
 from keeneye.serving.limits import BodyBudget, read_body, reservation
-from keeneye.serving.settings import ServeSettings
+from keeneye.serving.settings import ServeSettings, batching_for
+from keeneye.serving.ui import add_ui_routes
 
 log = logging.getLogger("keeneye.serving")
 access_log = logging.getLogger("keeneye.serving.access")
@@ -257,6 +259,7 @@ class Service:
         self.model_pool: ThreadPoolExecutor | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
         self.ready = False
+        self.batching: bool | None = None  # settings.batching, or the engine's default once the engine is known
         self.draining = False
         self.started = time.time()
         self.status_counts: dict[int, int] = {}
@@ -285,8 +288,9 @@ class Service:
         size = self.predictor.bundle.image_size
         started = time.perf_counter()
         await loop.run_in_executor(self.model_pool, self.predictor.predict_images, [np.zeros((size, size, 3), np.uint8)])
+        self.batching = batching_for(settings, self.predictor.engine_name)
         self.batcher = MicroBatcher(
-            self.predictor.predict_images, self.model_pool, enabled=settings.batching,
+            self.predictor.predict_images, self.model_pool, enabled=self.batching,
             max_batch_size=settings.max_batch_size, max_wait_s=settings.max_batch_wait_ms / 1000,
             max_pending_images=settings.max_pending_images,
         )
@@ -294,7 +298,7 @@ class Service:
         self.ready = True
         log.info("model ready", extra={"fields": {
             "event": "ready", "bundle": self.bundle_name, "engine": self.predictor.engine_name, "image_size": size,
-            "batching": settings.batching, "warmup_ms": round((time.perf_counter() - started) * 1000, 1),
+            "batching": self.batching, "warmup_ms": round((time.perf_counter() - started) * 1000, 1),
         }})
 
     async def stop(self) -> None:
@@ -442,7 +446,7 @@ class Service:
             "ready": self.ready,
             "draining": self.draining,
             "engine": self.predictor.engine_name if self.predictor else None,
-            "batching": self.settings.batching,
+            "batching": self.batching,
             "responses_by_status": {str(k): v for k, v in sorted(self.status_counts.items())},
             "images_predicted": self.images_ok,
             "images_rejected": self.images_failed,
@@ -501,9 +505,12 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
         description=(
             "Binary image classification for visual inspection. POST images to /predict; each image gets "
             "its probability of the positive class, its label and the threshold used, or the reason it "
-            "could not be used. See the module docstring of keeneye.serving.app for the status policy."
+            "could not be used; POST /explain adds a Grad-CAM heat map. People can use the web page at /. "
+            "See the module docstring of keeneye.serving.app for the status policy."
         ),
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from add_ui_routes, with their scripts served locally (offline)
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(AccessLogMiddleware, service=service)
@@ -549,7 +556,7 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
         body = public_metadata(predictor.bundle.metadata)
         body["serving"] = {
             "bundle": service.bundle_name, "engine": predictor.engine_name,
-            "image_size": predictor.bundle.image_size, "threshold": predictor.bundle.threshold,
+            "image_size": predictor.bundle.image_size, "threshold": predictor.bundle.threshold, "batching": service.batching,
             "settings": settings.model_dump(mode="json"),
         }
         return body
@@ -579,4 +586,5 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
     ):
         return await service.predict(request, threshold)
 
+    add_ui_routes(app, service, _PREDICT_BODY)  # the page at /, offline /docs and /redoc, POST /explain
     return app

@@ -10,6 +10,7 @@ from keeneye.bundle import load_bundle
 from keeneye.errors import BundleError, ConfigError, KeeneyeError
 from keeneye.serving.app import configure_logging, create_app
 from keeneye.serving.settings import ServeSettings
+from keeneye.terminal import filter_tensorflow_import_logs
 
 #: With several worker processes, uvicorn imports the app in each of them: the bundle and the
 #: settings travel through this environment variable to `app_from_env`.
@@ -19,6 +20,8 @@ SPEC_ENV = "KEENEYE_SERVE_SPEC"
 def app_from_env():
     """App factory for uvicorn worker processes (`--workers N`)."""
     spec = json.loads(os.environ[SPEC_ENV])
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") != "0":  # `keeneye serve` without --verbose: as quiet as the parent
+        filter_tensorflow_import_logs()
     configure_logging(spec.get("log_level", "info"))
     return create_app(spec["bundle"], ServeSettings(**spec["settings"]))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -17,6 +17,11 @@ KNOWN_FORMATS = tuple(FORMAT_EXTENSIONS)
 _FORMAT_ALIASES = {"JPG": "JPEG", "JPE": "JPEG", "TIF": "TIFF"}
 DEFAULT_FORMATS = KNOWN_FORMATS
 
+#: Micro-batching by default only where benchmarks/load_test.py measured it faster (2-core CPU,
+#: 8 clients, one image per request; benchmarks/results/load_test_batching.json): ONNX Runtime answers one
+#: image faster than it waits for a batch to form, TensorFlow gains from batches.
+BATCHING_BY_ENGINE = {"onnx": False, "keras": True}
+
 
 class ServeSettings(BaseModel):
     """Limits and batching of `keeneye serve` / `create_app` (all optional; defaults are safe)."""
@@ -24,7 +29,10 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     engine: str = Field("auto", description="Inference engine passed to Predictor ('auto' picks the fastest available).")
-    batching: bool = Field(True, description="Merge images of concurrent requests into one forward pass.")
+    batching: Optional[bool] = Field(
+        None, description="Merge images of concurrent requests into one forward pass; None: the engine's default "
+        "(BATCHING_BY_ENGINE, measured by benchmarks/load_test.py).",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images in one forward pass.")
     max_batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a request that finds the model idle waits for others to join its batch (under load, queued requests run at once).")
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="Largest request body (413 beyond it).")
@@ -99,3 +107,10 @@ def make_settings(**values) -> ServeSettings:
             key = ".".join(str(part) for part in error["loc"]) or "settings"
             lines.append(f"serve setting {key}={error.get('input')!r}: {error['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def batching_for(settings: ServeSettings, engine_name: str) -> bool:
+    """The batching mode the server runs with: the explicit setting, else the engine's measured default."""
+    if settings.batching is not None:
+        return settings.batching
+    return BATCHING_BY_ENGINE.get(engine_name, True)

@@ -91,7 +91,7 @@ def plain_copy(cfg: Config, extractor: keras.Model, head: keras.Model) -> tuple[
     """Float32 extractor and head with the bundle's architecture, holding the given models' weights."""
     new_extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, ResolvedWeights("none", None, None))
     new_extractor.set_weights(extractor.get_weights())
-    new_head = build_head(new_extractor.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=cfg.training.seed)
+    new_head = build_head(new_extractor.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=cfg.training.seed, l2=cfg.head.l2)
     new_head.set_weights(head.get_weights())
     return new_extractor, new_head
 
@@ -157,7 +157,7 @@ def fine_tune(
     with dtype_policy(policy), devices.strategy.scope():
         ext_copy = build_feature_extractor(cfg.model.alpha, size, ResolvedWeights("none", None, None))
         ext_copy.set_weights(extractor.get_weights())
-        head_copy = build_head(ext_copy.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=training.seed)
+        head_copy = build_head(ext_copy.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=training.seed, l2=cfg.head.l2)
         head_copy.set_weights(head.get_weights())
         unfrozen = unfreeze_top(find_backbone(ext_copy), ft.unfreeze)
         augmenter = build_augmenter(cfg.augmentation, size, seed=training.seed + 1000) if ft.augment else None
@@ -252,6 +252,30 @@ def compare_phases(y_val: np.ndarray, p_head: np.ndarray, head_f1: float | None,
     return "head", f"{tie}; validation log-loss not lower after fine-tuning ({loss_fine:.4f} vs {loss_head:.4f})"
 
 
+def judge_fine_tuning(y_val: np.ndarray, p_frozen: np.ndarray, p_fine: np.ndarray, margin: float) -> tuple[str, str]:
+    """("head" or "fine_tune", why): fine-tuning is kept only when it beats the frozen head by more than the fold spread.
+
+    Both are scored by average precision on the validation images (threshold-free, so neither
+    score is flattered by a threshold tuned on the same images); the frozen head's probabilities
+    there are its out-of-fold ones (heads that never saw those images). `margin` is the spread
+    (sd) of the frozen head's AP across the cross-validation folds: a smaller gain is within what
+    a different draw of images would change, and a tie keeps the simpler, frozen model.
+    """
+    from sklearn.metrics import average_precision_score
+
+    y_val = np.asarray(y_val).astype(int)
+    if len(np.unique(y_val)) < 2:
+        return "head", "validation holds one class only, so fine-tuning cannot show a gain: the simpler frozen model is kept"
+    frozen = float(average_precision_score(y_val, p_frozen))
+    fine = float(average_precision_score(y_val, p_fine))
+    gain = fine - frozen
+    if gain > margin:
+        return "fine_tune", (f"validation AP {fine:.4f} fine-tuned vs {frozen:.4f} frozen (out-of-fold): a gain of {gain:.4f}, "
+                             f"more than the fold spread {margin:.4f}")
+    return "head", (f"validation AP {fine:.4f} fine-tuned vs {frozen:.4f} frozen (out-of-fold): a gain of {gain:.4f} is not "
+                    f"more than the fold spread {margin:.4f}, so the simpler frozen model is kept")
+
+
 def phase_summary(history: pd.DataFrame, validation_f1: float | None, threshold: float, seconds: float) -> dict:
     """One phase for metadata.json: epochs, best epoch, validation F1 at its own threshold, time."""
     return {
@@ -283,8 +307,14 @@ def fine_tune_and_choose(
     cfg: Config, extractor: keras.Model, head: keras.Model, manifest: pd.DataFrame, y: np.ndarray, sets: dict,
     head_history: pd.DataFrame, head_probability: Callable[[np.ndarray], np.ndarray], head_seconds: float,
     devices: Devices, checkpoint_dir: Path | None, callbacks: Sequence = (), console=None,
+    frozen_reference: tuple[np.ndarray, float, object] | None = None,
 ) -> PhaseChoice:
-    """Fine-tune, then keep the model (head only, or fine-tuned) with the better validation F1."""
+    """Fine-tune, then keep the model (head only, or fine-tuned) with the better validation score.
+
+    frozen_reference: (the frozen head's out-of-fold probabilities per manifest row, the folds' AP
+    spread, its threshold choice) from cross-validation: then :func:`judge_fine_tuning` decides,
+    else the validation F1s (:func:`compare_phases`).
+    """
     from keeneye.evaluation.threshold import choose_threshold
     from keeneye.training.distribute import mixed_precision_policy
 
@@ -321,9 +351,15 @@ def fine_tune_and_choose(
     fixed = None if cfg.evaluation.threshold == "auto" else float(cfg.evaluation.threshold)
     y_val = y[validation]
     head_p, fine_p = head_probability(validation), probabilities[validation]
-    head_choice = choose_threshold(y_val, head_p, min_per_class=cfg.evaluation.min_validation_per_class, fixed=fixed)
-    fine_choice = choose_threshold(y_val, fine_p, min_per_class=cfg.evaluation.min_validation_per_class, fixed=fixed)
-    kept, reason = compare_phases(y_val, head_p, head_choice.validation_f1, fine_p, fine_choice.validation_f1)
+    ev = cfg.evaluation
+    rule = dict(min_per_class=ev.min_validation_per_class, fixed=fixed, objective=ev.threshold_objective, target=ev.objective_target)
+    fine_choice = choose_threshold(y_val, fine_p, **rule)
+    if frozen_reference is not None:
+        oof, margin, head_choice = frozen_reference
+        kept, reason = judge_fine_tuning(y_val, oof[validation], fine_p, margin)
+    else:
+        head_choice = choose_threshold(y_val, head_p, **rule)
+        kept, reason = compare_phases(y_val, head_p, head_choice.validation_f1, fine_p, fine_choice.validation_f1)
     show = lambda f: "n/a" if f is None else f"{f:.4f}"  # noqa: E731
     say(f"validation F1: head only {show(head_choice.validation_f1)} (threshold {head_choice.threshold:.4f}), "
         f"fine-tuned {show(fine_choice.validation_f1)} (threshold {fine_choice.threshold:.4f}) -> keeping the "

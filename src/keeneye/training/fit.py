@@ -350,11 +350,11 @@ def fit_head(
     seed = training_config.seed
     keras.utils.set_random_seed(seed)
     dim = train_features.shape[1]
-    head = build_head(dim, head_config.dense_units, head_config.dropout, seed=seed)
+    head = build_head(dim, head_config.dense_units, head_config.dropout, seed=seed, l2=head_config.l2)
     strategy = strategy or tf.distribute.get_strategy()
     distributed = strategy is not tf.distribute.get_strategy()
     with strategy.scope():
-        trained = build_head(dim, head_config.dense_units, head_config.dropout, seed=seed) if distributed else head
+        trained = build_head(dim, head_config.dense_units, head_config.dropout, seed=seed, l2=head_config.l2) if distributed else head
         if distributed:
             trained.set_weights(head.get_weights())
         trained.compile(

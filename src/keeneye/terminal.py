@@ -1,0 +1,248 @@
+"""What keeneye prints while it works: quiet libraries, warnings in keeneye's format, progress.
+
+* `quiet_runtime` (called by the CLI before TensorFlow is imported): TensorFlow's C++ log lines
+  (`I0000 ... port.cc`, absl's `WARNING: All log messages before absl::InitializeLog()`), its
+  Python loggers and other libraries' Python warnings are hidden unless `--verbose`; keeneye's own
+  warnings are printed as `warning: ...` lines.
+* `progress_bar`: one bar per long phase on a terminal; when the output is a file or a pipe (CI,
+  `nohup`, `> train.log`), a plain line at the start, at least every `PLAIN_INTERVAL_S` seconds,
+  and at the end, instead of minutes of silence.
+* `keras_progress`: a Keras callback that advances such a bar batch by batch while `fit` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+#: Longest silence, in seconds, between two progress lines when the output is not a terminal.
+PLAIN_INTERVAL_S = 10.0
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+#: TensorFlow's and absl's C++ log lines ("I0000 00:00:1796.7  8968 port.cc:153] ...") and absl's
+#: notice about them. TF_CPP_MIN_LOG_LEVEL hides TensorFlow's own, but not those that libraries
+#: loaded by `import tensorflow` write through absl before TensorFlow's logging is set up.
+_NATIVE_LOG_LINE = re.compile(
+    r"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\]|WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|To enable the following instructions:)"
+)
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """'1 cross-split pair', '2 cross-split pairs'."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def _is_keeneye_warning(category: type, filename: str) -> bool:
+    return category.__module__.startswith("keeneye") or str(Path(filename).resolve()).startswith(_PACKAGE_DIR)
+
+
+@contextlib.contextmanager
+def native_logs_filtered():
+    """Capture what native code writes to file descriptor 2, then pass on all but C++ log lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not _NATIVE_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+class _FilteredLoader(importlib.abc.Loader):
+    """Runs another loader's `exec_module` inside `native_logs_filtered`."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        with native_logs_filtered():
+            self.loader.exec_module(module)
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """On the first `import tensorflow` (whoever asks: keras, an engine, ...), filter its native log lines."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once; find the real spec with the other finders
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _FilteredLoader(spec.loader)
+        return spec
+
+
+def filter_tensorflow_import_logs() -> None:
+    """Drop the native log lines that `import tensorflow` writes (if TensorFlow is not loaded yet)."""
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+def quiet_runtime(verbose: bool, console: Console) -> None:
+    """Silence TensorFlow / absl / library noise unless `verbose`; warnings become `warning: ...` lines.
+
+    Must run before TensorFlow is imported (its C++ logging reads TF_CPP_MIN_LOG_LEVEL once, at load).
+    An explicit TF_CPP_MIN_LOG_LEVEL in the environment is respected.
+    """
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        filter_tensorflow_import_logs()
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        try:
+            import absl.logging  # small, no TensorFlow: Keras logs through it ("WARNING:absl:...")
+
+            absl.logging.set_verbosity(absl.logging.ERROR)
+        except ImportError:  # pragma: no cover - absl comes with TensorFlow
+            pass
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not verbose and not _is_keeneye_warning(category, filename):
+            return
+        origin = "" if _is_keeneye_warning(category, filename) else f" ({category.__name__} from {Path(filename).name}:{lineno})"
+        console.print(f"[yellow]warning:[/] {escape(str(message))}{escape(origin)}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
+
+
+class PlainProgress:
+    """The part of rich's `Progress` that keeneye uses, printed as plain lines (for logs and pipes).
+
+    A line when a task starts, then one at least every `interval` seconds while it runs (from a
+    timer thread, so a slow batch still gets its line), and one when it ends.
+    """
+
+    def __init__(self, console: Console, interval: float = PLAIN_INTERVAL_S) -> None:
+        self.console = console
+        self.interval = interval
+        self.tasks: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PlainProgress":
+        self._thread = threading.Thread(target=self._tick, name="keeneye-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        for task_id in list(self.tasks):
+            self._finish(task_id)
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **_: Any) -> int:
+        with self._lock:
+            task_id = len(self.tasks)
+            self.tasks[task_id] = {"description": description, "total": total, "completed": completed,
+                                   "started": time.monotonic(), "printed": time.monotonic(), "done": False}
+        self._print(task_id)
+        return task_id
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        with self._lock:
+            self.tasks[task_id]["completed"] += advance
+
+    def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
+               advance: float | None = None, description: str | None = None, **_: Any) -> None:
+        with self._lock:
+            task = self.tasks[task_id]
+            if total is not None:
+                task["total"] = total
+            if completed is not None:
+                task["completed"] = completed
+            if advance is not None:
+                task["completed"] += advance
+            if description is not None:
+                task["description"] = description
+
+    def _line(self, task: dict) -> str:
+        done, total = task["completed"], task["total"]
+        elapsed = time.monotonic() - task["started"]
+        amount = f"{done:.0f}/{total:.0f} ({100 * done / total:.0f}%)" if total else f"{done:.0f}"
+        return f"{task['description']}: {amount}, {elapsed:.0f} s"
+
+    def _print(self, task_id: int) -> None:
+        with self._lock:
+            task = self.tasks[task_id]
+            task["printed"] = time.monotonic()
+            line = self._line(task)
+        self.console.print(escape(line), highlight=False, soft_wrap=True)
+
+    def _finish(self, task_id: int) -> None:
+        if not self.tasks[task_id]["done"]:
+            self.tasks[task_id]["done"] = True
+            self._print(task_id)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval / 4)):
+            now = time.monotonic()
+            due = [k for k, t in list(self.tasks.items()) if not t["done"] and now - t["printed"] >= self.interval]
+            for task_id in due:
+                self._print(task_id)
+
+
+def progress_bar(console: Console) -> Progress | PlainProgress:
+    """A transient rich bar on a terminal; plain progress lines (at least every 10 s) otherwise."""
+    if console.quiet:
+        return Progress(console=console, disable=True)
+    if not console.is_terminal:
+        return PlainProgress(console)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )
+
+
+def keras_progress(progress: Progress | PlainProgress, task_id: int, label: str):
+    """A Keras callback: advances `task_id` per training batch; the description names the epoch."""
+    import keras
+
+    class KerasProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None) -> None:
+            self.steps = int(self.params.get("steps") or 0)
+            self.epochs = int(self.params.get("epochs") or 0)
+            if self.steps and self.epochs:
+                progress.update(task_id, total=self.steps * self.epochs)
+
+        def on_epoch_begin(self, epoch: int, logs=None) -> None:
+            progress.update(task_id, completed=epoch * self.steps, description=f"{label}, epoch {epoch + 1}/{self.epochs}")
+
+        def on_train_batch_end(self, batch: int, logs=None) -> None:
+            progress.advance(task_id, 1)
+
+        def on_train_end(self, logs=None) -> None:  # what follows (scoring the validation images) is part of the phase
+            progress.update(task_id, description=f"{label}: epochs done, scoring images")
+
+    return KerasProgress()

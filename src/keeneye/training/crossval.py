@@ -1,0 +1,289 @@
+"""Cross-validated choices on cached embeddings: the threshold, the head, and the published model.
+
+Why: a validation split carved from a few hundred images holds a handful of defects, and when it
+is carved image by image its images have near-copies in training. Early stopping and the threshold
+are then tuned on images the head has already seen, and the threshold swings with each seed
+(magnetic-tile: validation F1 0.93, test F1 0.61). With the backbone frozen, the embeddings are
+cached and a head trains in seconds, so keeneye can afford what scikit-learn's
+``TunedThresholdClassifierCV`` does: treat everything it chooses as a cross-validated parameter.
+
+* **Folds**: K group folds over training + validation together (``StratifiedGroupKFold``, seeded,
+  stratified by label), on the split units of :mod:`keeneye.data.split` (given groups, identical
+  files and, with ``data.auto_groups``, near-duplicates): no group is in two folds. K shrinks to
+  the number of positive (or negative) units when there are fewer.
+* **Per fold**: a head trains on the other K-1 folds and early-stops on the held-out fold's loss;
+  its probabilities for the held-out fold are that fold's *out-of-fold* (OOF) probabilities.
+  Every training and validation image gets one, from a head that never saw it nor its group.
+* **Candidates** (``head.auto``): a small fixed set, ordered from simplest to richest
+  (:data:`AUTO_CANDIDATES`). The one with the highest pooled OOF average precision wins, unless a
+  simpler one is within one standard error of it (the fold-to-fold sd of the winner's AP over
+  sqrt(K)): differences smaller than what the folds disagree by are noise, and the simpler head
+  is the safer bet (Breiman's one-standard-error rule). A candidate names its feature set
+  (``features``; None = the run's embeddings), so feature sets can join the same competition.
+* **Threshold**: chosen on the OOF probabilities of the chosen candidate
+  (:func:`keeneye.evaluation.threshold.choose_threshold`, ``source="out_of_fold"``).
+* **Estimate**: F1 and AP of each fold at that threshold, reported as mean +- sd: what the test
+  score should be, printed before it.
+* **Published head**: ``training.cv_publish`` "refit" trains one head on all rows for the median
+  of the folds' best epoch counts; "average" publishes the mean of the K fold heads. Measured on
+  the magnetic-tile folds (benchmarks/magnetic_tile.py, see README): see the README for the numbers
+  behind the default.
+
+The fold heads use a plain training loop (:func:`train_head`) rather than ``model.fit``: on a
+small CPU, Keras' per-epoch overhead dominated (about 4x slower for these tiny heads), and K x
+candidates heads are trained per run. Same architecture (:func:`keeneye.model.head.build_head`),
+loss, optimiser, learning rate, batch size and class weights as the published head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from keeneye.config import EvaluationConfig, HeadConfig, TrainingConfig
+from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold
+from keeneye.model.head import build_head
+from keeneye.training.fit import sample_weights
+
+__all__ = [
+    "AUTO_CANDIDATES", "CandidateResult", "CrossValidation", "HeadCandidate", "candidates_for", "cross_validate",
+    "fold_scores", "group_folds", "select_candidate", "train_head",
+]
+
+
+@dataclass(frozen=True)
+class HeadCandidate:
+    """One head to cross-validate: plain data, like a scikit-learn estimator's parameters."""
+
+    name: str
+    dense_units: tuple[int, ...]
+    dropout: float
+    l2: float
+    class_weight: str  # "none" | "balanced"
+    features: str | None = None  # a named feature set of the run; None: the run's embeddings
+
+    def head_config(self, auto: bool = False) -> HeadConfig:
+        return HeadConfig(dense_units=list(self.dense_units), dropout=self.dropout, l2=self.l2, auto=auto)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"dense_units": list(self.dense_units)}
+
+
+# Simplest first: ties (within one standard error) go to the earlier one.
+AUTO_CANDIDATES: tuple[HeadCandidate, ...] = (
+    HeadCandidate("linear", (), 0.0, 1e-4, "none"),
+    HeadCandidate("linear-balanced", (), 0.0, 1e-4, "balanced"),
+    HeadCandidate("mlp128", (128,), 0.2, 0.0, "none"),
+    HeadCandidate("mlp128-balanced", (128,), 0.2, 0.0, "balanced"),
+    HeadCandidate("mlp256-regularised", (256,), 0.5, 1e-4, "none"),
+    HeadCandidate("mlp256-regularised-balanced", (256,), 0.5, 1e-4, "balanced"),
+)
+
+
+def candidates_for(head: HeadConfig, training: TrainingConfig) -> list[HeadCandidate]:
+    """The configured head alone, or with ``head.auto`` the fixed candidate set."""
+    if head.auto:
+        return list(AUTO_CANDIDATES)
+    return [HeadCandidate("configured", tuple(head.dense_units), head.dropout, head.l2, training.class_weight)]
+
+
+def group_folds(labels: np.ndarray, units: np.ndarray, n_folds: int, seed: int) -> np.ndarray | None:
+    """A fold id (0..K-1) per row; whole units per fold, stratified by label; None when K < 2 is all that fits."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    import warnings
+
+    labels = np.asarray(labels).astype(int)
+    units = np.asarray(units)
+    k = min(n_folds, *(len(np.unique(units[labels == c])) for c in (0, 1)))
+    if k < 2:
+        return None
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed % (2**32))
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for index, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups=units)):
+            fold[held] = index
+    return fold
+
+
+def train_head(
+    x: np.ndarray, y: np.ndarray, candidate: HeadCandidate, training: TrainingConfig, epochs: int,
+    x_eval: np.ndarray | None = None, y_eval: np.ndarray | None = None, seed: int = 0,
+):
+    """Train one head; with held-out rows, early-stop on their loss and keep the best epoch
+    (``training.early_stopping_patience`` 0: no early stopping, every epoch runs and the last counts).
+
+    Returns (head, best epoch (1-based), held-out probabilities at the best epoch or None).
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    head = build_head(x.shape[1], candidate.dense_units, candidate.dropout, seed=seed, l2=candidate.l2)
+    optimizer = keras.optimizers.Adam(training.learning_rate)
+    optimizer.build(head.trainable_variables)
+    bce = keras.losses.BinaryCrossentropy()
+    features = tf.constant(np.asarray(x, np.float32))
+    targets = tf.constant(np.asarray(y, np.float32).reshape(-1, 1))
+    weights = tf.constant(sample_weights(y, candidate.class_weight))
+
+    @tf.function(reduce_retracing=True)
+    def step(index):
+        with tf.GradientTape() as tape:
+            p = head(tf.gather(features, index), training=True)
+            loss = bce(tf.gather(targets, index), p, sample_weight=tf.gather(weights, index))
+            loss = loss + tf.add_n(head.losses) if head.losses else loss
+        optimizer.apply(tape.gradient(loss, head.trainable_variables), head.trainable_variables)
+
+    rng = np.random.default_rng(seed)
+    best = (np.inf, 0, None, None)  # loss, epoch, weights, probabilities
+    wait, size = 0, training.batch_size
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(y))
+        for start in range(0, len(order), size):
+            step(tf.constant(order[start : start + size]))
+        if x_eval is None:
+            continue
+        p = np.asarray(head(x_eval, training=False)).reshape(-1)
+        loss = float(bce(np.asarray(y_eval, np.float32).reshape(-1, 1), p.reshape(-1, 1)))
+        if training.early_stopping_patience == 0:  # early stopping off: every epoch runs, the last one counts
+            best = (loss, epoch, None, p)
+        elif loss < best[0]:
+            best, wait = (loss, epoch, head.get_weights(), p), 0
+        else:
+            wait += 1
+            if 0 < training.early_stopping_patience <= wait:
+                break
+    if x_eval is None:
+        return head, epochs, None
+    if best[2] is not None:
+        head.set_weights(best[2])
+    return head, best[1], best[3]
+
+
+@dataclass
+class CandidateResult:
+    """One candidate cross-validated: its out-of-fold probabilities and fold scores."""
+
+    candidate: HeadCandidate
+    labels: np.ndarray
+    oof: np.ndarray
+    best_epochs: list[int]
+    fold_ap: list[float]
+    heads: list = field(default_factory=list, repr=False)
+
+    @property
+    def ap(self) -> float:
+        """Average precision of the pooled out-of-fold probabilities: the selection score."""
+        from sklearn.metrics import average_precision_score
+
+        return float(average_precision_score(self.labels, self.oof))
+
+    def summary(self) -> dict:
+        return {**self.candidate.to_dict(), "oof_average_precision": round(self.ap, 4),
+                "fold_average_precision_mean": round(float(np.mean(self.fold_ap)), 4),
+                "fold_average_precision_sd": round(float(np.std(self.fold_ap, ddof=1)) if len(self.fold_ap) > 1 else 0.0, 4),
+                "best_epochs": self.best_epochs}
+
+
+def cross_validate(
+    x: np.ndarray, y: np.ndarray, folds: np.ndarray, candidate: HeadCandidate, training: TrainingConfig,
+) -> CandidateResult:
+    """Train the candidate in every fold; out-of-fold probabilities for every row."""
+    from sklearn.metrics import average_precision_score
+
+    oof = np.full(len(y), np.nan, np.float32)
+    best_epochs, fold_ap, heads = [], [], []
+    for k in range(int(folds.max()) + 1):
+        held = folds == k
+        head, best, p = train_head(x[~held], y[~held], candidate, training, training.epochs, x[held], y[held],
+                                   seed=training.seed + k)
+        oof[held] = p
+        best_epochs.append(int(best))
+        fold_ap.append(float(average_precision_score(y[held], p)) if len(np.unique(y[held])) == 2 else float("nan"))
+        heads.append(head)
+    return CandidateResult(candidate, np.asarray(y), oof, best_epochs, fold_ap, heads)
+
+
+def select_candidate(results: Sequence[CandidateResult]) -> tuple[int, str]:
+    """(index, why): the highest OOF AP, or the simplest candidate within one standard error of it."""
+    aps = [r.ap for r in results]
+    best = int(np.argmax(aps))
+    if len(results) == 1:
+        return 0, "the configured head"
+    spread = np.nanstd(results[best].fold_ap, ddof=1) / np.sqrt(len(results[best].fold_ap))
+    chosen = next(i for i, ap in enumerate(aps) if ap >= aps[best] - spread)
+    if chosen == best:
+        return best, f"highest out-of-fold AP ({aps[best]:.4f})"
+    return chosen, (f"out-of-fold AP {aps[chosen]:.4f}, within one standard error ({spread:.4f}) of the best "
+                    f"({results[best].candidate.name}, {aps[best]:.4f}), and simpler")
+
+
+def fold_scores(y: np.ndarray, oof: np.ndarray, folds: np.ndarray, threshold: float) -> dict:
+    """F1 at `threshold` and AP of each fold's out-of-fold probabilities, with mean and sd: the CV estimate."""
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from keeneye.evaluation.metrics import predict_labels
+
+    f1, ap = [], []
+    for k in range(int(folds.max()) + 1):
+        held = folds == k
+        f1.append(float(f1_score(y[held], predict_labels(oof[held], threshold), labels=[0, 1], zero_division=0)))
+        ap.append(float(average_precision_score(y[held], oof[held])) if len(np.unique(y[held])) == 2 else float("nan"))
+    sd = lambda v: float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+    return {"f1": f1, "f1_mean": float(np.mean(f1)), "f1_sd": sd(f1),
+            "average_precision": ap, "average_precision_mean": float(np.nanmean(ap)), "average_precision_sd": sd(ap)}
+
+
+@dataclass
+class CrossValidation:
+    """Everything the cross-validation decided, and what goes into metrics.json."""
+
+    folds: np.ndarray
+    results: list[CandidateResult]
+    chosen: int
+    reason: str
+    choice: ThresholdChoice
+    estimate: dict
+
+    @property
+    def best(self) -> CandidateResult:
+        return self.results[self.chosen]
+
+    @property
+    def refit_epochs(self) -> int:
+        return max(1, int(round(float(np.median(self.best.best_epochs)))))
+
+    def to_dict(self) -> dict:
+        return {
+            "folds": int(self.folds.max()) + 1,
+            "chosen": self.best.candidate.name,
+            "reason": self.reason,
+            "candidates": [r.summary() for r in self.results],
+            "threshold_choice": self.choice.to_dict(),
+            "estimate": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]) for k, v in self.estimate.items()},
+            "refit_epochs": self.refit_epochs,
+        }
+
+
+def run_cross_validation(
+    x: np.ndarray, y: np.ndarray, units: np.ndarray, head: HeadConfig, training: TrainingConfig,
+    evaluation: EvaluationConfig, progress=None,
+) -> CrossValidation | None:
+    """Folds, candidates, the chosen head and the OOF threshold; None when fewer than two folds fit."""
+    folds = group_folds(y, units, training.cv_folds, training.seed)
+    if folds is None:
+        return None
+    results = []
+    for candidate in candidates_for(head, training):
+        results.append(cross_validate(x, y, folds, candidate, training))
+        if progress:
+            progress(1)
+    chosen, reason = select_candidate(results)
+    fixed = None if evaluation.threshold == "auto" else float(evaluation.threshold)
+    choice = choose_threshold(y, results[chosen].oof, min_per_class=evaluation.min_validation_per_class, fixed=fixed,
+                              objective=evaluation.threshold_objective, target=evaluation.objective_target,
+                              source="out_of_fold")
+    return CrossValidation(folds, results, chosen, reason, choice, fold_scores(y, results[chosen].oof, folds, choice.threshold))
