@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 
-from keeneye.config import EvaluationConfig, HeadConfig, ModelConfig, TrainingConfig, config_json_schema
+from keeneye.config import AnomalyConfig, EvaluationConfig, HeadConfig, ModelConfig, TrainingConfig, config_json_schema
 
-SECTIONS = {"model": ModelConfig, "head": HeadConfig, "training": TrainingConfig, "evaluation": EvaluationConfig}
+SECTIONS = {"model": ModelConfig, "head": HeadConfig, "training": TrainingConfig, "evaluation": EvaluationConfig, "anomaly": AnomalyConfig}
 
 
 def rows(schema: dict, definitions: dict, defaults: dict, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -142,6 +142,11 @@ def train(
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     require_packages(cfg)  # tracking's packages: fail now rather than after training
     console = console or Console()
+    if cfg.mode == "anomaly":  # one-class PatchCore: its own phase (training/anomaly.py), the same bundle contract
+        from keeneye.training.anomaly import train_anomaly
+
+        done = train_anomaly(cfg, console, versions=library_versions())
+        return TrainResult(done.run_dir, done.metrics, done.threshold, done.class_names, done.counts, done.timings)
     # First: MultiWorkerMirroredStrategy must exist before anything else runs on the TensorFlow runtime.
     devices = choose_devices(cfg.training.distribute)
     worker_dir = None
@@ -598,12 +603,15 @@ def predict(
     run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None = None,
     engine: str = "auto", batch_size: int = 32, console: Console | None = None,
     events: str | os.PathLike | None = None, fps: float | None = None, smoothing_frames: int | None = None,
+    maps: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Predict files, folders (recursive) or globs; every input gets a row, failures with their reason.
 
     Videos get one row per sampled frame (columns frame and time added) and their events and verdicts
     go to `events` (JSON; default: beside `output` as <name>.events.json), also in `frame.attrs["videos"]`.
     fps and smoothing_frames override the bundle's `video` settings.
+    maps: a folder for anomaly-map overlays (PNG, one per image; one-class bundles only), listed in the
+        `anomaly_map` column.
     """
     console = console or Console(stderr=True)
     predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=batch_size)
@@ -618,6 +626,8 @@ def predict(
     if videos:
         frame = _predict_videos(predictor, videos, frame, fps, smoothing_frames, console, events or _events_path(output))
     frame = with_problem_rows(frame, problems)
+    if maps is not None:
+        frame = _with_anomaly_maps(predictor, frame, Path(maps))
     failed = frame["error"].notna()
     for row in frame[failed].itertuples():
         console.print(f"[yellow]not predicted:[/] {escape(str(row.path))}: {escape(str(row.error))}", highlight=False, soft_wrap=True)
@@ -649,6 +659,26 @@ def predict_ray(
     where = f"; written to {output}" if output is not None else ""
     console.print(f"{int((~failed).sum())} predicted, {int(failed.sum())} not{where}")
     return frame
+
+
+def _with_anomaly_maps(predictor: Predictor, frame: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """Write an anomaly-map overlay per predicted image into `folder`; their paths in column `anomaly_map`."""
+    import cv2
+
+    from keeneye.explain import overlay_file_name, explain_anomaly_images
+    from keeneye.inference.anomaly import is_anomaly_bundle
+
+    if not is_anomaly_bundle(predictor.bundle):
+        raise ConfigError("--maps needs a one-class bundle (trained with mode \"anomaly\"); use `keeneye explain` for Grad-CAM.")
+    folder.mkdir(parents=True, exist_ok=True)
+    ok = frame["error"].isna()
+    written, used = {}, set()
+    for item in explain_anomaly_images(predictor.engine, frame.loc[ok, "path"].tolist(), predictor.bundle.class_names, predictor.bundle.image_size):
+        if item.overlay is not None:
+            target = folder / overlay_file_name(item.path, used, "anomaly")
+            cv2.imwrite(str(target), cv2.cvtColor(item.overlay, cv2.COLOR_RGB2BGR))
+            written[item.path] = str(target)
+    return frame.assign(anomaly_map=frame["path"].map(written))
 
 
 def watch(

@@ -140,6 +140,7 @@ def predict(
     use_ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'keeneye[ray]'); --output .parquet or .csv resumes."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)."),
     actors: int = typer.Option(2, "--actors", min=1, help="Ray actors, each holding the model once (with --ray)."),
+    maps: Optional[Path] = typer.Option(None, "--maps", help="One-class bundles: also write an anomaly-map overlay PNG per image into this folder."),
 ) -> None:
     """Predict images and videos: probability and label for each.
 
@@ -154,7 +155,7 @@ def predict(
             frame = api.predict_ray(run_dir, inputs, output=output, actors=actors, address=address, engine=engine, batch_size=batch_size, console=err_console)
         else:
             frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console,
-                                events=events, fps=fps, smoothing_frames=smoothing)
+                                events=events, fps=fps, smoothing_frames=smoothing, maps=maps)
     except KeeneyeError as exc:
         _fail(exc)
     if output is None:
@@ -332,9 +333,9 @@ def audit(
 def explain(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help=BUNDLE_HELP),
     images: List[str] = typer.Argument(..., metavar="IMAGE", help="Image files, folders (recursive) or glob patterns."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for the Grad-CAM overlays (PNG) and explanations.csv."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the overlays (PNG) and explanations.csv."),
 ) -> None:
-    """Grad-CAM heat maps: where the model looked.
+    """Heat maps: Grad-CAM (where the classifier looked) or, for a one-class bundle, the anomaly map.
 
     Exit status 1 only when no image could be explained.
     """

@@ -43,6 +43,7 @@ __all__ = [
     "DataConfig",
     "AugmentationConfig",
     "FineTuneConfig",
+    "AnomalyConfig",
     "TrackingConfig",
     "Config",
     "load_config",
@@ -789,6 +790,112 @@ class DataConfig(BaseModel):
         return value
 
 
+_PATCH_LAYER_RE = re.compile(r"^block_([1-9]|1[0-6])_(expand_relu|depthwise_relu|project_BN|add)$")
+
+
+class AnomalyConfig(BaseModel):
+    """One-class (PatchCore) settings, used when mode is "anomaly": a memory bank of good patches."""
+
+    model_config = _FORBID
+
+    layers: Annotated[
+        List[StrictStr],
+        Field(
+            min_length=1,
+            max_length=4,
+            description=(
+                "MobileNetV2 layers whose outputs are the patch features (e.g. "
+                '["block_6_expand_relu", "block_13_expand_relu"]); each is averaged over 3 x 3 neighbours, resized '
+                "to one grid (see grid) and concatenated."
+            ),
+        ),
+        _Expect('a list of 1 to 4 MobileNetV2 layer names such as "block_6_expand_relu"', ("list",), item="a layer name"),
+    ] = Field(default_factory=lambda: ["block_6_expand_relu", "block_13_expand_relu"])
+    grid: Annotated[
+        Literal["coarsest", "finest"],
+        Field(
+            description=(
+                'The patch grid the layers are resized to: "coarsest" (the deepest layer\'s, e.g. 14 x 14 at 224 px with '
+                'block_13) or "finest" (e.g. 28 x 28 with block_6): 4 times the patches, finer maps, 4 times the search time.'
+            )
+        ),
+        _Expect('"coarsest" or "finest"', ("string",)),
+    ] = "coarsest"
+    feature_dim: Annotated[
+        StrictInt,
+        Field(
+            ge=8,
+            le=4096,
+            description=(
+                "Depth of each patch feature after a fixed seeded random projection (part of the feature model); "
+                "memory and search time grow with it. Larger than the concatenated depth keeps the features as they are."
+            ),
+        ),
+        _Expect("an integer from 8 to 4096, e.g. 256", ("integer",)),
+    ] = 256
+    coreset_share: Annotated[
+        StrictFloat,
+        Field(
+            gt=0,
+            le=1,
+            description=(
+                "Share of the good training patches kept in the memory bank, chosen by greedy k-center coreset "
+                "selection (1 keeps them all)."
+            ),
+        ),
+        _Expect("a number > 0 and <= 1, e.g. 0.1", ("integer", "number")),
+    ] = 0.1
+    max_bank_size: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            description=(
+                "Largest number of patches in the memory bank, whatever coreset_share says: bounds the bundle's "
+                "size, the memory and the time each prediction takes (search time is proportional to it)."
+            ),
+        ),
+        _Expect("an integer >= 1, e.g. 20000", ("integer",)),
+    ] = 20000
+    threshold_rule: Annotated[
+        Literal["auto", "false_alarm_rate", "max_f1"],
+        Field(
+            description=(
+                '"false_alarm_rate": the threshold is the (1 - false_alarm_rate) quantile of the scores of the held-out '
+                'good (validation) images; "max_f1": the F1 rule of supervised mode, which needs labelled defects in '
+                'validation (evaluation.min_validation_per_class); "auto": max_f1 when validation holds enough '
+                "defects, else false_alarm_rate."
+            )
+        ),
+        _Expect('"auto", "false_alarm_rate" or "max_f1"', ("string",)),
+    ] = "auto"
+    false_alarm_rate: Annotated[
+        StrictFloat,
+        Field(
+            gt=0,
+            lt=1,
+            description="Share of good images expected to be flagged, for threshold_rule false_alarm_rate (e.g. 0.01).",
+        ),
+        _Expect("a number > 0 and < 1, e.g. 0.01", ("integer", "number")),
+    ] = 0.01
+    map_sigma: Annotated[
+        StrictFloat,
+        Field(ge=0, description="Gaussian smoothing of anomaly maps, in pixels at image_size (0: none)."),
+        _Expect("a number >= 0, e.g. 4", ("integer", "number")),
+    ] = 4.0
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: List[str]) -> List[str]:
+        bad = [name for name in value if not _PATCH_LAYER_RE.match(name)]
+        if bad:
+            raise PydanticCustomError(
+                "layer_name",
+                "{bad} is not a MobileNetV2 block output; use names such as block_6_expand_relu or block_13_expand_relu",
+                {"bad": ", ".join(bad)},
+            )
+        return value
+
+
 class VideoConfig(BaseModel):
     """Video files and frame sequences: how frames are sampled and how per-frame probabilities become events."""
 
@@ -1031,6 +1138,22 @@ class Config(BaseModel):
         Field(description="Optional fine-tuning of the top of the backbone after the head (an object)."),
         _Expect("an object", ("object",)),
     ] = Field(default_factory=FineTuneConfig)
+    mode: Annotated[
+        Literal["supervised", "anomaly"],
+        Field(
+            description=(
+                '"supervised": a classifier trained on both classes. "anomaly": one-class PatchCore learned from the '
+                "good (negative) training images only; labelled defects serve only to choose the threshold and to "
+                "evaluate (see the anomaly section)."
+            )
+        ),
+        _Expect('"supervised" or "anomaly"', ("string",)),
+    ] = "supervised"
+    anomaly: Annotated[
+        AnomalyConfig,
+        Field(description='One-class (PatchCore) settings, used when mode is "anomaly" (an object).'),
+        _Expect("an object", ("object",)),
+    ] = Field(default_factory=AnomalyConfig)
 
     video: Annotated[
         VideoConfig,

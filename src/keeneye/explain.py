@@ -169,12 +169,37 @@ def explain_images(
     return [r for r in results if r is not None]
 
 
-def _output_name(path: str, used: set[str]) -> str:
+def explain_anomaly_images(
+    engine, paths: Sequence[str], class_names: tuple[str, str], image_size: int, max_side: int = MAX_OVERLAY_SIDE,
+) -> list[Explanation]:
+    """Anomaly-map overlays for a one-class bundle (its AnomalyEngine): patch distances, upsampled and smoothed.
+
+    The heat map is in raw distance units over [0, 2 x threshold], so a good part stays cool and
+    the colour means the same on every image (see model.patchcore.overlay_anomaly_map).
+    """
+    from keeneye.model.patchcore import overlay_anomaly_map
+
+    negative, positive = class_names
+    results: list[Explanation] = []
+    for path in paths:
+        try:
+            image = load_image(path)
+        except DecodeError as exc:
+            results.append(Explanation(str(path), None, None, None, None, error=exc.reason))
+            continue
+        maps, scores = engine.maps(resize_square(image, image_size)[None])
+        heat = np.clip(maps[0] / (2.0 * engine.raw_threshold), 0.0, 1.0).astype(np.float32)
+        results.append(Explanation(str(path), float(scores[0]), positive if scores[0] >= 0.5 else negative, heat,
+                                   overlay_anomaly_map(_display(image, max_side), maps[0], engine.raw_threshold)))
+    return results
+
+
+def overlay_file_name(path: str, used: set[str], suffix: str = "gradcam") -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) or "image"
-    name = f"{stem}_gradcam.png"
+    name = f"{stem}_{suffix}.png"
     counter = 2
     while name in used:
-        name = f"{stem}-{counter}_gradcam.png"
+        name = f"{stem}-{counter}_{suffix}.png"
         counter += 1
     used.add(name)
     return name
@@ -186,20 +211,26 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
     from rich.markup import escape
 
     from keeneye.bundle import load_bundle
-    from keeneye.inference.predictor import expand_inputs
+    from keeneye.inference.anomaly import is_anomaly_bundle
+    from keeneye.inference.predictor import Predictor, expand_inputs
 
     console = console or Console(stderr=True)
     bundle = load_bundle(run_dir)
     paths, problems = expand_inputs(inputs)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM on the last MobileNetV2 feature map)")
-    explanations = explain_images(bundle.model, paths, bundle.threshold, bundle.class_names)
+    anomaly = is_anomaly_bundle(bundle)
+    if anomaly:  # one-class bundle: the anomaly map (distance of each patch to the good ones) is the explanation
+        console.print(f"explaining {len(paths)} images with {bundle.path.name} (anomaly maps: patch distances to the good patches)")
+        explanations = explain_anomaly_images(Predictor(bundle).engine, paths, bundle.class_names, bundle.image_size)
+    else:
+        console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM on the last MobileNetV2 feature map)")
+        explanations = explain_images(bundle.model, paths, bundle.threshold, bundle.class_names)
     rows, used = [], set()
     for item in explanations:
         overlay_path = None
         if item.overlay is not None:
-            overlay_path = folder / _output_name(item.path, used)
+            overlay_path = folder / overlay_file_name(item.path, used, "anomaly" if anomaly else "gradcam")
             cv2.imwrite(str(overlay_path), cv2.cvtColor(item.overlay, cv2.COLOR_RGB2BGR))
         rows.append({"path": item.path, "probability": item.probability, "label": item.label,
                      "overlay": None if overlay_path is None else str(overlay_path), "error": item.error})

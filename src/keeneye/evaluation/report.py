@@ -393,18 +393,19 @@ def write_run_report(
     config: dict | None = None,
     model=None,
     console=None,
+    explainer: Callable[[list[str]], Sequence[np.ndarray | None]] | None = None,
 ) -> Path | None:
     """report.html for a run or evaluation folder, with the mistake gallery from its predictions.csv.
 
-    Grad-CAM overlays are added when `model` (the keeneye classifier) is given. A failure here
+    Grad-CAM overlays are added when `model` (the keeneye classifier) is given, or the overlays of
+    `explainer` (paths -> RGB images, e.g. anomaly maps) when that is given. A failure here
     is reported on the console and never costs the run its bundle.
     """
     folder = Path(folder)
     try:
         predictions_path = folder / "predictions.csv"
         predictions = pd.read_csv(predictions_path) if predictions_path.is_file() else None
-        explainer = None
-        if model is not None:
+        if explainer is None and model is not None:
             from keeneye.explain import explain_images
 
             def explainer(paths: list[str]):

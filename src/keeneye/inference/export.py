@@ -491,6 +491,9 @@ def export_bundle(
     if quantize not in SUPPORTED_QUANTIZATION[fmt]:
         raise ExportError(f"format '{fmt}' does not support --quantize {quantize} (supported: onnx and tflite).")
     bundle = run_dir if isinstance(run_dir, Bundle) else load_bundle(run_dir)
+    if bundle.metadata.get("mode") == "anomaly":
+        raise ExportError(f"{bundle.path.name} is a one-class (anomaly) bundle: its deployable parts are already in it, "
+                          "model.onnx (the patch feature graph) and memory_bank.npy; export supports classifiers only.")
     target = resolve_output(bundle, fmt, quantize, output)
     tolerance = tolerance or TOLERANCES[quantize]
     say = console.print if console is not None else (lambda *a, **k: None)

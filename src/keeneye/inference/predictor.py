@@ -14,6 +14,7 @@ from keeneye.bundle import Bundle, load_bundle
 from keeneye.data.scan import entry_problem, skip_reason, walk_files
 from keeneye.data.video import is_video
 from keeneye.inference import engines as _engines
+from keeneye.inference.anomaly import is_anomaly_bundle, make_anomaly_engine
 from keeneye.training.features import iter_batches
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "error"]
@@ -22,7 +23,10 @@ ENGINES = _engines.ENGINE_CHOICES  # ("auto", "onnx", "keras")
 
 def make_engine(model, engine: str = "auto", bundle: Bundle | None = None, threads: int | None = None):
     """The engine that runs the bundle's model: 'auto' = ONNX Runtime on CPU (the bundle's
-    model.onnx, else a cached conversion), Keras on GPU or as the fallback; see inference/engines.py."""
+    model.onnx, else a cached conversion), Keras on GPU or as the fallback; see inference/engines.py.
+    An anomaly bundle (mode "anomaly") gets an AnomalyEngine: the same contract, scores instead of probabilities."""
+    if is_anomaly_bundle(bundle):
+        return make_anomaly_engine(bundle, engine)
     return _engines.make_engine(model, engine, bundle=bundle, threads=threads)
 
 

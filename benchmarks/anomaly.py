@@ -1,0 +1,199 @@
+"""Benchmark: one-class mode (mode "anomaly", PatchCore on MobileNetV2) on casting and magnetic tile.
+
+casting (`keeneye train` with mode "anomaly"; the bank sees only ok_front training images):
+  - test image AUROC and F1 at the false-alarm-rate threshold (1% of held-out good images), on the
+    whole test split and without the 64 test images that are copies of training images;
+  - peak RSS of that train (the process does nothing else before it is read);
+  - predict throughput of the anomaly bundle vs a supervised bundle on the same data, side by side in
+    one process: the same decoded test images, interleaved repeats, medians (both on the default engine).
+magnetic-tile (the 5 group folds of folds_5.csv): for each fold, the bank is built from the good images of
+  the fold's training part (minus a group-aware validation part, which sets the false-alarm threshold);
+  the fold is scored. Patch features are computed once for all images with the bundle's own feature
+  graph, then each fold uses the same library pieces train uses (build_bank, choose_anomaly_threshold).
+
+    python benchmarks/anomaly.py [casting|magnetic|all] [--set anomaly.coreset_share=0.1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def casting_config(work: Path, mode: str, overrides: list[str]):
+    from keeneye.config import config_from_dict
+
+    return config_from_dict(
+        {"data_folder_path": str(SHARED / "data" / "casting" / "casting_data"), "output_dir": str(work / "runs"),
+         "run_name": mode, "positive_class": "def_front", "mode": mode,
+         "model": {"weights": str(WEIGHTS), "image_size": 224},
+         "anomaly": {"threshold_rule": "false_alarm_rate", "false_alarm_rate": 0.01}},
+        base_dir=work, overrides=overrides if mode == "anomaly" else [],
+    )
+
+
+def scores_without_duplicates(run_dir: Path) -> dict:
+    """AUROC and F1 at the bundle's threshold on the test split, all and without the leaked copies."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    leaked = {line.split("\t")[0].split("/")[-1] for line in (SHARED / "data" / "casting" / "DUPLICATES_train_test.tsv").read_text().splitlines() if line}
+    out = {}
+    for name, rows in (("all", predictions), ("deduplicated", predictions[~predictions["path"].map(lambda p: Path(p).name in leaked)])):
+        y = (rows["label"] == "def_front").astype(int)
+        out[name] = {"n": int(len(rows)), "auroc": float(roc_auc_score(y, rows["probability"])),
+                     "f1": float(f1_score(y, (rows["probability"] >= 0.5).astype(int)))}
+    return out
+
+
+def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5) -> dict:
+    """Images per second of Predictor.predict_images per bundle: same images, interleaved repeats, medians."""
+    from keeneye.data.decode import load_image
+    from keeneye.inference.predictor import Predictor
+
+    images = [load_image(p) for p in paths]
+    predictors = {name: Predictor.from_bundle(path) for name, path in bundles.items()}
+    for predictor in predictors.values():
+        predictor.predict_images(images[:8])  # warm up
+    rates: dict[str, list[float]] = {name: [] for name in predictors}
+    for _ in range(repeats):
+        for name, predictor in predictors.items():
+            started = time.perf_counter()
+            predictor.predict_images(images)
+            rates[name].append(len(images) / (time.perf_counter() - started))
+    return {name: {"median_img_per_s": statistics.median(r), "runs": r, "engine": predictors[name].engine_name}
+            for name, r in rates.items()}
+
+
+def casting(overrides: list[str]) -> dict:
+    from rich.console import Console
+
+    from keeneye import api
+
+    work = Path(tempfile.mkdtemp(prefix="keeneye-bench-anomaly-"))
+    started = time.perf_counter()
+    anomaly = api.train(casting_config(work, "anomaly", overrides), console=Console(quiet=True))
+    seconds = time.perf_counter() - started
+    rss = peak_rss_mb()
+    metadata = json.loads((anomaly.run_dir / "metadata.json").read_text())
+    supervised = api.train(casting_config(work, "supervised", []), console=Console(quiet=True))
+    test_paths = sorted(str(p) for p in (SHARED / "data" / "casting" / "casting_data" / "test").rglob("*.jpeg"))[::11][:64]
+    speed = throughput({"anomaly": anomaly.run_dir, "supervised": supervised.run_dir}, test_paths)
+    return {
+        "anomaly": scores_without_duplicates(anomaly.run_dir), "supervised": scores_without_duplicates(supervised.run_dir),
+        "train_s": seconds, "peak_rss_mb_train": rss, "bank": metadata["anomaly"], "threshold": metadata["threshold_choice"],
+        "throughput": speed,
+        "throughput_ratio": speed["anomaly"]["median_img_per_s"] / speed["supervised"]["median_img_per_s"],
+        "overrides": overrides,
+    }
+
+
+def magnetic_features(cfg, frame: pd.DataFrame, root: Path) -> np.ndarray:
+    from keeneye.inference import engines
+    from keeneye.model.backbone import resolve_weights
+    from keeneye.model.patchcore import build_patch_extractor
+    from keeneye.training.features import iter_batches
+
+    weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
+    a = cfg.anomaly
+    extractor = build_patch_extractor(cfg.model.alpha, cfg.model.image_size, weights.path, a.layers,
+                                      projection_dim=a.feature_dim, seed=cfg.training.seed, grid=a.grid)
+    engine = engines.make_feature_engine(extractor)
+    features = None
+    for keys, batch, failures in iter_batches(enumerate(str(root / p) for p in frame["path"]), cfg.model.image_size, 16):
+        assert not failures, failures
+        out = engine(batch)
+        if features is None:
+            features = np.zeros((len(frame), *out.shape[1:]), np.float32)
+        features[keys] = out
+    return features
+
+
+def magnetic(overrides: list[str]) -> dict:
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from keeneye.config import config_from_dict
+    from keeneye.model.patchcore import PatchBank, image_scores, normalise_scores
+    from keeneye.training.anomaly import build_bank, choose_anomaly_threshold
+
+    root = SHARED / "data" / "magnetic-tile"
+    frame = pd.read_csv(root / "folds_5.csv")
+    cfg = config_from_dict({"data_folder_path": str(root), "mode": "anomaly", "model": {"weights": str(WEIGHTS)}},
+                           base_dir=REPO, overrides=overrides)
+    started = time.perf_counter()
+    features = magnetic_features(cfg, frame, root)
+    y, fold, group = frame["binary_label"].to_numpy(), frame["fold"].to_numpy(), frame["group"].to_numpy()
+    folds = []
+    for k in sorted(set(fold)):
+        train_groups = np.unique(group[(fold != k) & (y == 0)])
+        rng = np.random.default_rng(k)
+        val_groups = set(rng.choice(train_groups, max(1, round(0.15 * len(train_groups))), replace=False))
+        good = (fold != k) & (y == 0)
+        in_val = np.array([g in val_groups for g in group])
+        bank_rows, val_rows, test_rows = good & ~in_val, good & in_val, fold == k
+        a = cfg.anomaly
+        bank = build_bank(features[bank_rows].reshape(-1, features.shape[-1]), a.coreset_share, a.max_bank_size, cfg.training.seed)
+        threshold = choose_anomaly_threshold(image_scores(bank.distances(features[val_rows])), np.empty(0),
+                                             "false_alarm_rate", a.false_alarm_rate, 5)
+        scores = image_scores(bank.distances(features[test_rows]))
+        decided = normalise_scores(scores, threshold.raw) >= 0.5
+        folds.append({"fold": int(k), "auroc": float(roc_auc_score(y[test_rows], scores)),
+                      "f1": float(f1_score(y[test_rows], decided.astype(int))), "bank_size": len(bank),
+                      "n_bank_images": int(bank_rows.sum()), "n_test": int(test_rows.sum())})
+        print(f"  fold {k}: AUROC {folds[-1]['auroc']:.4f} F1 {folds[-1]['f1']:.4f} bank {len(bank)}", flush=True)
+    auroc = [f["auroc"] for f in folds]
+    f1 = [f["f1"] for f in folds]
+    return {"folds": folds, "auroc_mean": statistics.mean(auroc), "auroc_sd": statistics.stdev(auroc),
+            "f1_mean": statistics.mean(f1), "f1_sd": statistics.stdev(f1), "seconds": time.perf_counter() - started,
+            "overrides": overrides, "settings": cfg.anomaly.model_dump()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", nargs="?", default="all", choices=["casting", "magnetic", "all"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. anomaly.coreset_share=0.1")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    results = {}
+    if args.which in ("magnetic", "all"):
+        results["magnetic_tile"] = magnetic(args.overrides)
+        m = results["magnetic_tile"]
+        print(f"magnetic-tile 5 group folds: AUROC {m['auroc_mean']:.4f} ± {m['auroc_sd']:.4f}, "
+              f"F1 at 1% false alarms {m['f1_mean']:.4f} ± {m['f1_sd']:.4f}")
+    if args.which in ("casting", "all"):
+        results["casting"] = c = casting(args.overrides)
+        print(f"{'casting':<14}{'split':<14}{'n':>5}{'AUROC':>9}{'F1':>9}")
+        for mode in ("anomaly", "supervised"):
+            for split, r in c[mode].items():
+                print(f"{mode:<14}{split:<14}{r['n']:>5}{r['auroc']:>9.4f}{r['f1']:>9.4f}")
+        t = c["throughput"]
+        print(f"predict img/s (median): anomaly {t['anomaly']['median_img_per_s']:.1f}, supervised "
+              f"{t['supervised']['median_img_per_s']:.1f}, ratio {c['throughput_ratio']:.2f}; bank {c['bank']['bank_size']} patches; "
+              f"train peak RSS {c['peak_rss_mb_train']:.0f} MB, {c['train_s']:.0f} s")
+    out = args.out or RESULTS / f"anomaly_{args.which}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""One-class mode (mode "anomaly", PatchCore): coreset, scores and maps, bundle round trip, clear errors.
+
+One small anomaly bundle (demo textures at 96 px, real ImageNet weights) is trained once for the module;
+the coreset tests are pure numpy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from conftest import tiny_config
+from keeneye.errors import ConfigError, DataError
+from keeneye.model.patchcore import BANK_FILE, coreset_size, greedy_coreset
+
+
+def _covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:
+    distances = np.linalg.norm(points[:, None, :] - points[chosen][None, :, :], axis=2)
+    return float(distances.min(axis=1).max())
+
+
+def test_coreset_keeps_the_share_and_covers_the_bank() -> None:
+    rng = np.random.default_rng(0)
+    clusters = rng.normal(0, 1, (5, 2)) * 20
+    points = np.concatenate([c + rng.normal(0, 1, (100, 2)) for c in clusters] + [rng.uniform(-40, 40, (100, 2))])
+    count = coreset_size(len(points), 0.1, 10_000)
+    chosen = greedy_coreset(points, count, projection_dim=None, seed=0)
+    assert count == 60 and len(chosen) == 60 and len(set(chosen.tolist())) == 60
+    radius = _covering_radius(points, chosen)
+    # Farthest-first certificate: every centre was at least `radius` from those chosen before it, so
+    # the centres are pairwise >= radius apart and the radius is within 2x the optimal k-center radius.
+    centres = points[chosen]
+    pairwise = np.linalg.norm(centres[:, None] - centres[None], axis=2)[np.triu_indices(count, 1)]
+    assert pairwise.min() >= radius - 1e-4
+    random_radius = min(_covering_radius(points, rng.choice(len(points), count, replace=False)) for _ in range(20))
+    assert radius < random_radius
+    assert all(np.linalg.norm(centres - c, axis=1).min() < 3 for c in clusters)  # every cluster has a centre
+
+
+def test_coreset_in_chunks_and_the_bank_bound() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 10, (40, 16))
+    points = (centres[rng.integers(40, size=3000)] + rng.normal(0, 1, (3000, 16))).astype(np.float32)
+    chunked = greedy_coreset(points, 150, projection_dim=None, seed=0, chunk_size=1000)
+    exact = greedy_coreset(points, 150, projection_dim=None, seed=0, chunk_size=10_000)
+    assert len(chunked) == 150 and len(set(chunked.tolist())) == 150
+    radius = _covering_radius(points, chunked)
+    assert radius <= 2 * _covering_radius(points, exact) + 1e-4  # composed greedy: within 2x of one greedy pass
+    assert radius < _covering_radius(points, rng.choice(3000, 150, replace=False))
+    assert coreset_size(1000, 0.5, 100) == 100 and coreset_size(1000, 0.1, 10**6) == 100 and coreset_size(3, 0.01, 10) == 1
+
+
+@pytest.fixture(scope="module")
+def anomaly_run(tmp_path_factory, demo_data, imagenet_weights):
+    from keeneye import api
+    from keeneye.config import config_from_dict
+
+    root = tmp_path_factory.mktemp("anomaly")
+    config = tiny_config(root, demo_data, run_name="oneclass", mode="anomaly",
+                         anomaly={"coreset_share": 0.25, "threshold_rule": "false_alarm_rate", "false_alarm_rate": 0.1})
+    return api.train(config_from_dict(config, base_dir=root), console=Console(quiet=True))
+
+
+def test_anomaly_bundle_holds_bank_and_separates_the_demo_classes(anomaly_run) -> None:
+    metadata = json.loads((anomaly_run.run_dir / "metadata.json").read_text())
+    assert metadata["mode"] == "anomaly" and metadata["threshold"] == 0.5
+    info = metadata["anomaly"]
+    bank = np.load(anomaly_run.run_dir / BANK_FILE)
+    assert bank.shape == (info["bank_size"], info["feature_dim"])
+    assert info["bank_size"] == coreset_size(info["training_patches"], 0.25, info["max_bank_size"])
+    assert metadata["threshold_choice"]["method"] == "anomaly_false_alarm_rate"
+    assert (anomaly_run.run_dir / "model.onnx").is_file()
+    assert anomaly_run.metrics["roc_auc"] >= 0.9  # the bank saw only good textures, never a defect
+
+
+def test_pasted_defect_scores_above_every_good_image_and_the_map_peaks_on_it(anomaly_run) -> None:
+    from keeneye.demo import surface_texture
+    from keeneye.inference.predictor import Predictor
+
+    rng = np.random.default_rng(123)
+    goods = [surface_texture(rng, 96) for _ in range(6)]
+    defect = goods[0].copy()
+    cv2.rectangle(defect, (52, 52), (72, 72), (20, 20, 20), -1)  # a dark 20 px blob centred at (62, 62)
+    predictor = Predictor.from_bundle(anomaly_run.run_dir)
+    scores = predictor.predict_images(goods + [defect])
+    assert scores[-1] > scores[:-1].max()
+    maps, _ = predictor.engine.maps(np.stack([defect]))
+    row, column = np.unravel_index(int(np.argmax(maps[0])), maps[0].shape)
+    assert abs(row - 62) <= 26 and abs(column - 62) <= 26, (row, column)  # on the blob, give or take one 16 px patch
+    inside = np.zeros_like(maps[0], dtype=bool)
+    inside[52:73, 52:73] = True
+    assert maps[0][inside].mean() > 1.5 * maps[0][~inside].mean()
+
+
+def test_bundle_round_trip_gives_identical_scores(anomaly_run) -> None:
+    from keeneye.inference.predictor import Predictor
+
+    written = pd.read_csv(anomaly_run.run_dir / "predictions.csv")
+    first = Predictor.from_bundle(anomaly_run.run_dir).predict_paths(written["path"].tolist())
+    second = Predictor.from_bundle(anomaly_run.run_dir).predict_paths(written["path"].tolist())
+    np.testing.assert_array_equal(first["probability"].to_numpy(), second["probability"].to_numpy())
+    np.testing.assert_allclose(first["probability"].to_numpy(), written["probability"].to_numpy(), atol=1e-6)
+    keras = Predictor.from_bundle(anomaly_run.run_dir, engine="keras").predict_paths(written["path"].tolist())
+    np.testing.assert_allclose(keras["probability"].to_numpy(), written["probability"].to_numpy(), atol=1e-4)
+
+
+def test_anomaly_mode_without_good_training_images_fails_clearly(tmp_path, demo_data) -> None:
+    from keeneye import api
+    from keeneye.config import config_from_dict
+
+    # A manifest whose training rows are all defects (good parts only in testing): nothing to learn "good" from.
+    rows = [(p, "defect", "training") for p in sorted((demo_data / "training" / "defect").glob("*.png"))]
+    rows += [(p, p.parent.name, "testing") for p in sorted((demo_data / "testing").glob("*/*.png"))]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(manifest, index=False)
+    config = tiny_config(tmp_path, demo_data, mode="anomaly", positive_class="defect")
+    config["data"] = {"manifest_path": str(manifest)}
+    del config["data_folder_path"]
+    with pytest.raises(DataError, match="good images only.*no images of the good"):
+        api.train(config_from_dict(config, base_dir=tmp_path), console=Console(quiet=True))
+
+
+def test_anomaly_config_is_checked(tmp_path, demo_data) -> None:
+    from keeneye.config import config_from_dict
+
+    assert config_from_dict(tiny_config(tmp_path, demo_data), base_dir=tmp_path).mode == "supervised"
+    with pytest.raises(ConfigError, match="mode"):
+        config_from_dict(tiny_config(tmp_path, demo_data, mode="oneclass"), base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="anomaly.layers"):
+        config_from_dict(tiny_config(tmp_path, demo_data, anomaly={"layers": ["conv_pw_3"]}), base_dir=tmp_path)
+
+
+def test_explain_predict_maps_and_export_on_an_anomaly_bundle(anomaly_run, demo_data, tmp_path) -> None:
+    from keeneye import api
+    from keeneye.explain import explain
+    from keeneye.inference.export import ExportError, export_bundle
+
+    images = sorted((demo_data / "testing" / "defect").glob("*.png"))[:2]
+    frame = explain(anomaly_run.run_dir, images, tmp_path / "explained", console=Console(quiet=True))
+    assert frame["overlay"].notna().all() and all(str(p).endswith("_anomaly.png") for p in frame["overlay"])
+    predicted = api.predict(anomaly_run.run_dir, images, maps=tmp_path / "maps", console=Console(quiet=True))
+    assert predicted["anomaly_map"].notna().all()
+    assert cv2.imread(predicted["anomaly_map"][0]).shape[:2] == (96, 96)
+    with pytest.raises(ExportError, match="one-class"):
+        export_bundle(anomaly_run.run_dir, "onnx")
+
+
+def test_both_search_backends_find_the_exact_nearest_good_patch() -> None:
+    from keeneye.model.patchcore import PatchBank
+
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(3000, 32)).astype(np.float32)
+    patches = rng.normal(size=(2, 9, 9, 32)).astype(np.float32)
+    brute = np.sqrt(((patches.reshape(-1, 1, 32) - bank[None]) ** 2).sum(-1)).min(axis=1).reshape(2, 9, 9)
+    for backend in ("blas", "faiss"):
+        np.testing.assert_allclose(PatchBank(bank, backend=backend).distances(patches), brute, rtol=1e-4, atol=1e-4)
