@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Optional: WEIGHTS=/path/to/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 for offline machines
 WEIGHTS ?=
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo test test-slow benchmark clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,11 @@ demo: install
 	$(BIN)/keeneye demo $(if $(WEIGHTS),--set model.weights=$(abspath $(WEIGHTS)))
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The long end-to-end checks kept out of `make test` so it stays under 8 minutes on 2 cores; CI runs both.
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 benchmark: install
 	$(BIN)/python benchmarks/train_casting.py

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rich.console import Console
 
 from keeneye import api
@@ -21,6 +23,7 @@ def casting_subset(source: Path, target: Path, per_class: dict[str, int]) -> Pat
     return target
 
 
+@pytest.mark.slow
 def test_casting_subset_reaches_f1_090(tmp_path, casting_data, imagenet_weights) -> None:
     data = casting_subset(casting_data, tmp_path / "data", {"training": 60, "testing": 40})
     config = config_from_dict(

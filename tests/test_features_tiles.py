@@ -85,6 +85,7 @@ def long_data(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_tiled_bundle_onnx_and_keras_give_the_training_time_probabilities(tmp_path, long_data):
     """The full path once: train (multi features, 1x3 tiles) -> bundle -> Predictor on both engines."""
     config = config_from_dict(tiny_config(tmp_path, long_data, run_name="run", model={"features": "multi", "tiles": "1x3"},

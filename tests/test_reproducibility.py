@@ -7,6 +7,8 @@ import json
 import keras
 import numpy as np
 import pandas as pd
+
+import pytest
 from rich.console import Console
 
 from conftest import tiny_config
@@ -16,6 +18,7 @@ from keeneye.config import HeadConfig, TrainingConfig, config_from_dict
 QUIET = Console(quiet=True)
 
 
+@pytest.mark.slow
 def test_two_runs_with_one_seed_give_identical_metrics_and_weights(tmp_path, demo_data, imagenet_weights) -> None:
     """With fine-tuning (augmentation, dropout, shuffling, oversampling) and op determinism off: the CPU default."""
     results = []

@@ -65,6 +65,7 @@ def _weights(run: Path) -> list[np.ndarray]:
     return keras.saving.load_model(run / "model.keras", compile=False).get_weights()
 
 
+@pytest.mark.slow
 def test_interrupted_runs_resume_to_the_same_epochs_and_weights(tmp_path, demo_data, imagenet_weights, monkeypatch) -> None:
     import keeneye.training.finetune as finetune
 

@@ -335,7 +335,7 @@ def explain(
     images: List[str] = typer.Argument(..., metavar="IMAGE", help="Image files, folders (recursive) or glob patterns."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the overlays (PNG) and explanations.csv."),
 ) -> None:
-    """Heat maps: Grad-CAM (where the classifier looked) or, for a one-class bundle, the anomaly map.
+    """Heat maps: Grad-CAM, or the anomaly map for one-class bundles.
 
     Exit status 1 only when no image could be explained.
     """
