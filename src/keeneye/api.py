@@ -28,9 +28,10 @@ import keeneye
 
 if TYPE_CHECKING:  # pragma: no cover
     import threading
-from keeneye.bundle import BUNDLE_FORMAT_VERSION, CONFIG_FILE, MODEL_FILE, PartialRun, load_bundle, staged_run, default_run_name, write_metadata
+from keeneye.bundle import BUNDLE_FORMAT_VERSION, CONFIG_FILE, MODEL_FILE, PartialRun, staged_run, default_run_name, write_metadata
 from keeneye.config import Config, load_config, save_config
-from keeneye.data.scan import SPLITS, scan_evaluation_folder, scan_folder, split_validation
+from keeneye.data.preprocess import InputSpec, auto_grid, median_size
+from keeneye.data.scan import SPLITS, scan_evaluation_folder
 from keeneye.data.audit import (
     audit_manifest, inspect_images, leakage_summary, print_summary as print_audit_summary, settle_leakage,
 )
@@ -163,9 +164,8 @@ def train(
     return result
 
 
-def input_spec_for(cfg: Config, paths: Sequence[str], console: Console) -> "InputSpec":
+def input_spec_for(cfg: Config, paths: Sequence[str], console: Console) -> InputSpec:
     """The run's InputSpec: model.tiles "auto" becomes a grid from the median size of the training images."""
-    from keeneye.data.preprocess import InputSpec, auto_grid, median_size
 
     model = cfg.model
     tiles = None

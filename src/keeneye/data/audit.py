@@ -552,7 +552,6 @@ def audit_manifest(
     facts, hashes = inspection[0].copy(), inspection[1]
     facts.index = manifest.index
     split = manifest["split"].to_numpy()
-    labels = manifest["label"].to_numpy()
 
     counts = manifest.groupby(["split", "label"]).size().rename("n").reset_index()
     order = {s: i for i, s in enumerate(SPLITS)}

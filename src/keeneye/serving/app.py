@@ -365,9 +365,13 @@ class Service:
         check_count(len(uploads), settings)
         return uploads
 
-    async def prepare_all(self, uploads: list[Upload]) -> list[np.ndarray | ImageRejected]:
+    async def prepare_all(self, uploads: list[Upload], full_size: bool = False) -> list[np.ndarray | ImageRejected]:
+        """Decode every upload in the pool with the server's limits; an upload's failure is its own result.
+
+        Sized as in training (resize rule, tiles) unless `full_size`: Grad-CAM draws on the image as sent.
+        """
         loop = asyncio.get_running_loop()
-        size = self.predictor.input_spec  # resize rule and tiles as in training
+        size = None if full_size else self.predictor.input_spec
 
         async def one(upload: Upload):
             if upload.error is not None:

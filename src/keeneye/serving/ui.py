@@ -25,7 +25,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from keeneye.serving.inputs import ImageRejected, RequestRejected, prepare_image
+from keeneye.serving.inputs import ImageRejected, RequestRejected
 from keeneye.serving.limits import reservation
 
 log = logging.getLogger("keeneye.serving")
@@ -70,24 +70,6 @@ class Explainer:
         return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
 
 
-async def _decode_all(service: Any, uploads: list) -> list[np.ndarray | ImageRejected]:
-    """Full-size decode (the overlay is drawn on the image as sent), with the server's limits."""
-    loop = asyncio.get_running_loop()
-
-    async def one(upload):
-        if upload.error is not None:
-            return upload.error
-        try:
-            return await loop.run_in_executor(service.decode_pool, prepare_image, upload.data, None, service.settings)
-        except ImageRejected as exc:
-            return exc
-        except Exception as exc:  # a decoder bug must not turn bad input into a 500
-            log.exception("unexpected error while decoding %s", upload.name)
-            return ImageRejected("decode_error", f"could not be decoded ({type(exc).__name__})")
-
-    return list(await asyncio.gather(*(one(upload) for upload in uploads)))
-
-
 async def explain_request(service: Any, explainer: Explainer, request: Request, threshold: float | None) -> JSONResponse:
     """POST /explain: per-image probability, label and Grad-CAM overlay, or the image's error."""
     info = request.scope.get("keeneye.log", {"errors": []})
@@ -97,7 +79,7 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
         async with service.body_budget.reserve(reservation(request, service.settings), service.settings.request_timeout_s):
             uploads = await service.read_uploads(request)
             info["n_images"] = len(uploads)
-            decoded = await _decode_all(service, uploads)
+            decoded = await service.prepare_all(uploads, full_size=True)
     except RequestRejected as exc:
         info["errors"].append(exc.code)
         return _error(exc.status, exc.code, exc.message, exc.headers)
