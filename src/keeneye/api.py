@@ -330,15 +330,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     if feature_engine.note:
         console.print(f"embedding engine: {escape(feature_engine.note)}", highlight=False)
     timings["scan_and_embeddings_s"] = time.perf_counter() - started
-    for shard, reason in cache.damaged if cache is not None else ():
-        console.print(f"[yellow]warning:[/] embedding cache shard {escape(str(shard))} was damaged ({escape(reason)}): "
-                      "skipped and removed; its features were recomputed.", highlight=False, soft_wrap=True)
     if cache is not None:
-        verb = "reused" if embeddings.n_cached else "empty, filled"
-        console.print(
-            f"embedding cache {verb}: {embeddings.n_cached} reused, {embeddings.n_computed} computed "
-            f"in {embeddings.seconds:.1f} s ({cache.folder})"
-        )
+        _report_cache(console, cache, embeddings)
 
     dropped = manifest.loc[embeddings.dropped.index].assign(reason=embeddings.dropped["reason"])
     dropped = dropped[["path", "split", "label", "reason"]]
@@ -346,14 +339,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     counts = data_counts(counted, scan.skipped, dropped)
     _print_counts(console, counts)
     run_name = cfg.run_name or default_run_name()
-    if len(manifest) and len(dropped) / len(manifest) > cfg.max_dropped_fraction:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        report = Path(cfg.output_dir) / f"{run_name}-dropped_files.csv"
-        dropped.to_csv(report, index=False)
-        raise DataError(
-            f"{len(dropped)} of {len(manifest)} images ({len(dropped) / len(manifest):.1%}) could not be read, "
-            f"more than max_dropped_fraction={cfg.max_dropped_fraction}; the list with reasons is in {report}."
-        )
+    _stop_when_too_many_dropped(cfg, run_name, dropped, len(manifest))
     if len(dropped):
         console.print(f"[yellow]warning:[/] {plural(len(dropped), 'unreadable image')} dropped (listed in dropped_files.csv).")
 
@@ -492,25 +478,7 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
                        if cv is not None and len(cv.results) > 1 else []),
                      ("split", " ".join(splits.notes) or "as given"), ("total time", f"{timings['total_s']:.1f} s")],
         )
-        write_metadata(folder, {
-            "bundle_format": BUNDLE_FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "class_names": [negative, positive],
-            "positive_class": positive,
-            "threshold": choice.threshold,
-            "threshold_choice": choice.to_dict(),
-            "input": spec.to_dict() | {"dtype": "uint8", "channels": "RGB", "shape": list(spec.shape)},
-            "preprocessing": PREPROCESSING,
-            "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha, "features": cfg.model.features, "weights": weights.spec if weights.path is None else weights.path.name,
-                         "weights_sha256": weights.sha256},
-            "head": run_cfg.head.model_dump(),
-            "training": training_info,
-            "metrics": {"testing": {k: metrics[k] for k in ("n", "n_positive", "roc_auc", "average_precision")}
-                        | {"at_threshold": {k: metrics["at_threshold"][k] for k in ("f1", "precision", "recall", "accuracy")}}},
-            "data": counts.to_dict(orient="records"),
-            "timings": timings,
-            "versions": library_versions(),
-        })
+        write_metadata(folder, _bundle_metadata(cfg, run_cfg, scan.class_names, choice, spec, weights, training_info, metrics, counts, timings))
         run.publish()
     partial.remove()  # the bundle is published: the resumable state has served its purpose
     if cv is not None:
@@ -518,6 +486,56 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     console.print(format_metrics_table(metrics))
     console.print(f"model bundle: [bold]{escape(str(run.final))}[/]")
     return TrainResult(run.final, metrics, choice.threshold, scan.class_names, counts, timings)
+
+
+def _report_cache(console: Console, cache, embeddings) -> None:
+    """Damaged shards by name (skipped, removed, recomputed), then how much the cache saved."""
+    for shard, reason in cache.damaged:
+        console.print(f"[yellow]warning:[/] embedding cache shard {escape(str(shard))} was damaged ({escape(reason)}): "
+                      "skipped and removed; its features were recomputed.", highlight=False, soft_wrap=True)
+    verb = "reused" if embeddings.n_cached else "empty, filled"
+    console.print(
+        f"embedding cache {verb}: {embeddings.n_cached} reused, {embeddings.n_computed} computed "
+        f"in {embeddings.seconds:.1f} s ({cache.folder})"
+    )
+
+
+def _stop_when_too_many_dropped(cfg: Config, run_name: str, dropped: pd.DataFrame, n_images: int) -> None:
+    """A run on mostly unreadable data would be meaningless: stop, leaving the list with reasons beside the runs."""
+    if not n_images or len(dropped) / n_images <= cfg.max_dropped_fraction:
+        return
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    report = Path(cfg.output_dir) / f"{run_name}-dropped_files.csv"
+    dropped.to_csv(report, index=False)
+    raise DataError(
+        f"{len(dropped)} of {n_images} images ({len(dropped) / n_images:.1%}) could not be read, "
+        f"more than max_dropped_fraction={cfg.max_dropped_fraction}; the list with reasons is in {report}."
+    )
+
+
+def _bundle_metadata(cfg: Config, run_cfg: Config, class_names, choice, spec: InputSpec, weights, training_info: dict,
+                     metrics: dict, counts: pd.DataFrame, timings: dict) -> dict:
+    """metadata.json of a supervised bundle (checked against bundle.BundleMetadata when written)."""
+    negative, positive = class_names
+    return {
+        "bundle_format": BUNDLE_FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "class_names": [negative, positive],
+        "positive_class": positive,
+        "threshold": choice.threshold,
+        "threshold_choice": choice.to_dict(),
+        "input": spec.to_dict() | {"dtype": "uint8", "channels": "RGB", "shape": list(spec.shape)},
+        "preprocessing": PREPROCESSING,
+        "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha, "features": cfg.model.features,
+                     "weights": weights.spec if weights.path is None else weights.path.name, "weights_sha256": weights.sha256},
+        "head": run_cfg.head.model_dump(),
+        "training": training_info,
+        "metrics": {"testing": {k: metrics[k] for k in ("n", "n_positive", "roc_auc", "average_precision")}
+                    | {"at_threshold": {k: metrics["at_threshold"][k] for k in ("f1", "precision", "recall", "accuracy")}}},
+        "data": counts.to_dict(orient="records"),
+        "timings": timings,
+        "versions": library_versions(),
+    }
 
 
 def tiles_note(predictor: Predictor) -> str:
