@@ -406,10 +406,10 @@ def write_run_report(
         predictions_path = folder / "predictions.csv"
         predictions = pd.read_csv(predictions_path) if predictions_path.is_file() else None
         if explainer is None and model is not None:
-            from keeneye.explain import explain_images
+            from keeneye.model.gradcam import GradCam, explain_files
 
             def explainer(paths: list[str]):
-                return [e.overlay for e in explain_images(model, paths, threshold, class_names, max_side=THUMBNAIL_SIDE)]
+                return [e.overlay for e in explain_files(GradCam(model), paths, threshold, class_names, max_side=THUMBNAIL_SIDE)]
 
         gallery = mistake_gallery(predictions, class_names, threshold, explainer=explainer) if predictions is not None else None
         return write_report(folder, title=title, summary=summary, metrics=metrics, class_names=class_names,

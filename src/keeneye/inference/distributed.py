@@ -22,7 +22,8 @@ import pandas as pd
 
 from keeneye.bundle import load_bundle
 from keeneye.errors import KeeneyeError
-from keeneye.inference.engines import EngineError, bundle_onnx_engine, onnxruntime_available
+from keeneye.runtime.choice import bundle_onnx_engine
+from keeneye.runtime.engines import EngineError, onnxruntime_available
 from keeneye.inference.predictor import PREDICTION_COLUMNS, Predictor, expand_inputs
 
 INSTALL_HINT = "Ray is not installed: pip install 'keeneye[ray]' (or pip install 'ray[data]')."

@@ -40,13 +40,15 @@ import pandas as pd
 
 from keeneye.bundle import MODEL_FILE, Bundle, load_bundle
 from keeneye.data.preprocess import InputSpec
+from keeneye.data.files import sha256_of_file, write_atomic
 from keeneye.errors import KeeneyeError
-from keeneye.inference.engines import (
-    ONNX_FILE, ONNX_OPSET, PROBABILITY_TOLERANCE, KerasEngine, OnnxEngine, convert_classifier_to_onnx, convert_to_onnx,
-    dedupe_opsets, generated_images,
-    max_abs_difference, onnx_verification_record, physical_cores, read_verification, sha256_of_file, verification_path,
-    write_atomic,
+from keeneye.evaluation.metrics import predict_labels
+from keeneye.runtime.batches import as_spec, iter_decoded
+from keeneye.runtime.convert import (
+    ONNX_FILE, ONNX_OPSET, PROBABILITY_TOLERANCE, convert_and_verify, convert_classifier_to_onnx, convert_to_onnx,
+    dedupe_opsets, generated_images, is_verified, onnx_verification_record, verification_path,
 )
+from keeneye.runtime.engines import BaseEngine, Engine, KerasEngine, OnnxEngine, SavedModelEngine, TFLiteEngine, physical_cores
 
 FORMATS = ("onnx", "tflite", "savedmodel")
 QUANTIZATIONS = ("float16", "int8")
@@ -132,8 +134,6 @@ class ExportResult:
 
 def _decode(paths: list[str], spec: InputSpec | int) -> tuple[list[int], np.ndarray]:
     """Images prepared as the bundle's model takes them (resize rule, tiles: see data/preprocess.py)."""
-    from keeneye.training.features import as_spec, iter_decoded
-
     spec = as_spec(spec)
     keys, images = [], []
     for key, image, _ in iter_decoded(enumerate(paths), spec, workers=physical_cores(), prefetch=16):
@@ -192,70 +192,28 @@ def representative_images(bundle: Bundle, count: int = 200, seed: int = 0) -> Im
 # --- loading exported models ---------------------------------------------------------------------
 
 
-class TFLiteRunner:
-    """A .tflite model as a callable: uint8 batch -> probabilities (N,)."""
+class Probabilities(BaseEngine):
+    """An engine whose output is one probability per image, flattened to (N,) (what export checks compare)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter  # the successor package, when installed
-        except ImportError:
-            import tensorflow as tf
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.name, self.source = engine, engine.name, engine.source
+        self._input_shape = engine.input_shape
 
-            Interpreter = tf.lite.Interpreter
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads or physical_cores())
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self._batch = None
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        if self._batch != len(batch):
-            self.interpreter.resize_tensor_input(self.input["index"], list(batch.shape))
-            self.interpreter.allocate_tensors()
-            self._batch = len(batch)
-        self.interpreter.set_tensor(self.input["index"], batch.astype(self.input["dtype"], copy=False))
-        self.interpreter.invoke()
-        return np.array(self.interpreter.get_tensor(self.output["index"]), dtype=np.float32).reshape(-1)
-
-    def __call__(self, batch: np.ndarray, chunk: int = 16) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        outputs = [self._run(batch[i : i + chunk]) for i in range(0, len(batch), chunk)]
-        return np.concatenate(outputs) if outputs else np.empty(0, np.float32)
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.engine.run(batch), dtype=np.float32).reshape(-1)
 
 
-class SavedModelRunner:
-    """A SavedModel folder's `serve` endpoint as a callable: uint8 batch -> probabilities (N,)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        import tensorflow as tf
-
-        self.loaded = tf.saved_model.load(str(path))
-        self._serve = self.loaded.serve if hasattr(self.loaded, "serve") else self.loaded.signatures["serving_default"]
-
-    def __call__(self, batch: np.ndarray, chunk: int = 32) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        outputs = []
-        for i in range(0, len(batch), chunk):
-            result = self._serve(batch[i : i + chunk])
-            if isinstance(result, dict):
-                result = next(iter(result.values()))
-            outputs.append(np.asarray(result, dtype=np.float32).reshape(-1))
-        return np.concatenate(outputs) if outputs else np.empty(0, np.float32)
-
-
-def load_exported(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+def load_exported(path: str | os.PathLike) -> Probabilities:
     """Load an exported model (.onnx file, .tflite file or SavedModel folder) as uint8 batch -> probabilities (N,)."""
     path = Path(path)
     if path.is_dir() and (path / "saved_model.pb").is_file():
-        return SavedModelRunner(path)
+        return Probabilities(SavedModelEngine(path))
     if path.is_file():
         with open(path, "rb") as handle:
             head = handle.read(8)
         if path.suffix.lower() == ".tflite" or head[4:8] == b"TFL3":
-            return TFLiteRunner(path)
-        engine = OnnxEngine(path)
-        return lambda batch: engine(batch).reshape(-1)
+            return Probabilities(TFLiteEngine(path))
+        return Probabilities(OnnxEngine(path))
     raise ExportError(f"{path} is not an exported model (a .onnx or .tflite file, or a SavedModel folder).")
 
 
@@ -302,8 +260,7 @@ def _export_tflite(bundle: Bundle, target: Path, quantize: str | None, calibrati
 def _bundle_onnx_bytes(bundle: Bundle) -> bytes:
     """The bundle's own model.onnx when it was made from this model.keras, else a fresh conversion."""
     inside = bundle.path / ONNX_FILE
-    record = read_verification(inside)
-    if inside.is_file() and record and record.get("passed") and record.get("source_sha256") == sha256_of_file(bundle.path / MODEL_FILE):
+    if is_verified(inside, sha256_of_file(bundle.path / MODEL_FILE)):
         return inside.read_bytes()
     return convert_to_onnx(bundle.model, output_name="probability")
 
@@ -360,7 +317,7 @@ def _in_batches(engine: Callable[[np.ndarray], np.ndarray], images: np.ndarray, 
 def _f1(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> float:
     from sklearn.metrics import f1_score
 
-    return float(f1_score(labels, (probabilities >= threshold).astype(int), zero_division=0))
+    return float(f1_score(labels, predict_labels(probabilities, threshold), zero_division=0))
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, threshold: float, labels: np.ndarray | None,
@@ -369,14 +326,15 @@ def compare(reference: np.ndarray, candidate: np.ndarray, threshold: float, labe
     reference = np.asarray(reference, dtype=np.float64).reshape(-1)
     candidate = np.asarray(candidate, dtype=np.float64).reshape(-1)
     difference = np.abs(reference - candidate)
-    agreement = float(np.mean((reference >= threshold) == (candidate >= threshold))) if len(reference) else 1.0
+    same = predict_labels(reference, threshold) == predict_labels(candidate, threshold)
+    agreement = float(np.mean(same)) if len(reference) else 1.0
     report = {
         "n_images": int(len(reference)),
         "threshold": threshold,
         "max_abs_diff": float(difference.max()) if len(difference) else 0.0,
         "mean_abs_diff": float(difference.mean()) if len(difference) else 0.0,
         "decision_agreement": agreement,
-        "decisions_changed": int(np.sum((reference >= threshold) != (candidate >= threshold))),
+        "decisions_changed": int(np.sum(~same)),
         "f1_keras": None, "f1_exported": None, "f1_change": None,
     }
     if labels is not None and len(labels) and len(np.unique(labels)) == 2:
@@ -590,20 +548,21 @@ def write_bundle_onnx(folder: str | os.PathLike, model, sample_paths: list[str] 
         source = f"{len(images)} testing images"
         if not len(images):
             images, source = generated_images(8, spec.shape, seed=0), "8 generated images"
-        started = time.perf_counter()
         feature_onnx = feature_engine.onnx_model() if feature_engine is not None else None
-        try:
-            data = convert_classifier_to_onnx(model, feature_onnx)
-        except Exception:
-            if feature_onnx is None:
-                raise
-            data = convert_classifier_to_onnx(model)  # the join failed: convert the whole network
-        seconds = time.perf_counter() - started
-        difference = max_abs_difference(OnnxEngine(data)(images), KerasEngine(model)(images))
-        if difference > PROBABILITY_TOLERANCE and feature_onnx is not None:
-            data = convert_classifier_to_onnx(model)
-            seconds = time.perf_counter() - started
-            difference = max_abs_difference(OnnxEngine(data)(images), KerasEngine(model)(images))
+
+        def joined() -> bytes:
+            try:
+                return convert_classifier_to_onnx(model, feature_onnx)
+            except Exception:
+                if feature_onnx is None:
+                    raise
+                return convert_classifier_to_onnx(model)  # the join failed: convert the whole network
+
+        reference = KerasEngine(model)(images)
+        check = convert_and_verify(model, images, convert=joined, reference=reference)
+        if not check.passed and feature_onnx is not None:  # the joined graph disagrees: convert the whole network
+            check = convert_and_verify(model, images, convert=lambda: convert_classifier_to_onnx(model), reference=reference)
+        data, difference, seconds = check.data, check.max_diff, check.seconds
         record = onnx_verification_record(sha256_of_file(folder / MODEL_FILE), difference, len(images), source, seconds)
         if not record["passed"]:
             return (f"[yellow]warning:[/] {ONNX_FILE} not written: it differs from Keras by {difference:.1e} "

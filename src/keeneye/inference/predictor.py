@@ -13,21 +13,22 @@ import pandas as pd
 from keeneye.bundle import Bundle, load_bundle
 from keeneye.data.scan import entry_problem, skip_reason, walk_files
 from keeneye.data.video import is_video
-from keeneye.inference import engines as _engines
+from keeneye.evaluation.metrics import predict_labels
 from keeneye.inference.anomaly import is_anomaly_bundle, make_anomaly_engine
-from keeneye.training.features import iter_batches
+from keeneye.runtime import choice
+from keeneye.runtime.batches import decode_workers, run_engine
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "error"]
-ENGINES = _engines.ENGINE_CHOICES  # ("auto", "onnx", "keras")
+ENGINES = choice.ENGINE_CHOICES  # ("auto", "openvino", "onnx", "keras")
 
 
 def make_engine(model, engine: str = "auto", bundle: Bundle | None = None, threads: int | None = None):
-    """The engine that runs the bundle's model: 'auto' = ONNX Runtime on CPU (the bundle's
-    model.onnx, else a cached conversion), Keras on GPU or as the fallback; see inference/engines.py.
+    """The engine that runs the bundle's model: 'auto' = the fastest CPU engine on the bundle's verified
+    model.onnx (OpenVINO, else ONNX Runtime), Keras on GPU or as the fallback; see runtime/choice.py.
     An anomaly bundle (mode "anomaly") gets an AnomalyEngine: the same contract, scores instead of probabilities."""
     if is_anomaly_bundle(bundle):
         return make_anomaly_engine(bundle, engine)
-    return _engines.make_engine(model, engine, bundle=bundle, threads=threads)
+    return choice.make_engine(model, engine, bundle=bundle, threads=threads)
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], videos: bool = False) -> tuple[list[str], list[dict]]:
@@ -92,14 +93,14 @@ class Predictor:
 
     def __init__(
         self, bundle: Bundle, engine: str | Callable[[np.ndarray], np.ndarray] = "auto", batch_size: int = 32,
-        workers: int = 2, threads: int | None = None,
+        workers: int | None = None, threads: int | None = None,
     ) -> None:
         """`engine`: a name (see ENGINES), or an engine already made (e.g. ONNX Runtime for a bundle
         loaded without its Keras model, so TensorFlow is never imported)."""
         self.bundle = bundle
         self.engine = make_engine(bundle.model, engine, bundle=bundle, threads=threads) if isinstance(engine, str) else engine
         self.batch_size = batch_size
-        self.workers = workers
+        self.workers = workers or decode_workers()
         self.input_spec = bundle.input_spec  # resize rule and tiles, exactly as in training
 
     @classmethod
@@ -114,8 +115,7 @@ class Predictor:
         return self.engine.name
 
     def label_for(self, probabilities: np.ndarray) -> np.ndarray:
-        negative, positive = self.bundle.class_names
-        return np.where(probabilities >= self.bundle.threshold, positive, negative)
+        return np.asarray(self.bundle.class_names, dtype=object)[predict_labels(probabilities, self.bundle.threshold)]
 
     def predict_images(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Probabilities for RGB uint8 images of any size (resized or tiled as in training).
@@ -133,15 +133,10 @@ class Predictor:
 
     def predict_paths(self, paths: Sequence[str], progress: Callable[[int], None] | None = None) -> pd.DataFrame:
         """One row per path, in order: probability and label, or the reason it failed."""
-        probabilities = np.full(len(paths), np.nan, dtype=np.float64)
-        errors: list[str | None] = [None] * len(paths)
-        for keys, batch, failures in iter_batches(enumerate(paths), self.input_spec, self.batch_size, self.workers):
-            for key, reason in failures:
-                errors[key] = reason
-            if keys:
-                probabilities[keys] = self.engine(batch).reshape(-1)
-            if progress:
-                progress(len(keys) + len(failures))
+        run = run_engine(self.engine, list(paths), self.input_spec, self.batch_size, self.workers, progress)
+        outputs = run.outputs if run.outputs is not None else np.full((len(paths), 1), np.nan, np.float32)
+        probabilities = outputs.reshape(len(paths), -1)[:, 0].astype(np.float64)
+        errors: list[str | None] = [run.failures.get(key) for key in range(len(paths))]
         ok = ~np.isnan(probabilities)
         labels = np.where(ok, self.label_for(np.nan_to_num(probabilities)), None)
         return pd.DataFrame(

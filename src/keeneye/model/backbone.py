@@ -7,13 +7,13 @@ needs nothing from keeneye to be used.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
+from keeneye.data.files import sha256_of_file
 from keeneye.errors import WeightsError
 
 # Keras publishes MobileNetV2 weights per input size; keeneye always uses the 224 px no-top file of
@@ -34,14 +34,6 @@ class ResolvedWeights:
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "path": str(self.path) if self.path else None, "sha256": self.sha256}
-
-
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def imagenet_weights_filename(alpha: float, image_size: int) -> str:

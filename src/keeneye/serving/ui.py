@@ -66,7 +66,7 @@ class Explainer:
         bundle = self.service.predictor.bundle
         if self.cam is None:
             self.cam = GradCam(bundle.model)
-        explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names)
+        explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names, spec=bundle.input_spec)
         return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
 
 

@@ -33,13 +33,15 @@ from keeneye.evaluation.metrics import format_metrics_table
 from keeneye.evaluation.outputs import write_evaluation
 from keeneye.evaluation.report import THUMBNAIL_SIDE, write_run_report
 from keeneye.evaluation.threshold import choose_threshold
-from keeneye.inference import engines as _engines
+from keeneye.data.files import sha256_of_file, write_atomic
 from keeneye.model.backbone import resolve_weights
 from keeneye.model.patchcore import (
     BANK_FILE, AnomalyEngine, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, greedy_coreset, image_scores,
     normalise_scores, overlay_anomaly_map, raw_threshold_from_normalised,
 )
-from keeneye.training.features import iter_batches
+from keeneye.runtime.batches import run_engine
+from keeneye.runtime.choice import make_feature_engine
+from keeneye.runtime.convert import ONNX_FILE, convert_and_verify, convert_to_onnx, generated_images, onnx_verification_record, verification_path
 
 __all__ = ["AnomalyThreshold", "AnomalyTrainResult", "choose_anomaly_threshold", "collect_patches", "train_anomaly"]
 
@@ -91,20 +93,18 @@ def collect_patches(
     """
     rows = None
     filled = 0
-    failures: dict[int, str] = {}
-    for keys, batch, failed in iter_batches(enumerate(paths), image_size, batch_size):
-        failures.update(failed)
-        if keys:
-            patches = np.asarray(features(batch), dtype=np.float32)
-            flat = patches.reshape(-1, patches.shape[-1])
-            if rows is None:
-                rows = np.empty((max(len(flat), len(flat) // len(keys) * len(paths)), flat.shape[1]), np.float32)
-            if filled + len(flat) > len(rows):
-                rows = np.concatenate([rows, np.empty_like(rows)])
-            rows[filled : filled + len(flat)] = flat
-            filled += len(flat)
-        if progress:
-            progress(len(keys) + len(failed))
+
+    def keep(keys: list[int], patches: np.ndarray) -> None:
+        nonlocal rows, filled
+        flat = patches.reshape(-1, patches.shape[-1])
+        if rows is None:
+            rows = np.empty((max(len(flat), len(flat) // len(keys) * len(paths)), flat.shape[1]), np.float32)
+        if filled + len(flat) > len(rows):
+            rows = np.concatenate([rows, np.empty_like(rows)])
+        rows[filled : filled + len(flat)] = flat
+        filled += len(flat)
+
+    failures = run_engine(features, paths, image_size, batch_size, progress=progress, sink=keep).failures
     return (rows[:filled] if rows is not None else np.empty((0, 0), np.float32)), failures
 
 
@@ -113,18 +113,8 @@ def distance_maps_for(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray | None, dict[int, str]]:
     """(N, H, W) patch distance maps (NaN rows for unreadable files) and the failures by position."""
-    maps = None
-    failures: dict[int, str] = {}
-    for keys, batch, failed in iter_batches(enumerate(paths), image_size, batch_size):
-        failures.update(failed)
-        if keys:
-            found = engine.distance_maps(batch)
-            if maps is None:
-                maps = np.full((len(paths), *found.shape[1:]), np.nan, np.float32)
-            maps[keys] = found
-        if progress:
-            progress(len(keys) + len(failed))
-    return maps, failures
+    run = run_engine(engine.distance_maps, paths, image_size, batch_size, progress=progress)
+    return run.outputs, run.failures
 
 
 def choose_anomaly_threshold(
@@ -181,18 +171,15 @@ def write_feature_onnx(folder: Path, extractor, features, bank: PatchBank, raw_t
     """
     try:
         data = features.onnx_model() if hasattr(features, "onnx_model") else None
-        started = time.perf_counter()
-        data = data or _engines.convert_to_onnx(extractor, output_name="patches")
-        seconds = time.perf_counter() - started
-        onnx = AnomalyEngine(_engines.OnnxEngine(data), bank, raw_threshold)(images)
-        keras = AnomalyEngine(_engines.KerasEngine(extractor), bank, raw_threshold)(images)
-        difference = _engines.max_abs_difference(onnx, keras)
-        record = _engines.onnx_verification_record(
-            _engines.sha256_of_file(folder / MODEL_FILE), difference, len(images), "testing images (normalised scores)", seconds)
+        check = convert_and_verify(extractor, images, convert=lambda: data or convert_to_onnx(extractor, output_name="patches"),
+                                   wrap=lambda engine: AnomalyEngine(engine, bank, raw_threshold))
+        difference = check.max_diff
+        record = onnx_verification_record(
+            sha256_of_file(folder / MODEL_FILE), difference, len(images), "testing images (normalised scores)", check.seconds)
         if not record["passed"]:
             return f"[yellow]warning:[/] model.onnx not written: its scores differ from Keras by {difference:.1e}."
-        _engines.write_atomic(folder / _engines.ONNX_FILE, data)
-        _engines.write_atomic(_engines.verification_path(folder / _engines.ONNX_FILE), json.dumps(record, indent=2).encode())
+        write_atomic(folder / ONNX_FILE, check.data)
+        write_atomic(verification_path(folder / ONNX_FILE), json.dumps(record, indent=2).encode())
         return f"model.onnx (patch feature graph) written; max score difference from Keras {difference:.1e}"
     except Exception as exc:  # noqa: BLE001 - the bundle is complete without it
         return escape(f"warning: model.onnx not written ({type(exc).__name__}: {exc}).")
@@ -301,7 +288,7 @@ def train_anomaly(cfg: Config, console: Console | None = None, versions: dict | 
     anomaly = cfg.anomaly
     extractor = build_patch_extractor(cfg.model.alpha, cfg.model.image_size, weights.path, anomaly.layers,
                                       projection_dim=anomaly.feature_dim, seed=cfg.training.seed, grid=anomaly.grid)
-    features = _engines.make_feature_engine(extractor)
+    features = make_feature_engine(extractor)
     bank, n_patches, train_failures = _fit_bank(cfg, good_rows, features, console)
     timings["bank_s"] = time.perf_counter() - started
     engine = AnomalyEngine(features, bank, raw_threshold=1.0, map_sigma=anomaly.map_sigma)
@@ -342,7 +329,7 @@ def _publish(cfg: Config, scan, manifest, extractor, features, engine: AnomalyEn
         extractor.save(folder / MODEL_FILE)
         engine.bank.save(folder / BANK_FILE)
         images = np.stack([resize_square(load_image(p), cfg.model.image_size) for p in test_rows["path"].tolist()[:8]]) \
-            if len(test_rows) else _engines.generated_images(4, cfg.model.image_size)
+            if len(test_rows) else generated_images(4, cfg.model.image_size)
         console.print(write_feature_onnx(folder, extractor, features, engine.bank, threshold.raw, images), highlight=False)
         save_config(cfg, folder / CONFIG_FILE)
         failures.rename("reason").rename_axis("row").reset_index().to_csv(folder / "dropped_files.csv", index=False)

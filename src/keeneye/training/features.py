@@ -1,9 +1,9 @@
 """Pooled backbone features for every manifest row, computed once and cached on disk.
 
 With a frozen backbone and no augmentation, training the head on stored features is the same
-computation as running the whole network every epoch, many times faster. Decoding runs in a
-small thread pool (OpenCV releases the GIL) overlapped with the forward pass, with a bounded
-queue so memory stays flat however large the dataset is.
+computation as running the whole network every epoch, many times faster. The images go through
+runtime's batch loop (`keeneye.runtime.batches.run_engine`: decoding in one bounded thread pool
+overlapped with the forward pass), so memory stays flat however large the dataset is.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from keeneye.data.cache import default_cache_dir  # noqa: F401  (defined in the data layer, which uses it too)
-from keeneye.data.decode import DecodeError
 from keeneye.data.preprocess import InputSpec
+from keeneye.runtime.batches import as_spec, iter_batches, iter_decoded, run_engine  # noqa: F401  (re-exported)
 
 FEATURE_FORMAT_VERSION = 2  # 2: resize rule of decode.resize_square
 
@@ -224,57 +222,6 @@ class EmbeddingResult:
         return ~np.isnan(self.features).any(axis=1)
 
 
-def as_spec(image_size: int | InputSpec) -> InputSpec:
-    """An InputSpec from a plain image size (squashed, untiled: keeneye's rule before specs existed)."""
-    return image_size if isinstance(image_size, InputSpec) else InputSpec(int(image_size))
-
-
-def iter_decoded(
-    paths: Iterable[tuple[int, str]], image_size: int | InputSpec, workers: int, prefetch: int
-) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-    """Decode (and resize or tile, as `image_size` says) in a thread pool, in order, at most `prefetch` in flight."""
-    spec = as_spec(image_size)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="keeneye-decode") as pool:
-        pending: deque[tuple[int, Future]] = deque()
-        for key, path in paths:
-            pending.append((key, pool.submit(spec.load, path)))
-            if len(pending) >= prefetch:
-                yield _result(*pending.popleft())
-        while pending:
-            yield _result(*pending.popleft())
-
-
-def _result(key: int, future: Future) -> tuple[int, np.ndarray | None, str | None]:
-    try:
-        return key, future.result(), None
-    except DecodeError as exc:
-        return key, None, exc.reason
-
-
-def iter_batches(
-    paths: Iterable[tuple[int, str]], image_size: int | InputSpec, batch_size: int, workers: int = 2
-) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Yield (keys, uint8 batch, failures) with decoding overlapped with the consumer's work.
-
-    `image_size`: an InputSpec (resize rule, tiles) or a plain size (squashed, untiled).
-    """
-    spec = as_spec(image_size)
-    keys: list[int] = []
-    images: list[np.ndarray] = []
-    failures: list[tuple[int, str]] = []
-    for key, image, reason in iter_decoded(paths, image_size, workers, prefetch=2 * batch_size):
-        if image is None:
-            failures.append((key, reason or "could not be decoded"))
-        else:
-            keys.append(key)
-            images.append(image)
-        if len(images) == batch_size:
-            yield keys, np.stack(images), failures
-            keys, images, failures = [], [], []
-    if images or failures:
-        yield keys, (np.stack(images) if images else spec.empty_batch()), failures
-
-
 def embed_manifest(
     manifest: pd.DataFrame,
     engine: Callable[[np.ndarray], np.ndarray],
@@ -282,7 +229,7 @@ def embed_manifest(
     image_size: int | InputSpec,
     cache: EmbeddingCache | None,
     batch_size: int = 32,
-    workers: int = 2,
+    workers: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EmbeddingResult:
     """Features for every row: from the cache when the content hash is known, else computed."""
@@ -296,21 +243,22 @@ def embed_manifest(
     if progress and n_cached:
         progress(n_cached)
 
-    dropped: dict[int, str] = {}
+    todo_positions = np.array([positions[index] for index, _ in todo], dtype=np.int64)
+    sha1_by_index = manifest["sha1"]
     new_sha1s: list[str] = []
     new_vectors: list[np.ndarray] = []
-    sha1_by_index = manifest["sha1"]
-    for keys, batch, failures in iter_batches(todo, image_size, batch_size, workers):
-        dropped.update(failures)
-        if keys:
-            output = engine(batch)
-            for key, vector in zip(keys, output):
-                features[positions[key]] = vector
-                if sha1_by_index[key]:
-                    new_sha1s.append(sha1_by_index[key])
-                    new_vectors.append(vector)
-        if progress:
-            progress(len(keys) + len(failures))
+
+    def keep(keys: list[int], output: np.ndarray) -> None:
+        """One batch's vectors into `features`, and those of hashed files into the next cache shard."""
+        features[todo_positions[keys]] = output
+        for key, vector in zip(keys, output):
+            sha1 = sha1_by_index[todo[key][0]]
+            if sha1:
+                new_sha1s.append(sha1)
+                new_vectors.append(vector)
+
+    run = run_engine(engine, [path for _, path in todo], image_size, batch_size, workers, progress, sink=keep)
+    dropped = {todo[key][0]: reason for key, reason in run.failures.items()}
     if cache is not None and new_sha1s:
         cache.add(new_sha1s, np.stack(new_vectors))
     dropped_frame = pd.DataFrame({"reason": pd.Series(dropped, dtype=object)})

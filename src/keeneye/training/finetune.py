@@ -37,6 +37,8 @@ from keeneye.errors import ConfigError
 from keeneye.data.preprocess import InputSpec
 from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
 from keeneye.model.head import build_classifier, build_head
+from keeneye.runtime.batches import run_engine
+from keeneye.runtime.engines import KerasEngine
 from keeneye.training.augment import build_augmenter
 from keeneye.training.distribute import Devices, dtype_policy
 from keeneye.training.fit import run_phase, sample_weights, seed_state_variables
@@ -99,24 +101,14 @@ def plain_copy(cfg: Config, extractor: keras.Model, head: keras.Model) -> tuple[
 
 
 def predict_paths(classifier: keras.Model, paths: Sequence[str], image_size: int | InputSpec, batch_size: int = 32,
-                  workers: int = 2, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[int, str]]:
+                  workers: int | None = None, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Probabilities for image files (NaN where a file fails to decode) and {position: reason} of the failures.
 
-    Same decoder and thread-pooled, bounded prefetch as the embedding pass.
+    runtime's batch loop, as the embedding pass and predict (same decoder, bounded prefetch).
     """
-    from keeneye.inference.engines import KerasEngine
-    from keeneye.training.features import iter_batches
-
-    engine = KerasEngine(classifier, source="fine-tuned model")
-    probabilities = np.full(len(paths), np.nan, np.float32)
-    failures: dict[int, str] = {}
-    for keys, batch, failed in iter_batches(list(enumerate(paths)), image_size, batch_size, workers):
-        failures.update(failed)
-        if keys:
-            probabilities[keys] = engine(batch).reshape(-1)
-        if progress:
-            progress(len(keys) + len(failed))
-    return probabilities, failures
+    run = run_engine(KerasEngine(classifier, source="fine-tuned model"), list(paths), image_size, batch_size, workers, progress)
+    outputs = run.outputs if run.outputs is not None else np.full(len(paths), np.nan, np.float32)
+    return outputs.reshape(len(paths), -1)[:, 0].copy(), run.failures
 
 
 @dataclass
@@ -205,8 +197,6 @@ def embed_augmented_views(
     Not cached: a view is a random draw, not a function of the file. Reproducible for a seed: the
     augmenter's random state is set from (seed, view) before each pass over the rows.
     """
-    from keeneye.training.features import iter_batches
-
     augmenter = build_augmenter(cfg.augmentation, cfg.model.image_size, seed=cfg.training.seed + 2000)
     dim = extractor.output_shape[-1]
     if augmenter is None or views == 0 or len(rows) == 0:
@@ -215,14 +205,17 @@ def embed_augmented_views(
     paths = rows["path"].tolist()
     features = np.full((views, len(rows), dim), np.nan, np.float32)
     failures: dict[int, str] = {}
+    spec = InputSpec(cfg.model.image_size, cfg.model.resize)
+
+    def augmented_features(batch: np.ndarray) -> np.ndarray:
+        return np.asarray(extractor.predict_on_batch(np.asarray(augmenter(batch, training=True))))
+
     for view in range(views):
         for variable, first in seeds:
             variable.assign(np.array([first, view << 20], dtype=variable.dtype))
-        for keys, batch, failed in iter_batches(list(enumerate(paths)), InputSpec(cfg.model.image_size, cfg.model.resize), batch_size):
-            failures.update(failed)
-            if keys:
-                augmented = np.asarray(augmenter(batch, training=True))
-                features[view, keys] = np.asarray(extractor.predict_on_batch(augmented))
+        view_features = features[view]  # a view of the array: the sink writes into `features`
+        run = run_engine(augmented_features, paths, spec, batch_size, sink=lambda keys, out: view_features.__setitem__(keys, out))
+        failures.update(run.failures)
     ok = ~np.isnan(features[0]).any(axis=1)
     stacked = features[:, ok].reshape(-1, dim)
     dropped = pd.DataFrame({"reason": pd.Series({rows.index[k]: r for k, r in sorted(failures.items())}, dtype=object)})
