@@ -1,20 +1,21 @@
-"""Benchmark: keeneye's prediction path against plain Keras and the bare ONNX Runtime forward pass.
+"""Benchmark: every engine's bare forward pass and keeneye's prediction path end to end, side by side.
 
-All measured in one process, side by side, each repeated and interleaved round-robin (the CPU
-is shared, so timings are noisy; medians of the interleaved repeats are what is compared):
+All measured in one process, each case repeated and interleaved round-robin slice by slice (the
+CPU is shared, so timings are noisy; medians of the interleaved repeats are what is compared):
 
-  (a) Keras `model.predict` called once per image, on preloaded images (a subset: it is slow);
-  (b) Keras `model.predict` batched (batch 32), on preloaded images;
-  (c) `Predictor.predict_paths` end to end from the files on disk (read, decode, resize, infer,
-      labels), once per engine (onnx, keras); engine start-up timed separately;
-  (d) the bare ONNX Runtime forward pass of the bundle's model.onnx on preloaded tensors, with
-      keeneye's session settings: the ceiling for (c).
-Plus single-image latency (p50, p99): the engine alone on a preloaded image, and end to end
-from the encoded file bytes (`Predictor.predict_bytes`: decode + resize + infer).
-Targets (issue 5): (c) onnx >= 3x (b) and >= 85% of (d).
+  bare_<engine>      the engine alone on preloaded, prepared tensors (batch 32): keras (one traced
+                     tf.function), onnx (ONNX Runtime), openvino (OpenVINO), from the bundle's model.onnx;
+  keras_predict      Keras `model.predict` batched (batch 32), the plain-Keras reference;
+  predict_<engine>   `Predictor.predict_paths` end to end from the files on disk (read, decode, resize,
+                     infer, labels), for 'auto' (what `keeneye predict` runs) and each ONNX engine;
+  predict_auto_w<k>  the same with k decode threads (the default is one per physical core).
+Plus single-image latency (p50, p99) per engine and end to end from encoded bytes, the largest
+probability difference of every engine from Keras on the whole test split, and the effect of the
+reduced-size JPEG decode on probabilities (casting images are 300 px, below 2x 224 px, where it
+never applies: they are upscaled to 2x and re-encoded for that measurement).
+Target (issue 10): predict_auto >= 85% of the fastest bare engine.
 
-With --tune it also sweeps ONNX Runtime's settings (threads, spinning, images per run call) on
-preloaded tensors and end to end: the measurements behind the defaults in inference/engines.py.
+With --tune it also sweeps ONNX Runtime's settings (threads, spinning, images per run call).
 
     python benchmarks/inference.py [--bundle runs/<name>] [--data ../shared/data/casting/casting_data]
                                    [--repeats 5] [--tune] [--out benchmarks/results/inference.json]
@@ -39,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 DATA = SHARED / "data" / "casting" / "casting_data"
+BARE_ENGINES = ("keras", "onnx", "openvino")
 
 
 def train_bundle(data: Path, weights: Path, work: Path) -> Path:
@@ -64,118 +66,18 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, help="A trained bundle at any size (default: train one on casting at 224 px).")
-    parser.add_argument("--data", type=Path, default=DATA, help="Folder with test/<class>/ images (and train/ for training).")
-    parser.add_argument("--weights", type=Path, default=WEIGHTS)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--slices", type=int, default=5, help="Slices per repeat; cases take turns slice by slice.")
-    parser.add_argument("--per-image-per-slice", type=int, default=20, help="Images per slice for (a), Keras predict per image (slow).")
-    parser.add_argument("--latency-images", type=int, default=200)
-    parser.add_argument("--tune", action="store_true", help="Also sweep ONNX Runtime settings.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "inference.json")
-    args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+def interleaved(cases: dict, n: int, repeats: int, slices: int, console) -> dict[str, list[float]]:
+    """Images per second of each case, one value per repeat; the cases take turns slice by slice
+    (rotating order), so a burst of load from other processes hits all of them alike."""
     import numpy as np
-    from rich.console import Console
-    from rich.table import Table
 
-    console = Console(stderr=True)
-    if args.bundle is None:
-        work = Path(tempfile.mkdtemp(prefix="keeneye-bench-inference-"))
-        console.print(f"training a bundle on {args.data} at 224 px in {work} ...")
-        started = time.perf_counter()
-        bundle_path = train_bundle(args.data, args.weights, work)
-        console.print(f"trained in {time.perf_counter() - started:.0f} s: {bundle_path}")
-    else:
-        bundle_path = args.bundle
-
-    import keras
-    import onnxruntime as ort
-    import tensorflow as tf
-
-    from keeneye.bundle import load_bundle
-    from keeneye.data.decode import load_image
-    from keeneye.inference.engines import physical_cores
-    from keeneye.inference.predictor import Predictor, expand_inputs
-
-    bundle = load_bundle(bundle_path)
-    size = bundle.image_size
-    paths, _ = expand_inputs([args.data / "test"])
-    n = len(paths)
-    console.print(f"{n} test images from {args.data / 'test'}; bundle {bundle.path.name} at {size} px; "
-                  f"{physical_cores()} physical cores, {os.cpu_count()} logical; load average {os.getloadavg()[0]:.1f}")
-
-    # --- start-up: a fresh bundle load, the engine, and the first prediction (tracing included) ---
-    startup = {}
-    for name in ("onnx", "keras"):
-        started = time.perf_counter()
-        fresh = Predictor(load_bundle(bundle_path), engine=name)
-        fresh.predict_paths(paths[:1])
-        startup[name] = time.perf_counter() - started
-        del fresh
-
-    images = np.stack([load_image(p, size) for p in paths])
-    encoded = [Path(p).read_bytes() for p in paths]
-    model = bundle.model
-    predictors = {name: Predictor(bundle, engine=name) for name in ("onnx", "keras")}
-    for name, predictor in predictors.items():
-        assert predictor.engine_name == name, predictor.engine_name
-    onnx_engine = predictors["onnx"].engine
-    bare = onnx_engine  # the very session (c) uses: same settings, no decoding
-
-    # warm-up: tracing, ORT arena allocation, page cache for the files
-    model.predict(images[:32], batch_size=32, verbose=0)
-    model.predict(images[:1], verbose=0)
-    bare(images[:32])
-    for predictor in predictors.values():
-        predictor.predict_paths(paths[:64])
-
-    def run_a(index):
-        subset = index[: args.per_image_per_slice]
-        for i in subset:
-            model.predict(images[i : i + 1], verbose=0)
-        return len(subset)
-
-    def run_b(index):
-        model.predict(images[index], batch_size=32, verbose=0)
-        return len(index)
-
-    def run_c(name):
-        def run(index):
-            frame = predictors[name].predict_paths([paths[i] for i in index])
-            assert frame["error"].isna().all()
-            return len(index)
-        return run
-
-    def run_d(index):
-        bare(images[index])
-        return len(index)
-
-    def run_d1(index):
-        for i in index:
-            bare.session.run(None, {bare.input_name: images[i : i + 1]})
-        return len(index)
-
-    cases = {
-        "a_keras_predict_per_image": run_a,
-        "b_keras_predict_batched": run_b,
-        "c_predict_paths_onnx": run_c("onnx"),
-        "c_predict_paths_keras": run_c("keras"),
-        "d_bare_onnxruntime_chunked": run_d,
-        "d_bare_onnxruntime_per_image": run_d1,
-    }
-    # Each repeat covers all n images for every case (a: a subset), in slices; the cases take turns
-    # slice by slice (rotating order), so a burst of load from other processes hits all of them.
-    slices = np.array_split(np.arange(n), args.slices)
+    parts = np.array_split(np.arange(n), slices)
     keys = list(cases)
     rates: dict[str, list[float]] = {key: [] for key in cases}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         elapsed = dict.fromkeys(cases, 0.0)
         counts = dict.fromkeys(cases, 0)
-        for number, index in enumerate(slices):
+        for number, index in enumerate(parts):
             shift = (repeat + number) % len(keys)
             for key in keys[shift:] + keys[:shift]:
                 started = time.perf_counter()
@@ -183,93 +85,210 @@ def main() -> None:
                 elapsed[key] += time.perf_counter() - started
         for key in cases:
             rates[key].append(counts[key] / elapsed[key])
-        console.print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{k.split('_', 1)[0]}:{k.split('_')[-1]}={v[-1]:.0f}" for k, v in rates.items())
-                      + f" (load {os.getloadavg()[0]:.1f})")
+        console.print(f"repeat {repeat + 1}/{repeats}: " + ", ".join(f"{k}={v[-1]:.0f}" for k, v in rates.items())
+                      + f" (load {os.getloadavg()[0]:.1f})", highlight=False)
+    return rates
 
-    # --- single-image latency, the four paths taking turns image by image ---
-    latency: dict[str, list[float]] = {"onnx_engine": [], "keras_engine": [], "onnx_end_to_end": [], "keras_end_to_end": []}
-    keras_engine = predictors["keras"].engine
-    for i in range(min(args.latency_images, n)):
-        for key, call in (
-            ("onnx_engine", lambda: onnx_engine(images[i : i + 1])),
-            ("keras_engine", lambda: keras_engine(images[i : i + 1])),
-            ("onnx_end_to_end", lambda: predictors["onnx"].predict_bytes(encoded[i])),
-            ("keras_end_to_end", lambda: predictors["keras"].predict_bytes(encoded[i])),
-        ):
+
+def make_cases(bundle, paths: list[str], images, engines: dict, predictors: dict) -> dict:
+    """The measured cases: each takes the positions of a slice of the test images, returns how many it did."""
+    model = bundle.model
+
+    def bare(engine):
+        def run(index):  # a slice is a contiguous range: views, no copies
+            for start in range(index[0], index[-1] + 1, 32):
+                engine(images[start : min(start + 32, index[-1] + 1)])
+            return len(index)
+        return run
+
+    def predict(predictor):
+        def run(index):
+            frame = predictor.predict_paths([paths[i] for i in index])
+            assert frame["error"].isna().all()
+            return len(index)
+        return run
+
+    cases = {f"bare_{name}": bare(engine) for name, engine in engines.items()}
+    cases["keras_predict"] = lambda index: (model.predict(images[index], batch_size=32, verbose=0), len(index))[1]
+    cases |= {f"predict_{name}": predict(predictor) for name, predictor in predictors.items()}
+    return cases
+
+
+def latencies(engines: dict, auto, images, encoded: list[bytes], count: int) -> dict:
+    """Single-image latency (ms) of each bare engine and of predict_bytes (decode + resize + infer) on 'auto'."""
+    calls = {f"{name}_engine": (lambda engine: lambda i: engine(images[i : i + 1]))(engine) for name, engine in engines.items()}
+    calls["auto_end_to_end"] = lambda i: auto.predict_bytes(encoded[i])
+    found: dict[str, list[float]] = {key: [] for key in calls}
+    for i in range(min(count, len(images))):
+        for key, call in calls.items():
             started = time.perf_counter()
-            call()
-            latency[key].append((time.perf_counter() - started) * 1000)
+            call(i)
+            found[key].append((time.perf_counter() - started) * 1000)
+    return {key: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)} for key, v in found.items()}
 
-    # --- agreement of the two engines on the whole test set ---
-    frame_onnx = predictors["onnx"].predict_paths(paths)
-    frame_keras = predictors["keras"].predict_paths(paths)
-    max_diff = float(np.max(np.abs(frame_onnx["probability"].to_numpy() - frame_keras["probability"].to_numpy())))
-    same_labels = float((frame_onnx["label"] == frame_keras["label"]).mean())
 
+def agreement(engines: dict, images) -> dict:
+    """Largest |p_engine - p_keras| over the whole test split, and the share of equal labels at 0.5."""
+    import numpy as np
+
+    outputs = {name: np.concatenate([engine(images[i : i + 32]) for i in range(0, len(images), 32)]).reshape(-1)
+               for name, engine in engines.items()}
+    reference = outputs["keras"]
+    return {name: {"max_abs_diff": float(np.max(np.abs(p - reference))), "same_label_at_0.5": float(np.mean((p >= 0.5) == (reference >= 0.5)))}
+            for name, p in outputs.items() if name != "keras"}
+
+
+def reduced_decode_effect(bundle, paths: list[str], engine, count: int, work: Path) -> dict:
+    """Probabilities with and without libjpeg's reduced-size decode, on casting images upscaled to 2x and re-encoded.
+
+    With the reduced decode a 600 px JPEG is decoded at 300 px (DCT scaling) and resized to 224; without,
+    decoded at 600 px and resized. Same files, same engine: the difference is the decode alone.
+    """
+    import cv2
+    import numpy as np
+
+    from keeneye.data.decode import load_image, resize_square
+
+    size = bundle.image_size
+    files = []
+    for index, path in enumerate(paths[:count]):
+        image = load_image(path)
+        large = cv2.resize(image, (2 * image.shape[1], 2 * image.shape[0]), interpolation=cv2.INTER_CUBIC)
+        target = work / f"{index}.jpg"
+        cv2.imwrite(str(target), cv2.cvtColor(large, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        files.append(target)
+    timings = {"reduced": 0.0, "full": 0.0}
+    batches = {"reduced": [], "full": []}
+    for target in files:
+        for key, load in (("reduced", lambda f: bundle.input_spec.load(f)), ("full", lambda f: resize_square(load_image(f), size))):
+            started = time.perf_counter()
+            batches[key].append(load(target))
+            timings[key] += time.perf_counter() - started
+    p = {key: np.concatenate([engine(np.stack(v[i : i + 32])) for i in range(0, len(v), 32)]).reshape(-1) for key, v in batches.items()}
+    difference = np.abs(p["reduced"] - p["full"])
+    return {"n_images": len(files), "source": f"casting test images upscaled 2x ({2 * 300} px), JPEG q95",
+            "max_abs_diff": float(difference.max()), "mean_abs_diff": float(difference.mean()),
+            "p99_abs_diff": percentile(list(difference), 99), "labels_changed_at_0.5": int(np.sum((p["reduced"] >= 0.5) != (p["full"] >= 0.5))),
+            "decode_ms_per_image": {key: 1000 * value / len(files) for key, value in timings.items()}}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, help="A trained bundle at any size (default: train one on casting at 224 px).")
+    parser.add_argument("--data", type=Path, default=DATA, help="Folder with test/<class>/ images (and train/ for training).")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--slices", type=int, default=5, help="Slices per repeat; cases take turns slice by slice.")
+    parser.add_argument("--latency-images", type=int, default=100)
+    parser.add_argument("--reduced-decode-images", type=int, default=200)
+    parser.add_argument("--tune", action="store_true", help="Also sweep ONNX Runtime settings.")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "inference.json")
+    return parser.parse_args()
+
+
+def setup(args, console):
+    """(bundle, test paths, prepared images, encoded files, bare engines, predictors), warmed up."""
+    import numpy as np
+
+    from keeneye.bundle import load_bundle
+    from keeneye.inference.predictor import Predictor, expand_inputs
+    from keeneye.runtime.choice import bundle_onnx_engine
+    from keeneye.runtime.engines import KerasEngine, physical_cores
+
+    bundle_path = args.bundle
+    if bundle_path is None:
+        work = Path(tempfile.mkdtemp(prefix="keeneye-bench-inference-"))
+        console.print(f"training a bundle on {args.data} at 224 px in {work} ...")
+        bundle_path = train_bundle(args.data, args.weights, work)
+    bundle = load_bundle(bundle_path)
+    paths, _ = expand_inputs([args.data / "test"])
+    console.print(f"{len(paths)} test images from {args.data / 'test'}; bundle {bundle.path.name} at {bundle.image_size} px; "
+                  f"{physical_cores()} physical cores, {os.cpu_count()} logical; load average {os.getloadavg()[0]:.1f}")
+    images = np.stack([bundle.input_spec.load(p) for p in paths])
+    encoded = [Path(p).read_bytes() for p in paths]
+    engines = {"keras": KerasEngine(bundle.model), **{kind: bundle_onnx_engine(bundle, kind=kind) for kind in ("onnx", "openvino")}}
+    cores = physical_cores()
+    predictors = {"auto": Predictor(bundle, engine="auto"), "onnx": Predictor(bundle, engine="onnx"),
+                  **{f"auto_w{w}": Predictor(bundle, engine="auto", workers=w) for w in sorted({1, cores + 1} - {cores})}}
+    for engine in engines.values():  # warm-up: tracing, arenas, compiled kernels, page cache for the files
+        engine(images[:32])
+    bundle.model.predict(images[:32], batch_size=32, verbose=0)
+    for predictor in predictors.values():
+        predictor.predict_paths(paths[:64])
+    return bundle, paths, images, encoded, engines, predictors
+
+
+def measure(args, console) -> tuple[dict, tuple]:
+    import keras
+    import numpy as np
+    import onnxruntime as ort
+    import openvino as ov
+    import tensorflow as tf
+
+    from keeneye.runtime.engines import physical_cores
+
+    bundle, paths, images, encoded, engines, predictors = setup(args, console)
+    auto = predictors["auto"]
+    console.print(f"'auto' runs on {auto.engine_name} ({auto.engine.source}), {auto.workers} decode threads", highlight=False)
+    rates = interleaved(make_cases(bundle, paths, images, engines, predictors), len(paths), args.repeats, args.slices, console)
     medians = {key: statistics.median(values) for key, values in rates.items()}
-    ceiling_key = max(("d_bare_onnxruntime_chunked", "d_bare_onnxruntime_per_image"), key=lambda k: medians[k])
-    per_repeat = lambda a, b: [x / y for x, y in zip(rates[a], rates[b])]  # noqa: E731
-    ratios = {
-        "c_onnx_over_b": medians["c_predict_paths_onnx"] / medians["b_keras_predict_batched"],
-        "c_onnx_over_d": medians["c_predict_paths_onnx"] / medians[ceiling_key],
-        "c_onnx_over_c_keras": medians["c_predict_paths_onnx"] / medians["c_predict_paths_keras"],
-        "d_over_b": medians[ceiling_key] / medians["b_keras_predict_batched"],
-        "per_repeat_median": {
-            "c_onnx_over_b": statistics.median(per_repeat("c_predict_paths_onnx", "b_keras_predict_batched")),
-            "c_onnx_over_d": statistics.median(per_repeat("c_predict_paths_onnx", ceiling_key)),
-        },
-    }
-    results = {
-        "bundle": str(bundle.path), "image_size": size, "n_images": n, "repeats": args.repeats, "slices": args.slices,
-        "a_images_per_repeat": sum(min(len(i), args.per_image_per_slice) for i in slices),
+    fastest = max((f"bare_{name}" for name in engines), key=lambda k: medians[k])
+    per_repeat = [a / b for a, b in zip(rates["predict_auto"], rates[fastest])]
+    ratios = {"predict_auto_over_fastest_bare": medians["predict_auto"] / medians[fastest],
+              "predict_auto_over_fastest_bare_per_repeat_median": statistics.median(per_repeat),
+              "predict_auto_over_keras_predict": medians["predict_auto"] / medians["keras_predict"],
+              **{f"bare_{name}_over_bare_onnx": medians[f"bare_{name}"] / medians["bare_onnx"] for name in engines}}
+    with tempfile.TemporaryDirectory(prefix="keeneye-bench-reduced-") as work:
+        reduced = reduced_decode_effect(bundle, paths, engines["openvino"], args.reduced_decode_images, Path(work))
+    return {
+        "bundle": str(bundle.path), "image_size": bundle.image_size, "n_images": len(paths), "repeats": args.repeats,
+        "auto_engine": auto.engine_name, "decode_workers_default": auto.workers,
         "images_per_second": {key: {"median": medians[key], "all": [round(v, 2) for v in values]} for key, values in rates.items()},
-        "ceiling": ceiling_key,
-        "ratios": ratios,
-        "targets": {"c_onnx_over_b_min": 3.0, "c_onnx_over_d_min": 0.85,
-                    "met": ratios["c_onnx_over_b"] >= 3.0 and ratios["c_onnx_over_d"] >= 0.85},
-        "startup_to_first_prediction_s": startup,
-        "latency_ms": {key: {"p50": percentile(v, 50), "p99": percentile(v, 99), "n": len(v)} for key, v in latency.items()},
-        "engines_max_abs_diff_on_test_set": max_diff,
-        "engines_same_label_share": same_labels,
-        "settings": {
-            "onnx_threads": onnx_engine.threads, "onnx_images_per_run_call": onnx_engine.chunk,
-            "onnx_parallel_single_thread_sessions": onnx_engine.parallel,
-            "predictor_batch_size": predictors["onnx"].batch_size, "decode_workers": predictors["onnx"].workers,
-            "onnx_model": onnx_engine.source,
-        },
+        "fastest_bare": fastest, "ratios": ratios,
+        "target": {"predict_auto_over_fastest_bare_min": 0.85, "met": ratios["predict_auto_over_fastest_bare"] >= 0.85},
+        "latency_ms": latencies(engines, auto, images, encoded, args.latency_images),
+        "agreement_with_keras_on_test_split": agreement(engines, images),
+        "reduced_jpeg_decode": reduced,
         "machine": {"platform": platform.platform(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
                     "load_average_at_end": os.getloadavg()},
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-                     "onnxruntime": ort.__version__, "numpy": np.__version__},
-    }
-    if args.tune:
-        results["tuning"] = tune(bundle, images, paths, onnx_engine, args.repeats, console)
+                     "onnxruntime": ort.__version__, "openvino": ov.__version__, "numpy": np.__version__},
+    }, (bundle, images, paths, engines)
 
-    table = Table(title=f"Inference, {n} casting test images at {size} px: images/s, median of {args.repeats} interleaved repeats")
-    for column in ("case", "median", "min", "max", "vs (b)"):
+
+def show(results: dict, console) -> None:
+    from rich.table import Table
+
+    rates = results["images_per_second"]
+    fastest = rates[results["fastest_bare"]]["median"]
+    table = Table(title=f"Inference, {results['n_images']} casting test images at {results['image_size']} px: images/s, "
+                        f"median of {results['repeats']} interleaved repeats")
+    for column in ("case", "median", "min", "max", "vs fastest bare"):
         table.add_column(column, justify="left" if column == "case" else "right")
-    for key, values in rates.items():
-        table.add_row(key, f"{medians[key]:.1f}", f"{min(values):.1f}", f"{max(values):.1f}",
-                      f"{medians[key] / medians['b_keras_predict_batched']:.2f}x")
+    for key, value in rates.items():
+        table.add_row(key, f"{value['median']:.1f}", f"{min(value['all']):.1f}", f"{max(value['all']):.1f}", f"{value['median'] / fastest:.0%}")
     console.print(table)
-    lat = Table(title="Single-image latency (ms), 4 paths taking turns")
-    for column in ("path", "p50", "p99"):
-        lat.add_column(column, justify="left" if column == "path" else "right")
-    for key, value in results["latency_ms"].items():
-        lat.add_row(key, f"{value['p50']:.2f}", f"{value['p99']:.2f}")
-    console.print(lat)
-    console.print(
-        f"(c) onnx / (b) keras batched = {ratios['c_onnx_over_b']:.2f}x (target >= 3; per-repeat median "
-        f"{ratios['per_repeat_median']['c_onnx_over_b']:.2f}x); (c) onnx / (d) ceiling = {ratios['c_onnx_over_d']:.1%} "
-        f"(target >= 85%; per-repeat median {ratios['per_repeat_median']['c_onnx_over_d']:.1%}); start-up to first "
-        f"prediction: onnx {startup['onnx']:.2f} s, keras {startup['keras']:.2f} s; engines: max |p_onnx - p_keras| "
-        f"{max_diff:.1e}, same label {same_labels:.1%}; load average {os.getloadavg()[0]:.1f}",
-        highlight=False,
-    )
+    console.print("latency ms (p50/p99): " + ", ".join(f"{k} {v['p50']:.1f}/{v['p99']:.1f}" for k, v in results["latency_ms"].items()),
+                  highlight=False)
+    ratio = results["ratios"]["predict_auto_over_fastest_bare"]
+    console.print(f"predict auto ({results['auto_engine']}) / fastest bare ({results['fastest_bare']}) = {ratio:.1%} (target >= 85%); "
+                  f"agreement with Keras: {results['agreement_with_keras_on_test_split']}; reduced decode: "
+                  f"{results['reduced_jpeg_decode']}; load average {os.getloadavg()[0]:.1f}", highlight=False)
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    results, (bundle, images, paths, engines) = measure(args, console)
+    if args.tune:
+        results["tuning"] = tune(bundle, images, paths, engines["onnx"], args.repeats, console)
+    show(results, console)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     console.print(f"written to {args.out}")
-
 
 def tune(bundle, images, paths, engine, repeats: int, console) -> dict:
     """ONNX Runtime settings, interleaved: one multi-threaded session (with and without spin-waiting)
@@ -277,14 +296,14 @@ def tune(bundle, images, paths, engine, repeats: int, console) -> dict:
     on preloaded tensors and end to end from files (with 1 or 2 decoding threads)."""
     import onnxruntime as ort
 
-    from keeneye.inference.engines import OnnxEngine, physical_cores, session_options
+    from keeneye.runtime.engines import OnnxEngine, physical_cores, session_options
     from keeneye.inference.predictor import Predictor
 
     cores = physical_cores()
     if engine.path is not None:
         onnx_path = str(engine.path)
     else:  # converted in memory: write it out for the sessions below
-        from keeneye.inference.engines import convert_to_onnx
+        from keeneye.runtime.convert import convert_to_onnx
 
         onnx_path = str(Path(tempfile.mkdtemp()) / "model.onnx")
         Path(onnx_path).write_bytes(convert_to_onnx(bundle.model, output_name="probability"))

@@ -35,8 +35,8 @@ def bundle(tiny_bundle):
     return load_bundle(tiny_bundle.run_dir)
 
 
-def test_engine_choices_include_onnx_and_keras():
-    assert set(ENGINES) == {"auto", "onnx", "keras"}
+def test_engine_choices_include_openvino_onnx_and_keras():
+    assert set(ENGINES) == {"auto", "openvino", "onnx", "keras"}
 
 
 def test_onnx_and_keras_agree_on_real_images(bundle, demo_data):
@@ -54,10 +54,21 @@ def test_onnx_and_keras_agree_on_real_images(bundle, demo_data):
     assert (onnx_frame["label"] == keras_frame["label"]).all()
 
 
-def test_auto_uses_onnx_runtime_on_cpu(bundle):
+def test_auto_uses_the_fastest_cpu_engine_and_falls_back_in_order(bundle, monkeypatch):
     if engines.gpu_available():
         pytest.skip("auto picks Keras on a GPU")
+    assert engines.CPU_ORDER[0] == "openvino"  # measured fastest (benchmarks/inference.py)
+    auto = Predictor(bundle, engine="auto")
+    assert auto.engine_name == "openvino" and auto.engine.source == str(bundle.path / ONNX_FILE)
+    from keeneye.runtime import choice
+
+    monkeypatch.setitem(choice._AVAILABLE, "openvino", lambda: False)  # as if the openvino extra were not installed
     assert Predictor(bundle, engine="auto").engine_name == "onnx"
+    with pytest.raises(EngineError, match="keeneye\\[openvino\\]"):
+        Predictor(bundle, engine="openvino")
+    monkeypatch.setitem(choice._AVAILABLE, "onnx", lambda: False)
+    with pytest.warns(EngineFallbackWarning, match="openvino: .*onnx: "):
+        assert Predictor(bundle, engine="auto").engine_name == "keras"
 
 
 def test_onnx_engine_chunking_and_empty_batch(bundle):
@@ -144,7 +155,7 @@ def test_feature_engine_uses_onnx_after_a_parity_check(imagenet_weights, tmp_pat
     if engines.gpu_available():
         assert engine.name == "keras"
         return
-    assert engine.name == "onnx" and engine.parity is not None and engine.parity <= engines.FEATURE_TOLERANCE
+    assert engine.name == "openvino" and engine.parity is not None and engine.parity <= engines.FEATURE_TOLERANCE
     assert (tmp_path / FEATURE_ENGINE_FILE).is_file()  # converted once, reused by the next run
     np.testing.assert_allclose(first, reference[:4], atol=engines.FEATURE_TOLERANCE)
     np.testing.assert_allclose(engine(images[4:]), reference[4:], atol=engines.FEATURE_TOLERANCE)
@@ -159,5 +170,5 @@ def test_feature_engine_uses_onnx_after_a_parity_check(imagenet_weights, tmp_pat
     assert not (tmp_path / FEATURE_ENGINE_FILE).exists()
 
     (tmp_path / FEATURE_ENGINE_FILE).write_bytes(b"not an onnx model")
-    with pytest.raises(EngineError, match="ONNX Runtime cannot compute"):
+    with pytest.raises(EngineError, match="engine 'onnx' cannot compute the embeddings"):
         make_feature_engine(extractor, engine="onnx", cache_folder=tmp_path)(images[:2])

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from keeneye.bundle import load_bundle
 from keeneye.cli import app
-from keeneye.inference.engines import PROBABILITY_TOLERANCE, KerasEngine, generated_images, verification_path
+from keeneye.inference.engines import PROBABILITY_TOLERANCE, Engine, KerasEngine, generated_images, verification_path
 from keeneye.inference.export import (
     ExportError, ExportVerificationError, Tolerance, export_bundle, load_exported,
 )
@@ -32,7 +32,9 @@ def bundle(tiny_bundle):
 def _round_trip(bundle, path: Path, atol: float) -> np.ndarray:
     """Load the export fresh and compare it with model.keras on images it has never seen."""
     images = generated_images(10, bundle.image_size, seed=11)
-    exported = load_exported(path)(images)
+    loaded = load_exported(path)
+    assert isinstance(loaded.engine, Engine) and loaded.engine.name == {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix, "savedmodel")
+    exported = loaded(images)
     reference = KerasEngine(bundle.model)(images).reshape(-1)
     assert exported.shape == (10,)
     assert reference.std() > 0.01  # varied outputs, so agreement is not trivial

@@ -29,7 +29,7 @@ for _console in (console, err_console):  # in a log file, a long line stays one 
 
 SET_HELP = "Override a config value: section.key=value (repeatable); the value is parsed as JSON when it can be."
 BUNDLE_HELP = "Model bundle folder (runs/<name>)."
-ENGINE_HELP = "Inference engine: auto, onnx or keras."
+ENGINE_HELP = "Inference engine: auto (the fastest available), openvino, onnx or keras."
 
 
 def _fail(exc: KeeneyeError) -> None:

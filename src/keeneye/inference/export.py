@@ -423,6 +423,40 @@ def _size(path: Path) -> int:
 # --- the export ----------------------------------------------------------------------------------
 
 
+def _checked_request(format: str, quantize: str | None) -> tuple[str, str | None]:
+    """(format, quantization) normalised, or ExportError naming what is wrong with the request."""
+    fmt = str(format).lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}.")
+    if quantize in ("", "none", "float32"):
+        quantize = None
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANTIZATIONS)}.")
+    if quantize not in SUPPORTED_QUANTIZATION[fmt]:
+        raise ExportError(f"format '{fmt}' does not support --quantize {quantize} (supported: onnx and tflite).")
+    return fmt, quantize
+
+
+def _convert(bundle: Bundle, fmt: str, quantize: str | None, calibration: ImageSet | None, partial: Path, target: Path,
+             label: str) -> None:
+    """Write the export to `partial`; a converter's failure becomes an ExportError saying which step failed."""
+    try:
+        if fmt == "onnx":
+            _export_onnx(bundle, partial, quantize, calibration)
+        elif fmt == "tflite":
+            _export_tflite(bundle, partial, quantize, calibration)
+        else:
+            _export_saved_model(bundle, partial)
+    except OSError as exc:
+        raise ExportError(f"could not write the export to {target.parent}: {exc.strerror or exc}") from None
+    except ImportError as exc:
+        raise ExportError(f"the {fmt} exporter needs a package that is not installed: {exc}") from None
+    except KeeneyeError:
+        raise
+    except Exception as exc:  # a converter's own failure: say which step, without a traceback
+        raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
+
+
 def export_bundle(
     run_dir: str | os.PathLike | Bundle,
     format: str = "onnx",
@@ -439,15 +473,7 @@ def export_bundle(
     Raises ExportError for a bad request or output folder, ExportVerificationError when the export
     disagrees with model.keras beyond `tolerance` (default `TOLERANCES[quantize]`).
     """
-    fmt = str(format).lower()
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format '{format}'; choose one of {', '.join(FORMATS)}.")
-    if quantize in ("", "none", "float32"):
-        quantize = None
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ExportError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANTIZATIONS)}.")
-    if quantize not in SUPPORTED_QUANTIZATION[fmt]:
-        raise ExportError(f"format '{fmt}' does not support --quantize {quantize} (supported: onnx and tflite).")
+    fmt, quantize = _checked_request(format, quantize)
     bundle = run_dir if isinstance(run_dir, Bundle) else load_bundle(run_dir)
     if bundle.metadata.get("mode") == "anomaly":
         raise ExportError(f"{bundle.path.name} is a one-class (anomaly) bundle: its deployable parts are already in it, "
@@ -468,21 +494,7 @@ def export_bundle(
     partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     started = time.perf_counter()
     try:
-        try:
-            if fmt == "onnx":
-                _export_onnx(bundle, partial, quantize, calibration)
-            elif fmt == "tflite":
-                _export_tflite(bundle, partial, quantize, calibration)
-            else:
-                _export_saved_model(bundle, partial)
-        except OSError as exc:
-            raise ExportError(f"could not write the export to {target.parent}: {exc.strerror or exc}") from None
-        except ImportError as exc:
-            raise ExportError(f"the {fmt} exporter needs a package that is not installed: {exc}") from None
-        except KeeneyeError:
-            raise
-        except Exception as exc:  # a converter's own failure: say which step, without a traceback
-            raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
+        _convert(bundle, fmt, quantize, calibration, partial, target, label)
         seconds = time.perf_counter() - started
         exported = load_exported(partial)(held_out.images)
         reference = _in_batches(KerasEngine(bundle.model), held_out.images)

@@ -299,6 +299,25 @@ class PhaseChoice:
     policy: str
 
 
+def both_phases(head_history: pd.DataFrame, fine_history: pd.DataFrame) -> pd.DataFrame:
+    """The head's epochs then the fine-tuning's, numbered on, with a `phase` column (history.csv)."""
+    history = pd.concat([
+        head_history.assign(phase="head"),
+        fine_history.assign(phase="fine_tune", epoch=fine_history["epoch"] + len(head_history)),
+    ], ignore_index=True)
+    history.attrs.update(best_epoch=head_history.attrs["best_epoch"], monitor=head_history.attrs.get("monitor"))
+    return history
+
+
+def fine_tune_line(unfreeze: int | str, result: FineTuneResult) -> str:
+    """One console line about a fine-tuning run."""
+    what = f"{unfreeze} layers" if isinstance(unfreeze, int) else f"from {unfreeze}"
+    resumed = result.history.attrs.get("resumed_from", 0)
+    return (f"fine-tuned ({what}: {len(result.unfrozen)} layers trained, BatchNorm frozen, {result.policy}): "
+            f"{len(result.history)} epochs, best epoch {result.history.attrs['best_epoch']}"
+            + (f", resumed after epoch {resumed}" if resumed else "") + f" ({result.seconds:.0f} s)")
+
+
 def fine_tune_and_choose(
     cfg: Config, extractor: keras.Model, head: keras.Model, manifest: pd.DataFrame, y: np.ndarray, sets: dict,
     head_history: pd.DataFrame, head_probability: Callable[[np.ndarray], np.ndarray], head_seconds: float,
@@ -321,11 +340,7 @@ def fine_tune_and_choose(
     ft = cfg.fine_tune
     result = fine_tune(cfg, extractor, head, manifest[sets["training"]], y[sets["training"]],
                        manifest[sets["validation"]], y[sets["validation"]], devices, policy, checkpoint_dir, callbacks)
-    what = f"{ft.unfreeze} layers" if isinstance(ft.unfreeze, int) else f"from {ft.unfreeze}"
-    resumed = result.history.attrs.get("resumed_from", 0)
-    say(f"fine-tuned ({what}: {len(result.unfrozen)} layers trained, BatchNorm frozen, {policy}): {len(result.history)} epochs, "
-        f"best epoch {result.history.attrs['best_epoch']}" + (f", resumed after epoch {resumed}" if resumed else "")
-        + f" ({result.seconds:.0f} s)", highlight=False)
+    say(fine_tune_line(ft.unfreeze, result), highlight=False)
 
     size = InputSpec(cfg.model.image_size, cfg.model.resize)
     classifier = build_classifier(result.extractor, result.head)
@@ -364,12 +379,7 @@ def fine_tune_and_choose(
     testing = sets["testing"]
     if kept == "fine_tune":
         testing = predict_rows(testing)
-    offset = len(head_history)
-    history = pd.concat([
-        head_history.assign(phase="head"),
-        result.history.assign(phase="fine_tune", epoch=result.history["epoch"] + offset),
-    ], ignore_index=True)
-    history.attrs.update(best_epoch=head_history.attrs["best_epoch"], monitor=head_history.attrs.get("monitor"))
+    history = both_phases(head_history, result.history)
     phases = {
         "head": phase_summary(head_history, head_choice.validation_f1, head_choice.threshold, head_seconds),
         "fine_tune": phase_summary(result.history, fine_choice.validation_f1, fine_choice.threshold, result.seconds)
