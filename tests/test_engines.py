@@ -57,18 +57,21 @@ def test_onnx_and_keras_agree_on_real_images(bundle, demo_data):
 def test_auto_uses_the_fastest_cpu_engine_and_falls_back_in_order(bundle, monkeypatch):
     if engines.gpu_available():
         pytest.skip("auto picks Keras on a GPU")
-    assert engines.CPU_ORDER[0] == "openvino"  # measured fastest (benchmarks/inference.py)
+    first, second = engines.CPU_ORDER  # fastest first, by measurement (benchmarks/inference.py)
     auto = Predictor(bundle, engine="auto")
-    assert auto.engine_name == "openvino" and auto.engine.source == str(bundle.path / ONNX_FILE)
+    assert auto.engine_name == first and auto.engine.source == str(bundle.path / ONNX_FILE)
     from keeneye.runtime import choice
 
-    monkeypatch.setitem(choice._AVAILABLE, "openvino", lambda: False)  # as if the openvino extra were not installed
-    assert Predictor(bundle, engine="auto").engine_name == "onnx"
-    with pytest.raises(EngineError, match="keeneye\\[openvino\\]"):
-        Predictor(bundle, engine="openvino")
-    monkeypatch.setitem(choice._AVAILABLE, "onnx", lambda: False)
-    with pytest.warns(EngineFallbackWarning, match="openvino: .*onnx: "):
+    monkeypatch.setitem(choice._AVAILABLE, first, lambda: False)  # as if that package were not installed
+    assert Predictor(bundle, engine="auto").engine_name == second
+    with pytest.raises(EngineError, match=f"engine '{first}' needs the"):
+        Predictor(bundle, engine=first)
+    monkeypatch.setitem(choice._AVAILABLE, second, lambda: False)
+    with pytest.warns(EngineFallbackWarning, match=f"{first}: .*{second}: "):
         assert Predictor(bundle, engine="auto").engine_name == "keras"
+    monkeypatch.setitem(choice._AVAILABLE, "openvino", lambda: False)
+    with pytest.raises(EngineError, match="keeneye\\[openvino\\]"):  # says how to install it
+        Predictor(bundle, engine="openvino")
 
 
 def test_onnx_engine_chunking_and_empty_batch(bundle):
@@ -155,10 +158,14 @@ def test_feature_engine_uses_onnx_after_a_parity_check(imagenet_weights, tmp_pat
     if engines.gpu_available():
         assert engine.name == "keras"
         return
-    assert engine.name == "openvino" and engine.parity is not None and engine.parity <= engines.FEATURE_TOLERANCE
+    assert engine.name == engines.CPU_ORDER[0] and engine.parity is not None and engine.parity <= engines.FEATURE_TOLERANCE
     assert (tmp_path / FEATURE_ENGINE_FILE).is_file()  # converted once, reused by the next run
     np.testing.assert_allclose(first, reference[:4], atol=engines.FEATURE_TOLERANCE)
     np.testing.assert_allclose(engine(images[4:]), reference[4:], atol=engines.FEATURE_TOLERANCE)
+    for name in ("openvino", "onnx"):  # each CPU engine on its own, from the same cached conversion
+        explicit = make_feature_engine(extractor, engine=name, cache_folder=tmp_path)
+        np.testing.assert_allclose(explicit(images[:4]), reference[:4], atol=engines.FEATURE_TOLERANCE)
+        assert explicit.name == name and explicit.parity <= engines.FEATURE_TOLERANCE
 
     # a damaged cached conversion: warned, Keras used, the bad file removed
     (tmp_path / FEATURE_ENGINE_FILE).write_bytes(b"not an onnx model")

@@ -7,6 +7,7 @@ nearly the same probability and agreement would be trivially true.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -15,6 +16,7 @@ import pytest
 
 from keeneye.bundle import load_bundle
 from keeneye.data.decode import load_image, resize_square
+from keeneye.data.preprocess import InputSpec
 from keeneye.runtime.batches import run_engine
 from keeneye.runtime.convert import ONNX_FILE, PROBABILITY_TOLERANCE, generated_images
 from keeneye.runtime.engines import Engine, KerasEngine, OnnxEngine, OpenVinoEngine
@@ -68,21 +70,38 @@ def test_run_engine_keeps_order_and_gives_reasons_for_failures(tmp_path):
     assert seen == [3, 3, 1]  # 7 decodable images in batches of 3
 
 
-def test_explain_and_predict_give_the_same_probability_for_a_large_jpeg(tiny_bundle, bundle, tmp_path):
-    from keeneye.explain import explain
-    from keeneye.inference.predictor import Predictor
-
-    texture = generated_images(2, 120, seed=3)[1]  # a surface with a defect
+def _large_jpeg(folder: Path) -> Path:
+    """A 1200 x 900 JPEG of a textured surface with a defect: over 2x the model input, so libjpeg may reduce it."""
+    texture = generated_images(2, 120, seed=3)[1]
     large = cv2.resize(texture, (1200, 900), interpolation=cv2.INTER_CUBIC)
     large = np.clip(large.astype(np.int16) + np.random.default_rng(0).integers(-12, 13, large.shape), 0, 255).astype(np.uint8)
-    path = tmp_path / "large.jpg"
+    path = folder / "large.jpg"
     cv2.imwrite(str(path), cv2.cvtColor(large, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    spec = bundle.input_spec
-    # predict decodes this JPEG at reduced size (libjpeg DCT scaling): the model input differs from a full
-    # decode + resize, so an explain that decoded differently would show another probability
-    assert np.abs(spec.load(path).astype(int) - resize_square(load_image(path), spec.image_size)).max() > 0
+    return path
 
-    predicted = Predictor(bundle, engine="keras").predict_paths([str(path)])["probability"].iloc[0]
-    explained = explain(tiny_bundle.run_dir, [str(path)], tmp_path / "out")
-    assert explained["error"].isna().all() and Path(explained["overlay"].iloc[0]).is_file()
-    assert abs(explained["probability"].iloc[0] - predicted) <= 1e-5
+
+def test_reduced_jpeg_decode_is_off_unless_asked_for_and_old_bundles_keep_it(tmp_path):
+    path = _large_jpeg(tmp_path)
+    full = resize_square(load_image(path), 96)
+    assert np.array_equal(InputSpec(96).load(path), full)  # the default: full decode, then the resize rule
+    assert np.abs(InputSpec(96, reduced_decode=True).load(path).astype(int) - full).max() > 0  # DCT-reduced: other pixels
+    assert not InputSpec.from_dict(InputSpec(96).to_dict()).reduced_decode
+    assert InputSpec.from_dict({"image_size": 96, "resize": "squash", "tiles": None}).reduced_decode  # trained with it then
+
+
+@pytest.mark.parametrize("reduced", [False, True], ids=["full-decode", "reduced-decode"])
+def test_explain_and_predict_give_the_same_probability_for_a_large_jpeg(tiny_bundle, bundle, tmp_path, reduced):
+    from keeneye.explain import explain, explain_images
+    from keeneye.inference.predictor import Predictor
+
+    path = _large_jpeg(tmp_path)
+    predictor = Predictor(bundle, engine="keras")
+    predictor.input_spec = replace(bundle.input_spec, reduced_decode=reduced)
+    predicted = predictor.predict_paths([str(path)])["probability"].iloc[0]
+    if reduced:  # the Python API with a spec of one's own
+        shown = explain_images(bundle.model, [str(path)], bundle.threshold, bundle.class_names, spec=predictor.input_spec)[0].probability
+    else:  # keeneye explain: the bundle's own spec
+        explained = explain(tiny_bundle.run_dir, [str(path)], tmp_path / "out")
+        assert explained["error"].isna().all() and Path(explained["overlay"].iloc[0]).is_file()
+        shown = explained["probability"].iloc[0]
+    assert abs(shown - predicted) <= 1e-5

@@ -180,7 +180,7 @@ def input_spec_for(cfg: Config, paths: Sequence[str], console: Console) -> Input
     elif model.tiles != "none":
         rows, cols = model.tiles.split("x")
         tiles = (int(rows), int(cols))
-    return InputSpec(model.image_size, model.resize, tiles, model.tile_overlap)
+    return InputSpec(model.image_size, model.resize, tiles, model.tile_overlap, model.reduced_decode)
 
 
 def training_summary(info: dict) -> str:

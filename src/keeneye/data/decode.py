@@ -22,7 +22,8 @@ opencv-python-headless 5.0.0; see ``tests/test_decode.py``):
   the explicit check gives a specific reason, keeps libpng's messages off stderr and
   does not depend on the OpenCV version.
 * Header sizes are checked against ``MAX_PIXELS`` before anything is allocated.
-* Large JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling) when the
+* Large JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale (DCT scaling) when a caller asks for a
+  target size (InputSpec with model.reduced_decode; off by default: it moves probabilities) and the
   target size allows it; see ``_reduction_factor`` for the measured speedup.
 
 Everything here is a pure function of its input: no global mutable state, safe to call

@@ -115,12 +115,17 @@ def auto_grid(height: float, width: float, image_size: int, overlap: float) -> t
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model takes: image_size, resize rule, and (rows, cols, overlap) tiles or none."""
+    """What the model takes: image_size, resize rule, (rows, cols, overlap) tiles or none, and the JPEG decode.
+
+    `reduced_decode`: decode large JPEGs at reduced size inside libjpeg (untiled squash only; see
+    config `model.reduced_decode`: faster, but it moves probabilities, so it is off unless asked for).
+    """
 
     image_size: int
     resize: str = "squash"
     tiles: tuple[int, int] | None = None
     overlap: float = 0.25
+    reduced_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
@@ -149,9 +154,9 @@ class InputSpec:
         return cut_tiles(image, self.image_size, self.tiles[0], self.tiles[1], self.overlap)
 
     def _decode_size(self) -> int | None:
-        # Untiled squash decodes JPEGs at reduced size (both sides stay >= image_size); pad and crop
-        # need the long / short side at full scale, tiles the native scale: decode whole.
-        return self.image_size if self.tiles is None and self.resize == "squash" else None
+        # With reduced_decode, untiled squash decodes JPEGs at reduced size (both sides stay >= image_size);
+        # pad and crop need the long / short side at full scale, tiles the native scale: decode whole.
+        return self.image_size if self.reduced_decode and self.tiles is None and self.resize == "squash" else None
 
     def from_bytes(self, data: bytes) -> np.ndarray:
         """Encoded image -> model input (DecodeError with a reason if it cannot be decoded)."""
@@ -166,15 +171,20 @@ class InputSpec:
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "resize": self.resize,
-                "tiles": None if self.tiles is None else {"rows": self.tiles[0], "cols": self.tiles[1], "overlap": self.overlap}}
+                "tiles": None if self.tiles is None else {"rows": self.tiles[0], "cols": self.tiles[1], "overlap": self.overlap},
+                "reduced_decode": self.reduced_decode}
 
     @classmethod
     def from_dict(cls, data: dict) -> "InputSpec":
-        """From a bundle's metadata "input" (bundles written before tiles/resize existed: squash, no tiles)."""
+        """From a bundle's metadata "input" (bundles written before tiles/resize existed: squash, no tiles).
+
+        Bundles written before `reduced_decode` was recorded were trained with it (the default then):
+        they keep it, so their predictions do not change.
+        """
         tiles = data.get("tiles")
         return cls(int(data["image_size"]), data.get("resize", "squash"),
                    None if not tiles else (int(tiles["rows"]), int(tiles["cols"])),
-                   float(tiles["overlap"]) if tiles else 0.25)
+                   float(tiles["overlap"]) if tiles else 0.25, bool(data.get("reduced_decode", True)))
 
 
 def median_size(paths: Iterable[str | os.PathLike[str]], limit: int = 200) -> tuple[float, float] | None:

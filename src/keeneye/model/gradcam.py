@@ -35,10 +35,12 @@ MAX_OVERLAY_SIDE = 512
 
 @dataclass
 class Explanation:
+    """One image's explanation, or the reason it has none (`error`)."""
+
     path: str
     probability: float | None
     label: str | None
-    heatmap: np.ndarray | None  # float32 in [0, 1], at the original image's size
+    heatmap: np.ndarray | None  # float32 in [0, 1] on the feature-map grid (stretched over the image in `overlay`)
     overlay: np.ndarray | None  # RGB uint8
     error: str | None = None
 
@@ -114,6 +116,7 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45)
 
 
 def fit_display(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The image shrunk (never enlarged) so that its longer side is at most `max_side`: overlays stay small."""
     height, width = image.shape[:2]
     scale = max_side / max(height, width)
     if scale >= 1:

@@ -1,6 +1,6 @@
 """Which engine runs a model: 'auto' = the fastest on this machine that agrees with Keras.
 
-On a CPU, 'auto' tries `CPU_ORDER` (OpenVINO, then ONNX Runtime) and falls back to Keras, with an
+On a CPU, 'auto' tries `CPU_ORDER` (ONNX Runtime, then OpenVINO) and falls back to Keras, with an
 `EngineFallbackWarning` saying why each faster one could not be used; on a GPU it is Keras. An
 explicit name raises `EngineError` instead of falling back.
 
@@ -39,9 +39,12 @@ from keeneye.runtime.engines import (
 )
 
 ENGINE_CHOICES = ("auto", "openvino", "onnx", "keras")
-#: 'auto' on a CPU, fastest first (benchmarks/inference.py, MobileNetV2 224 px, 2 cores: OpenVINO
-#: ~1.5-2x ONNX Runtime's bare forward pass at batch 32 and batch 1, same model.onnx).
-CPU_ORDER = ("openvino", "onnx")
+#: 'auto' on a CPU, fastest first by keeneye's own measurement (benchmarks/inference.py, MobileNetV2
+#: 224 px, casting test split, the same model.onnx, 2-core Xeon shared with other work, load average
+#: 8-12): ONNX Runtime 32.2 vs OpenVINO 25.8 images/s bare at batch 32 (3 of 3 interleaved repeats;
+#: 34.8 vs 27.8 in 5 of 5 in a second run), 39.5 vs 26.1 at batch 1. On a quiet machine OpenVINO was
+#: measured about 2x faster (issue 10): where that holds, put it first. Each falls back to the next.
+CPU_ORDER = ("onnx", "openvino")
 FEATURE_ENGINE_FILE = "feature_extractor.onnx"
 
 

@@ -7,9 +7,9 @@ Each has a `name` (for messages and metadata), a `source` (where its model came 
 
 * `KerasEngine`: TensorFlow through one traced `tf.function`; the default on a GPU, the reference
   every other engine is checked against, and the last fallback.
-* `OpenVinoEngine`: OpenVINO's CPU runtime on an ONNX model; the fastest on this project's CPUs
+* `OnnxEngine`: ONNX Runtime on the CPU; the fastest measured on this project's shared CPUs
   (see benchmarks/inference.py and `keeneye.runtime.choice.CPU_ORDER`).
-* `OnnxEngine`: ONNX Runtime on the CPU.
+* `OpenVinoEngine`: OpenVINO's CPU runtime on the same ONNX model (faster on a quiet machine).
 * `TFLiteEngine`, `SavedModelEngine`: exported files (keeneye export), for verification and use.
 """
 

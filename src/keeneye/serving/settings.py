@@ -20,7 +20,8 @@ DEFAULT_FORMATS = KNOWN_FORMATS
 #: Micro-batching by default only where benchmarks/load_test.py measured it faster (2-core CPU,
 #: 8 clients, one image per request; benchmarks/results/load_test_batching.json): ONNX Runtime answers one
 #: image faster than it waits for a batch to form, TensorFlow gains from batches.
-BATCHING_BY_ENGINE = {"onnx": False, "keras": True}
+#: OpenVINO is set like ONNX Runtime (both run one image fast on all cores); it was not measured by load_test.py.
+BATCHING_BY_ENGINE = {"openvino": False, "onnx": False, "keras": True}
 
 
 class ServeSettings(BaseModel):

@@ -210,7 +210,7 @@ def _metadata(cfg: Config, class_names, weights, threshold: AnomalyThreshold, ba
         "bundle_format": BUNDLE_FORMAT_VERSION, "mode": "anomaly", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "class_names": list(class_names), "positive_class": class_names[1], "threshold": 0.5,
         "threshold_choice": threshold.to_dict(),
-        "input": {"image_size": cfg.model.image_size, "dtype": "uint8", "channels": "RGB"},
+        "input": {"image_size": cfg.model.image_size, "dtype": "uint8", "channels": "RGB", "reduced_decode": False},
         "preprocessing": PREPROCESSING,
         "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha,
                      "weights": weights.spec if weights.path is None else weights.path.name, "weights_sha256": weights.sha256},

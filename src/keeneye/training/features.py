@@ -29,15 +29,19 @@ def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha
                        spec: InputSpec | None = None) -> str:
     """Features are only reusable for the same network, weights, input size, feature mode, resize and tiles.
 
-    The default (gap, squash, no tiles) keeps the key it had before those options existed, so
-    earlier caches stay valid; the stored format is unchanged (one vector per content hash).
+    Squash with model.reduced_decode keeps the key it had before that option existed (it was how
+    every image was decoded then), so earlier caches stay valid; the full decode, now the default,
+    has its own. The stored format is unchanged (one vector per content hash).
     """
+    spec = spec or InputSpec(image_size)
     key = f"{backbone}-a{alpha}-s{image_size}-w{weights_sha256[:16]}-v{FEATURE_FORMAT_VERSION}"
+    if not spec.reduced_decode and spec.tiles is None and spec.resize == "squash":
+        key += "-dfull"  # caches from before model.reduced_decode hold reduced-decode features under the plain key
     if features != "gap":
         key += f"-f{features.replace('+', '_')}"
-    if spec is not None and spec.tiles is not None:
+    if spec.tiles is not None:
         key += f"-t{spec.tiles[0]}x{spec.tiles[1]}o{spec.overlap:g}"
-    elif spec is not None and spec.resize != "squash":
+    elif spec.resize != "squash":
         key += f"-r{spec.resize}"
     return key
 

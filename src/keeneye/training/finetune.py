@@ -166,7 +166,7 @@ def fine_tune(
     plan = EpochPlan(train_labels, batch_size, training.seed, shuffle=True, oversample=training.oversample, stream=FINE_TUNE_STREAM)
     weights = sample_weights(train_labels, training.class_weight)
     has_validation = len(val_labels) > 0
-    spec = InputSpec(size, cfg.model.resize)  # model.resize as in the embeddings (tiles are not fine-tuned)
+    spec = InputSpec(size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)  # model.resize as in the embeddings (tiles are not fine-tuned)
     with ImagePipeline(train_rows["path"].tolist(), train_labels, spec, weights, failures=train_failures) as train_pipe, \
             ImagePipeline(val_rows["path"].tolist(), val_labels, spec, failures=val_failures) as val_pipe:
         validation = None
@@ -205,7 +205,7 @@ def embed_augmented_views(
     paths = rows["path"].tolist()
     features = np.full((views, len(rows), dim), np.nan, np.float32)
     failures: dict[int, str] = {}
-    spec = InputSpec(cfg.model.image_size, cfg.model.resize)
+    spec = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)
 
     def augmented_features(batch: np.ndarray) -> np.ndarray:
         return np.asarray(extractor.predict_on_batch(np.asarray(augmenter(batch, training=True))))
@@ -342,7 +342,7 @@ def fine_tune_and_choose(
                        manifest[sets["validation"]], y[sets["validation"]], devices, policy, checkpoint_dir, callbacks)
     say(fine_tune_line(ft.unfreeze, result), highlight=False)
 
-    size = InputSpec(cfg.model.image_size, cfg.model.resize)
+    size = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)
     classifier = build_classifier(result.extractor, result.head)
     probabilities = np.full(len(manifest), np.nan, np.float32)
     dropped = [result.dropped]
