@@ -8,6 +8,7 @@ exactly like one at the top of a module.
 from __future__ import annotations
 
 import ast
+import functools
 from collections import defaultdict
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def _package(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else None
 
 
+@functools.lru_cache(maxsize=1)
 def _edges() -> dict[str, dict[str, list[str]]]:
     """package -> imported package -> ["module:line", ...] (imports within a package left out)."""
     edges: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
