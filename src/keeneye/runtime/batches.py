@@ -25,12 +25,14 @@ def as_spec(image_size: int | InputSpec) -> InputSpec:
     return image_size if isinstance(image_size, InputSpec) else InputSpec(int(image_size))
 
 
-def decode_workers(engine_threads: int | None = None) -> int:
+def decode_workers() -> int:
     """Decode threads to run beside an engine: one per physical core.
 
-    The forward pass and decoding alternate on the same cores; with fewer decode threads than
-    cores the engine waits for images once it is fast (OpenVINO at 224 px), with more they only
-    contend (measured in benchmarks/inference.py, section "decode threads").
+    Decoding (OpenCV, GIL released) and the forward pass share the same cores. Measured end to end
+    on the 2-core machine under load (benchmarks/inference.py, OpenVINO, 715 casting images,
+    medians of 3 interleaved repeats): 1 thread 26.7, 2 threads 25.4, 3 threads 23.7 images/s (1
+    thread 3-5% ahead of 2 in each repeat; not yet measured beside ONNX Runtime, the faster engine,
+    which leaves decoding less time per image); more threads than cores only contend.
     """
     return max(1, physical_cores())
 
