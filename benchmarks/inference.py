@@ -8,7 +8,8 @@ CPU is shared, so timings are noisy; medians of the interleaved repeats are what
   keras_predict      Keras `model.predict` batched (batch 32), the plain-Keras reference;
   predict_<engine>   `Predictor.predict_paths` end to end from the files on disk (read, decode, resize,
                      infer, labels), for 'auto' (what `keeneye predict` runs) and each ONNX engine;
-  predict_auto_w<k>  the same with k decode threads (the default is one per physical core).
+  predict_auto_w<k>  the same with k decode threads (the default, runtime.batches.decode_workers, is
+                     one more than the physical cores).
 Plus single-image latency (p50, p99) per engine and end to end from encoded bytes, the largest
 probability difference of every engine from Keras on the whole test split, and the effect of the
 reduced-size JPEG decode on probabilities (casting images are 300 px, below 2x 224 px, where it
@@ -192,6 +193,7 @@ def setup(args, console):
 
     from keeneye.bundle import load_bundle
     from keeneye.inference.predictor import Predictor, expand_inputs
+    from keeneye.runtime.batches import decode_workers
     from keeneye.runtime.choice import bundle_onnx_engine
     from keeneye.runtime.engines import KerasEngine, physical_cores
 
@@ -207,9 +209,9 @@ def setup(args, console):
     images = np.stack([bundle.input_spec.load(p) for p in paths])
     encoded = [Path(p).read_bytes() for p in paths]
     engines = {"keras": KerasEngine(bundle.model), **{kind: bundle_onnx_engine(bundle, kind=kind) for kind in ("onnx", "openvino")}}
-    cores = physical_cores()
+    cores, default = physical_cores(), decode_workers()
     predictors = {"auto": Predictor(bundle, engine="auto"), "onnx": Predictor(bundle, engine="onnx"),
-                  **{f"auto_w{w}": Predictor(bundle, engine="auto", workers=w) for w in sorted({1, cores + 1} - {cores})}}
+                  **{f"auto_w{w}": Predictor(bundle, engine="auto", workers=w) for w in sorted({1, cores, cores + 1} - {default})}}
     for engine in engines.values():  # warm-up: tracing, arenas, compiled kernels, page cache for the files
         engine(images[:32])
     bundle.model.predict(images[:32], batch_size=32, verbose=0)

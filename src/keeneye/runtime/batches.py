@@ -26,15 +26,17 @@ def as_spec(image_size: int | InputSpec) -> InputSpec:
 
 
 def decode_workers() -> int:
-    """Decode threads to run beside an engine: one per physical core.
+    """Decode threads to run beside an engine: one more than the physical cores.
 
-    Decoding (OpenCV, GIL released) and the forward pass share the same cores. Measured end to end
-    on the 2-core machine under load (benchmarks/inference.py, OpenVINO, 715 casting images,
-    medians of 3 interleaved repeats): 1 thread 26.7, 2 threads 25.4, 3 threads 23.7 images/s (1
-    thread 3-5% ahead of 2 in each repeat; not yet measured beside ONNX Runtime, the faster engine,
-    which leaves decoding less time per image); more threads than cores only contend.
+    Decoding (OpenCV, GIL released) and the forward pass share the cores; a spare thread keeps a
+    decoded batch ready whenever the engine asks. Measured end to end on the 2-core machine under
+    load (benchmarks/inference.py, 715 casting images at 224 px, medians of 3 interleaved repeats):
+    beside ONNX Runtime, 3 threads 45.7 images/s (93% of its bare forward pass) vs 2 threads 39.3
+    and 42.2 (two cases of the same setting) and 1 thread 39.4, 3 threads ahead of 2 in 5 of 6
+    pairs; beside OpenVINO, slower there, 1-3 threads were within 12% (23.7-26.7). Not measured on
+    more than 2 cores.
     """
-    return max(1, physical_cores())
+    return physical_cores() + 1
 
 
 def iter_decoded(

@@ -42,7 +42,7 @@ ENGINE_CHOICES = ("auto", "openvino", "onnx", "keras")
 #: 'auto' on a CPU, fastest first by keeneye's own measurement (benchmarks/inference.py, MobileNetV2
 #: 224 px, casting test split, the same model.onnx, 2-core Xeon shared with other work, load average
 #: 8-12): ONNX Runtime 32.2 vs OpenVINO 25.8 images/s bare at batch 32 (3 of 3 interleaved repeats;
-#: 34.8 vs 27.8 in 5 of 5 in a second run), 39.5 vs 26.1 at batch 1. On a quiet machine OpenVINO was
+#: 34.8 vs 27.8 in 5 of 5 in a second run; 48.9 vs 43.0 in a third at load 8), 39.5 vs 26.1 at batch 1. On a quiet machine OpenVINO was
 #: measured about 2x faster (issue 10): where that holds, put it first. Each falls back to the next.
 CPU_ORDER = ("onnx", "openvino")
 FEATURE_ENGINE_FILE = "feature_extractor.onnx"
