@@ -68,6 +68,8 @@ def test_run_engine_keeps_order_and_gives_reasons_for_failures(tmp_path):
     np.testing.assert_allclose(run.outputs[good, 0], [10.0 * i for i in range(7)])  # each output at its file's position
     assert np.isnan(run.outputs[[2, 5]]).all() and run.ok.tolist() == [i in good for i in range(len(paths))]
     assert seen == [3, 3, 1]  # 7 decodable images in batches of 3
+    nothing = run_engine(mean_grey, [], 16)
+    assert nothing.outputs is None and nothing.failures == {} and len(nothing.ok) == 0
 
 
 def _large_jpeg(folder: Path) -> Path:

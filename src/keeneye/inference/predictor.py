@@ -16,7 +16,7 @@ from keeneye.data.video import is_video
 from keeneye.evaluation.metrics import predict_labels
 from keeneye.inference.anomaly import is_anomaly_bundle, make_anomaly_engine
 from keeneye.runtime import choice
-from keeneye.runtime.batches import decode_workers, run_engine
+from keeneye.runtime.batches import decode_workers, first_column, run_engine
 
 PREDICTION_COLUMNS = ["path", "probability", "label", "error"]
 ENGINES = choice.ENGINE_CHOICES  # ("auto", "openvino", "onnx", "keras")
@@ -134,8 +134,7 @@ class Predictor:
     def predict_paths(self, paths: Sequence[str], progress: Callable[[int], None] | None = None) -> pd.DataFrame:
         """One row per path, in order: probability and label, or the reason it failed."""
         run = run_engine(self.engine, list(paths), self.input_spec, self.batch_size, self.workers, progress)
-        outputs = run.outputs if run.outputs is not None else np.full((len(paths), 1), np.nan, np.float32)
-        probabilities = outputs.reshape(len(paths), -1)[:, 0].astype(np.float64)
+        probabilities = np.full(len(paths), np.nan) if run.outputs is None else first_column(run.outputs).astype(np.float64)
         errors: list[str | None] = [run.failures.get(key) for key in range(len(paths))]
         ok = ~np.isnan(probabilities)
         labels = np.where(ok, self.label_for(np.nan_to_num(probabilities)), None)

@@ -102,6 +102,11 @@ class EngineRun:
         return mask
 
 
+def first_column(outputs: np.ndarray) -> np.ndarray:
+    """(N,) from outputs of shape (N,) or (N, 1, ...): one probability or score per image."""
+    return np.ascontiguousarray(outputs.reshape(len(outputs), -1)[:, 0]) if outputs.ndim > 1 else outputs
+
+
 def run_engine(
     engine: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], image_size: int | InputSpec, batch_size: int = 32,
     workers: int | None = None, progress: Callable[[int], None] | None = None,

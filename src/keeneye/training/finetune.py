@@ -37,7 +37,7 @@ from keeneye.errors import ConfigError
 from keeneye.data.preprocess import InputSpec
 from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
 from keeneye.model.head import build_classifier, build_head
-from keeneye.runtime.batches import run_engine
+from keeneye.runtime.batches import first_column, run_engine
 from keeneye.runtime.engines import KerasEngine
 from keeneye.training.augment import build_augmenter
 from keeneye.training.distribute import Devices, dtype_policy
@@ -107,8 +107,7 @@ def predict_paths(classifier: keras.Model, paths: Sequence[str], image_size: int
     runtime's batch loop, as the embedding pass and predict (same decoder, bounded prefetch).
     """
     run = run_engine(KerasEngine(classifier, source="fine-tuned model"), list(paths), image_size, batch_size, workers, progress)
-    outputs = run.outputs if run.outputs is not None else np.full(len(paths), np.nan, np.float32)
-    return outputs.reshape(len(paths), -1)[:, 0].copy(), run.failures
+    return (np.full(len(paths), np.nan, np.float32) if run.outputs is None else first_column(run.outputs)), run.failures
 
 
 @dataclass
