@@ -23,12 +23,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from keeneye.errors import ServiceError
+
 log = logging.getLogger("keeneye.serving")
 
 PredictFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
-class Unavailable(Exception):
+class Unavailable(ServiceError):
     """The batcher cannot take the request now (shutting down, or too much work queued)."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -25,7 +25,10 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from keeneye.serving.inputs import ImageRejected, RequestRejected
+from keeneye.errors import KeeneyeError
+from keeneye.serving.batcher import Unavailable
+from keeneye.serving.errors import error_response, keeneye_error_response
+from keeneye.serving.inputs import ImageRejected
 from keeneye.serving.limits import reservation
 
 log = logging.getLogger("keeneye.serving")
@@ -39,10 +42,6 @@ DOCS_ASSETS_PACKAGE = "fastapi_offline"
 def docs_assets_dir() -> Path:
     """Folder of the packaged Swagger UI / ReDoc files."""
     return Path(str(importlib.resources.files(DOCS_ASSETS_PACKAGE) / "static"))
-
-
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -74,15 +73,14 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
     """POST /explain: per-image probability, label and Grad-CAM overlay, or the image's error."""
     info = request.scope.get("keeneye.log", {"errors": []})
     if not service.ready:
-        return _error(503, "shutting_down" if service.draining else "not_ready", "the model is not ready", {"Retry-After": "1"})
+        return keeneye_error_response(Unavailable("shutting_down" if service.draining else "not_ready", "the model is not ready"), info)
     try:  # the body is held within the server's shared memory budget until its images are decoded, as for /predict
         async with service.body_budget.reserve(reservation(request, service.settings), service.settings.request_timeout_s):
             uploads = await service.read_uploads(request)
             info["n_images"] = len(uploads)
             decoded = await service.prepare_all(uploads, full_size=True)
-    except RequestRejected as exc:
-        info["errors"].append(exc.code)
-        return _error(exc.status, exc.code, exc.message, exc.headers)
+    except KeeneyeError as exc:  # RequestRejected, Unavailable: answered as serving/errors.py says
+        return keeneye_error_response(exc, info)
     good = [(upload.name, item) for upload, item in zip(uploads, decoded) if isinstance(item, np.ndarray)]
     bundle = service.predictor.bundle
     used = bundle.threshold if threshold is None else float(threshold)
@@ -93,12 +91,12 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
         try:
             explained = await asyncio.wait_for(work, service.settings.request_timeout_s)
         except asyncio.TimeoutError:
-            info["errors"].append("inference_timeout")
-            return _error(503, "inference_timeout", f"the model did not answer within {service.settings.request_timeout_s} s")
+            timeout = Unavailable("inference_timeout", f"the model did not answer within {service.settings.request_timeout_s} s")
+            return keeneye_error_response(timeout, info)
         except Exception as exc:
             log.error("Grad-CAM failed", exc_info=exc)
             info["errors"].append("explain_failed")
-            return _error(500, "explain_failed", f"the heat map could not be computed ({type(exc).__name__}); see the server log")
+            return error_response(500, "explain_failed", f"the heat map could not be computed ({type(exc).__name__}); see the server log")
     results, k = [], 0
     for upload, item in zip(uploads, decoded):
         if isinstance(item, ImageRejected):
