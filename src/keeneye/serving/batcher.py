@@ -31,12 +31,7 @@ PredictFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
 class Unavailable(ServiceError):
-    """The batcher cannot take the request now (shutting down, or too much work queued)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    """The batcher cannot take the request now (shutting down, or too much work queued): `Unavailable(code, message)`."""
 
 
 @dataclass
