@@ -36,6 +36,7 @@ import keeneye
 from keeneye.config import Config, TrackingConfig
 from keeneye.errors import ConfigError
 from keeneye.runs import flatten, run_metrics
+from keeneye.terminal import Reporter
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -133,7 +134,7 @@ def _experiment_id(client, name: str, store: Path | None) -> str:
         return experiment.experiment_id
 
 
-def track_run(run_dir: Path, cfg: Config, console: Console) -> str | None:
+def track_run(run_dir: Path, cfg: Config, console: Console | Reporter) -> str | None:
     """Log a published run to MLflow; returns the MLflow run id, or None (tracking off, or it failed: one warning)."""
     if not cfg.tracking.mlflow or run_dir is None:
         return None

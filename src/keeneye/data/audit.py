@@ -40,7 +40,7 @@ import pandas as pd
 from keeneye.data.decode import DecodeError, decode_image_bytes
 from keeneye.data.decode import _header_size, _jpeg_header, _sniff_format  # cheap header readers, shared on purpose
 from keeneye.data.scan import SPLITS
-from keeneye.terminal import plural
+from keeneye.terminal import Reporter, plural
 
 __all__ = [
     "AUDIT_FILE", "AUDIT_SUMMARY_FILE", "Audit", "audit_manifest", "dhash", "hamming_pairs", "inspect_image",
@@ -708,8 +708,10 @@ class AuditRun:
 
 
 def audit_config(config, overrides=(), output: str | os.PathLike | None = None, console=None) -> AuditRun:
-    """Load the data exactly as `train` would (same split, same seed), audit it and write the files."""
-    from rich.console import Console
+    """Load the data exactly as `train` would (same split, same seed), audit it and write the files.
+
+    console: a rich Console or a terminal.Reporter (where the summary is printed).
+    """
     from rich.markup import escape
 
     from keeneye.config import Config, load_config
@@ -717,7 +719,7 @@ def audit_config(config, overrides=(), output: str | os.PathLike | None = None, 
     from keeneye.data.split import split_with_auto_groups
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    console = console or Console()
+    reporter = Reporter.of(console)
     scan = load_data(cfg)
     inspection = inspect_images(scan.manifest["path"].tolist())
     split = split_with_auto_groups(cfg, scan.manifest, inspection)  # no embeddings here: identical files and hashes
@@ -728,8 +730,8 @@ def audit_config(config, overrides=(), output: str | os.PathLike | None = None, 
     audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
     folder = Path(output) if output is not None else Path(cfg.output_dir) / "audits" / time.strftime("audit-%Y%m%d-%H%M%S")
     audit.write(folder)
-    print_summary(audit, console, split.notes)
-    console.print(f"audit written to [bold]{escape(str(folder / AUDIT_FILE))}[/] and {AUDIT_SUMMARY_FILE}")
+    print_summary(audit, reporter, split.notes)
+    reporter.print(f"audit written to [bold]{escape(str(folder / AUDIT_FILE))}[/] and {AUDIT_SUMMARY_FILE}")
     return AuditRun(folder, audit, split.notes)
 
 
