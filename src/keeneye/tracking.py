@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import keeneye
+from keeneye.bundle import EVALUATIONS_DIR
 from keeneye.config import Config, TrackingConfig
 from keeneye.errors import ConfigError
 from keeneye.runs import flatten, run_metrics
@@ -49,7 +50,7 @@ PROBE_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQU
 #: Bundle files that are reports, not model: logged as run artifacts and left out of the pyfunc model.
 REPORT_SUFFIXES = (".png", ".html", ".csv", ".txt")
 REPORT_FILES = ("metrics.json", "audit.json")
-NOT_MODEL_FOLDERS = ("evaluations", "exports", TENSORBOARD_FOLDER)
+NOT_MODEL_FOLDERS = (EVALUATIONS_DIR, "exports", TENSORBOARD_FOLDER)
 
 
 def require_packages(cfg: Config) -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from keeneye.bundle import MANIFEST_FILE
 from keeneye.data.scan import MANIFEST_COLUMNS, SKIPPED_COLUMNS, ScanResult, file_sha1, resolve_class_names, scan_folder
 from keeneye.errors import DataError
 
@@ -227,7 +228,7 @@ def run_testing_manifest(run_dir: str | os.PathLike, class_names: tuple[str, str
     Runs record which rows they evaluated (column `evaluated`: testing, readable, and not left out
     as leaked); older runs fall back to every testing row.
     """
-    path = Path(run_dir) / "manifest.csv"
+    path = Path(run_dir) / MANIFEST_FILE
     if not path.is_file():
         return None
     frame = pd.read_csv(path, dtype={"path": str, "label": str, "split": str, "group": object, "sha1": object})
