@@ -878,6 +878,19 @@ class AnomalyConfig(BaseModel):
         ),
         _Expect("a number > 0 and < 1, e.g. 0.01", ("integer", "number")),
     ] = 0.01
+    score_neighbours: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=64,
+            description=(
+                "Image score: 1 = the largest patch distance; k > 1 = PatchCore's re-weighting of it (Roth et al. eq. 7, "
+                "anomalib's num_neighbors, 9 there): lowered when the nearest good patch has k - 1 close neighbours "
+                "that are all far from the image's patch."
+            ),
+        ),
+        _Expect("an integer from 1 to 64, e.g. 9", ("integer",)),
+    ] = 1
     map_sigma: Annotated[
         StrictFloat,
         Field(ge=0, description="Gaussian smoothing of anomaly maps, in pixels at image_size (0: none)."),
