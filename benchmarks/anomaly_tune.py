@@ -37,10 +37,10 @@ SHARED = REPO.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 CACHE = Path.home() / ".cache" / "keeneye" / "anomaly-tune"
 RESULTS = REPO / "benchmarks" / "results"
-SIZES = (224, 320)
-DIMS = (128, 256)
-CAPS = (2500, 5000, 10000)
-NEIGHBOURS = (1, 9)
+SIZES = [224, 320]
+DIMS = [128, 256]
+CAPS = [2500, 5000, 10000]
+NEIGHBOURS = [1, 9]
 SHARE = 0.1
 #: Magnetic tile's pools are smaller (about 570 good images per inner bank) and the coreset is the cost of each of
 #: its 15 banks on the 2-core machine: caps up to 5000 there.
@@ -167,7 +167,13 @@ def magnetic() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="all", choices=["casting", "magnetic", "all"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="image sizes to try (default 224 320)")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only the chosen defaults (feature_dim 128, bank 5000, plain largest distance) at each size")
     args = parser.parse_args()
+    SIZES[:] = args.sizes
+    if args.defaults_only:
+        DIMS[:], CAPS[:], NEIGHBOURS[:] = [128], [5000], [1]
     results = {}
     if args.which in ("casting", "all"):
         results["casting_train_part"] = casting()
@@ -176,7 +182,7 @@ def main() -> int:
         results["magnetic_tile_nested"] = m = magnetic()
         print(f"magnetic-tile nested: AUROC {m['nested_auroc_mean']:.4f} ± {m['nested_auroc_sd']:.4f}, "
               f"F1 at 1% false alarms {m['nested_f1_mean']:.4f} ± {m['nested_f1_sd']:.4f}")
-    out = RESULTS / f"anomaly_tune_{args.which}.json"
+    out = RESULTS / f"anomaly_tune_{args.which}_{'_'.join(map(str, SIZES))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"written {out}")

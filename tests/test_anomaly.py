@@ -156,9 +156,18 @@ def test_both_search_backends_find_the_exact_nearest_good_patch() -> None:
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(3000, 32)).astype(np.float32)
     patches = rng.normal(size=(2, 9, 9, 32)).astype(np.float32)
-    brute = np.sqrt(((patches.reshape(-1, 1, 32) - bank[None]) ** 2).sum(-1)).min(axis=1).reshape(2, 9, 9)
+    all_distances = np.sqrt(((patches.reshape(-1, 1, 32) - bank[None]) ** 2).sum(-1))
+    brute = all_distances.min(axis=1).reshape(2, 9, 9)
+    import faiss  # noqa: F401 - loaded first: it brings its own BLAS, counted in both lists below
+    from threadpoolctl import threadpool_info
+
+    blas_threads = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     for backend in ("blas", "faiss"):
-        np.testing.assert_allclose(PatchBank(bank, backend=backend).distances(patches), brute, rtol=1e-4, atol=1e-4)
+        distances, index = PatchBank(bank, backend=backend).nearest(patches)
+        np.testing.assert_allclose(distances, brute, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(index.reshape(-1), all_distances.argmin(axis=1))  # the nearest patch itself, not a tie
+    # The search runs its blocks on one BLAS thread each and gives the process its BLAS threads back afterwards.
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == blas_threads
 
 
 def test_rest_explain_returns_the_anomaly_map_of_a_one_class_bundle(anomaly_run) -> None:

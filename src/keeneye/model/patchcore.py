@@ -29,6 +29,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -184,6 +185,9 @@ _QUERY_BLOCK = 256
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _BLAS = None
+_BLAS_LIMIT = None
+_BLAS_USERS = 0
+_BLAS_LOCK = threading.Lock()
 
 
 def _search_pool() -> ThreadPoolExecutor:
@@ -203,14 +207,30 @@ def _search_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+@contextmanager
 def _one_blas_thread():
-    """Context: BLAS on one thread per call (threadpoolctl; numpy's OpenBLAS or MKL)."""
-    global _BLAS
-    from threadpoolctl import ThreadpoolController
+    """Context: BLAS on one thread (threadpoolctl; numpy's OpenBLAS or MKL), restored when the last user leaves.
 
-    if _BLAS is None:
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+    Counted, so that overlapping searches from several threads (a server, tests) never restore a
+    limit another one set: the process's BLAS threads come back exactly once, at the end.
+    """
+    global _BLAS, _BLAS_LIMIT, _BLAS_USERS
+    with _BLAS_LOCK:
+        if _BLAS is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        if _BLAS_USERS == 0:
+            _BLAS_LIMIT = _BLAS.limit(limits=1, user_api="blas")
+        _BLAS_USERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0 and _BLAS_LIMIT is not None:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
 
 
 @dataclass
