@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from keeneye.training.features import EmbeddingCache
+from keeneye.data.cache import EmbeddingCache
 
 
 def _hashes(start: int, stop: int) -> list[str]:

@@ -285,7 +285,8 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     from keeneye.model.head import build_classifier
     from keeneye.inference.engines import make_feature_engine
     from keeneye.inference.export import write_bundle_onnx
-    from keeneye.training.features import EmbeddingCache, backbone_cache_key, default_cache_dir, embed_manifest
+    from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
+    from keeneye.training.features import embed_manifest
     from keeneye.training.fit import data_fingerprint
 
     timings: dict[str, float] = {}
