@@ -285,7 +285,9 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
     from keeneye.model.head import build_classifier
     from keeneye.inference.engines import make_feature_engine
     from keeneye.inference.export import write_bundle_onnx
-    from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
+    from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir, memory_mapped
+    from keeneye.inference.distributed import FeatureEngineFactory
+    from keeneye.training.embed_ray import embed_manifest_ray
     from keeneye.training.features import embed_manifest
     from keeneye.training.fit import data_fingerprint
 
@@ -317,10 +319,21 @@ def _train(cfg: Config, console: Console, partial, devices, callbacks: tuple) ->
         what = "embedding images" if spec.tiles is None else (
             f"embedding images ({spec.tiles[0]}x{spec.tiles[1]} = {spec.n_tiles} tiles each: {spec.n_tiles}x the backbone passes)")
         task = progress.add_task(what, total=len(scan.manifest))
-        embeddings = embed_manifest(
-            scan.manifest, feature_engine, extractor.output_shape[-1], spec, cache,
-            batch_size=32, progress=lambda n: progress.advance(task, n),
-        )
+        if cfg.training.embed_on == "ray":  # the same vectors and cache shards, the backbone on a Ray actor pool
+            embeddings = embed_manifest_ray(
+                scan.manifest, FeatureEngineFactory(cfg.model.alpha, cfg.model.image_size, weights, cfg.model.features,
+                                                    spec.n_tiles if spec.tiles else None, str(cache.folder) if cache else None),
+                extractor.output_shape[-1], spec, cache, batch_size=32, actors=cfg.training.ray_actors,
+                address=cfg.training.ray_address, progress=lambda n: progress.advance(task, n),
+            )
+        else:
+            embeddings = embed_manifest(
+                scan.manifest, feature_engine, extractor.output_shape[-1], spec, cache,
+                batch_size=32, progress=lambda n: progress.advance(task, n),
+            )
+    if cache is not None:  # the next run memory-maps one matrix instead of unpacking every shard
+        cache.consolidate()
+    embeddings.features = memory_mapped(embeddings.features, cache.folder if cache is not None else None)  # head training reads it mapped
     splits = split_with_auto_groups(cfg, scan.manifest, inspection, embeddings.features, embeddings.ok)
     manifest = splits.manifest
     audit = audit_manifest(manifest, scan.class_names, scan.skipped, cfg.data.near_duplicate_hash_distance,
