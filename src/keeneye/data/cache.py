@@ -88,8 +88,7 @@ class EmbeddingCache:
             try:
                 sha1s, vectors = read_shard(shard)
             except DamagedShard as exc:
-                self.damaged.append((shard, exc.reason))
-                _remove_quietly(shard)  # recomputed by this run; the next one finds the cache healthy
+                self._damaged_shard(shard, exc.reason)  # recomputed by this run; the next one finds the cache healthy
                 continue
             features.update(zip(sha1s, vectors))
         self._remove_stale_temporaries()
@@ -113,8 +112,7 @@ class EmbeddingCache:
             try:
                 shard_sha1s, vectors = read_shard_arrays(shard)
             except DamagedShard as exc:
-                self.damaged.append((shard, exc.reason))
-                _remove_quietly(shard)
+                self._damaged_shard(shard, exc.reason)
                 continue
             if vectors.shape[1] != out.shape[1] or not len(shard_sha1s):
                 continue
@@ -131,14 +129,20 @@ class EmbeddingCache:
         """The consolidated vectors, memory-mapped and verified, or None (none yet, or damaged: then
         reported in `damaged` and removed, so what it held is recomputed and cached again)."""
         pointer = self.folder / CONSOLIDATED
-        if not pointer.is_file():
-            return None
-        try:
-            return CachedMatrix.open(self.folder, pointer)
-        except DamagedShard as exc:
-            self.damaged.append((pointer, exc.reason))
-            _remove_consolidated(self.folder, pointer)
-            return None
+        for _ in range(2):  # a consolidation publishing meanwhile replaces the pointer: open the new one
+            try:
+                text = pointer.read_text()
+            except OSError:
+                return None
+            try:
+                return CachedMatrix.open(self.folder, text)
+            except DamagedShard as exc:
+                reason = exc.reason
+            if _read_quietly(pointer) == text:
+                self.damaged.append((pointer, reason))
+                _remove_consolidated(self.folder, pointer, text)
+                return None
+        return None
 
     def consolidate(self) -> bool:
         """Merge the shards into the consolidated matrix (one sorted index + one float32 .npy), then delete them.
@@ -162,6 +166,12 @@ class EmbeddingCache:
             _remove_unreferenced(self.folder, published)
         return True
 
+    def _damaged_shard(self, shard: Path, reason: str) -> None:
+        """Report and remove a damaged shard; one that vanished was merged by a concurrent consolidation (not damage)."""
+        if shard.exists():
+            self.damaged.append((shard, reason))
+            _remove_quietly(shard)
+
     def _readable_shards(self, dim: int | None) -> tuple[list[Path], list[tuple[Path, np.ndarray]]]:
         """The shards to merge (damaged ones reported and removed; other widths left alone) with their hashes.
 
@@ -171,8 +181,7 @@ class EmbeddingCache:
             try:
                 sha1s, vectors = read_shard_arrays(shard)
             except DamagedShard as exc:
-                self.damaged.append((shard, exc.reason))
-                _remove_quietly(shard)
+                self._damaged_shard(shard, exc.reason)
                 continue
             dim = vectors.shape[1] if dim is None else dim
             if vectors.shape[1] == dim:
@@ -254,10 +263,10 @@ class CachedMatrix:
         return len(self.keys)
 
     @classmethod
-    def open(cls, folder: Path, pointer: Path) -> "CachedMatrix":
-        """Open the files `pointer` names, after checking their CRC-32s (streamed: memory stays flat) and shapes."""
+    def open(cls, folder: Path, pointer_text: str) -> "CachedMatrix":
+        """Open the files the pointer names, after checking their CRC-32s (streamed: memory stays flat) and shapes."""
         try:
-            meta = json.loads(pointer.read_text())
+            meta = json.loads(pointer_text)
             files = {name: folder / meta["files"][name] for name in ("keys", "rows", "matrix")}
             for name, path in files.items():
                 if _crc32_file(path) != meta["crc32"][name]:
@@ -387,12 +396,23 @@ def _crc32_file(path: Path, chunk: int = 1 << 22) -> int:
             crc = zlib.crc32(view[:n], crc)
 
 
-def _remove_consolidated(folder: Path, pointer: Path) -> None:
-    """Drop a damaged consolidation: its pointer and every generation file (all recomputable)."""
+def _remove_consolidated(folder: Path, pointer: Path, text: str) -> None:
+    """Drop a damaged consolidation: its pointer and the files it names (all recomputable)."""
     _remove_quietly(pointer)
-    for pattern in ("keys-*.npy", "rows-*.npy", "matrix-*.npy"):
-        for path in folder.glob(pattern):
-            _remove_quietly(path)
+    try:
+        names = json.loads(text)["files"].values()
+    except Exception:  # an unreadable pointer: its files are removed by the next consolidation
+        return
+    for name in names:
+        if isinstance(name, str) and "/" not in name and "\\" not in name:
+            _remove_quietly(folder / name)
+
+
+def _read_quietly(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _remove_unreferenced(folder: Path, meta: dict) -> None:
