@@ -138,3 +138,18 @@ def test_200000_vectors_load_for_head_training_memory_mapped_without_an_object_e
     assert peak < matrix_bytes / 5  # temporary arrays of hashes and row numbers, far below the vectors
     assert grown < matrix_bytes / 5, f"RSS grew by {grown / 2**20:.0f} MB for a {matrix_bytes / 2**20:.0f} MB matrix"
     np.testing.assert_array_equal(matrix.vectors[rows[:32]][:, 0], np.arange(n - 1, n - 33, -1))  # hash i holds value i
+
+
+def test_memory_mapped_rows_are_the_rows_mapped_from_an_unlinked_file(tmp_path):
+    from keeneye.data.cache import memory_mapped
+
+    features = np.random.default_rng(2).normal(size=(50_000, 5)).astype(np.float32)
+    mapped = memory_mapped(features, tmp_path)
+    mask = np.arange(len(features)) % 3 != 0
+    subset = memory_mapped(mapped, rows=mask)  # as head training gets its training rows: chunk by chunk, mapped
+    assert isinstance(mapped, np.memmap) and isinstance(subset, np.memmap)
+    np.testing.assert_array_equal(mapped, features)
+    np.testing.assert_array_equal(subset, features[mask])
+    np.testing.assert_array_equal(memory_mapped(mapped, rows=np.array([7, 3])), features[[7, 3]])
+    assert list(tmp_path.iterdir()) == []  # unlinked at once: nothing left behind
+    assert np.shares_memory(np.asarray(subset, np.float32), subset)  # what feature_dataset reads is the mapping itself

@@ -255,9 +255,10 @@ def _fold_history(cv) -> pd.DataFrame:
 def _fit_published_head(cfg: Config, extractor, manifest: pd.DataFrame, features: np.ndarray, y: np.ndarray, rows: np.ndarray,
                         validation: np.ndarray, partial, callbacks: tuple, devices, console: Console):
     """The head that goes into the bundle: fit_head (resumable, callbacks, strategies) on `rows`."""
+    from keeneye.data.cache import memory_mapped
     from keeneye.training.fit import fit_head
 
-    train_x, train_y = features[rows], y[rows]
+    train_x, train_y = memory_mapped(features, rows=rows), y[rows]  # mapped, copied a chunk at a time: head batches read it
     if cfg.augmentation.frozen_views:  # K augmented copies per training image, embedded now (not cached)
         from keeneye.training.finetune import embed_augmented_views
 
@@ -267,7 +268,7 @@ def _fit_published_head(cfg: Config, extractor, manifest: pd.DataFrame, features
     with _progress(console) as progress:
         task = progress.add_task("training the head", total=cfg.training.epochs)
         head, history = fit_head(
-            train_x, train_y, features[validation], y[validation], cfg.head, cfg.training,
+            train_x, train_y, memory_mapped(features, rows=validation), y[validation], cfg.head, cfg.training,
             checkpoint_dir=partial.phase_dir("head"),
             callbacks=(*callbacks, *tensorboard_callbacks(cfg, partial.folder, "head"), keras_progress(progress, task, "training the head")),
             strategy=devices.strategy,

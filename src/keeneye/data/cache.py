@@ -222,27 +222,36 @@ class EmbeddingCache:
                 pass
 
 
-def memory_mapped(array: np.ndarray, folder: Path | None = None) -> np.ndarray:
-    """`array` moved to an unlinked temporary .npy in `folder` and mapped read-only (same values).
+CONSOLIDATED = "consolidated.json"
+#: Rows copied out of a memory-mapped matrix at a time: bounds the temporary copy, not the result.
+COPY_CHUNK_ROWS = 16384
+
+
+def memory_mapped(array: np.ndarray, folder: Path | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    """`array` (or its `rows`: a boolean mask or row numbers) copied to an unlinked temporary .npy and mapped read-only.
 
     Its pages become file-backed: the kernel may drop and re-read them under memory pressure, where an
-    in-memory matrix would have to stay resident (or be swapped). On POSIX the file is gone from the
-    folder at once and its space is freed when the mapping is; elsewhere it stays as a temporary
-    (`.*.tmp`) that the cache's stale-temporary sweep removes later.
+    in-memory matrix would have to stay resident (or be swapped). Rows are copied a chunk at a time, so
+    taking a subset of a mapped matrix never holds the subset in memory. `folder`: where the file goes
+    (default: beside `array` when it is itself mapped, else the system's temporary folder). On POSIX the
+    file is gone from the folder at once and its space is freed with the mapping; elsewhere it stays as
+    a temporary (`.*.tmp`) that the cache's stale-temporary sweep removes later.
     """
+    index = np.arange(len(array)) if rows is None else np.asarray(rows)
+    index = np.flatnonzero(index) if index.dtype == bool else index
+    filename = getattr(array, "filename", None)
+    folder = folder if folder is not None else (Path(filename).parent if filename else None)
     if folder is not None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".features-", suffix=".npy.tmp", delete=False) as handle:
-        np.save(handle, np.ascontiguousarray(array))
+        np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+                                                      "shape": (len(index), *array.shape[1:])})
+        for start in range(0, len(index), COPY_CHUNK_ROWS):
+            handle.write(np.ascontiguousarray(array[index[start : start + COPY_CHUNK_ROWS]]).tobytes())
     try:
         return np.load(handle.name, mmap_mode="r")
     finally:
         _remove_quietly(Path(handle.name))
-
-
-CONSOLIDATED = "consolidated.json"
-#: Rows copied out of the memory-mapped matrix at a time: bounds the temporary copy, not the result.
-COPY_CHUNK_ROWS = 16384
 
 
 @dataclass(frozen=True)
