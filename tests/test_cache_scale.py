@@ -153,3 +153,13 @@ def test_memory_mapped_rows_are_the_rows_mapped_from_an_unlinked_file(tmp_path):
     np.testing.assert_array_equal(memory_mapped(mapped, rows=np.array([7, 3])), features[[7, 3]])
     assert list(tmp_path.iterdir()) == []  # unlinked at once: nothing left behind
     assert np.shares_memory(np.asarray(subset, np.float32), subset)  # what feature_dataset reads is the mapping itself
+
+
+def test_without_a_writable_folder_memory_mapped_keeps_the_values_in_memory(tmp_path):
+    from keeneye.data.cache import memory_mapped
+
+    features = np.arange(12, dtype=np.float32).reshape(4, 3)
+    (tmp_path / "a-file").write_text("not a folder")
+    kept = memory_mapped(features, tmp_path / "a-file", rows=np.array([True, False, True, True]))
+    assert not isinstance(kept, np.memmap)
+    np.testing.assert_array_equal(kept, features[[0, 2, 3]])

@@ -151,19 +151,23 @@ class EmbeddingCache:
         whole under fresh names, fsynced, and published by atomically replacing `consolidated.json`
         (which names them and holds their CRC-32s), so a crash leaves the previous state intact. One
         consolidation at a time per folder (a lock file); later shards win over earlier vectors.
-        Damaged files met on the way are added to `damaged`. True when something was merged.
+        Damaged files met on the way are added to `damaged`. True when something was merged; False
+        also when the folder cannot be written (the shards then stay, still read as before).
         """
         if not self.shards():
             return False
-        with _folder_lock(self.folder):
-            current = self.matrix()
-            shards, sources = self._readable_shards(current.dim if current is not None else None)
-            if not shards:
-                return False
-            published = _write_consolidated(self.folder, current, sources)
-            for shard in shards:
-                _remove_quietly(shard)
-            _remove_unreferenced(self.folder, published)
+        try:
+            with _folder_lock(self.folder):
+                current = self.matrix()
+                shards, sources = self._readable_shards(current.dim if current is not None else None)
+                if not shards:
+                    return False
+                published = _write_consolidated(self.folder, current, sources)
+                for shard in shards:
+                    _remove_quietly(shard)
+                _remove_unreferenced(self.folder, published)
+        except OSError:  # no space or no write access: the shards stay as they are (a cache must not fail a run)
+            return False
         return True
 
     def _damaged_shard(self, shard: Path, reason: str) -> None:
@@ -241,17 +245,21 @@ def memory_mapped(array: np.ndarray, folder: Path | None = None, rows: np.ndarra
     index = np.flatnonzero(index) if index.dtype == bool else index
     filename = getattr(array, "filename", None)
     folder = folder if folder is not None else (Path(filename).parent if filename else None)
-    if folder is not None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".features-", suffix=".npy.tmp", delete=False) as handle:
-        np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
-                                                      "shape": (len(index), *array.shape[1:])})
-        for start in range(0, len(index), COPY_CHUNK_ROWS):
-            handle.write(np.ascontiguousarray(array[index[start : start + COPY_CHUNK_ROWS]]).tobytes())
     try:
-        return np.load(handle.name, mmap_mode="r")
-    finally:
-        _remove_quietly(Path(handle.name))
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".features-", suffix=".npy.tmp", delete=False) as handle:
+            try:
+                np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                              "fortran_order": False, "shape": (len(index), *array.shape[1:])})
+                for start in range(0, len(index), COPY_CHUNK_ROWS):
+                    handle.write(np.ascontiguousarray(array[index[start : start + COPY_CHUNK_ROWS]]).tobytes())
+                handle.flush()
+                return np.load(handle.name, mmap_mode="r")
+            finally:
+                _remove_quietly(Path(handle.name))
+    except OSError:  # no space or no write access: the same values, in memory (a scratch file must not fail a run)
+        return np.asarray(array) if rows is None else np.asarray(array[index])
 
 
 @dataclass(frozen=True)
