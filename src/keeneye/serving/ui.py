@@ -5,7 +5,8 @@
     GET  /docs      Swagger UI, GET /redoc ReDoc: their scripts come from the `fastapi-offline`
                     package (served under /docs-assets/), so the docs render without a network.
     POST /explain   like /predict (same bodies, limits and per-image errors), and each usable image
-                    also gets `heatmap`: a PNG data URL of its Grad-CAM overlay (keeneye.explain).
+                    also gets `heatmap`: a PNG data URL of its Grad-CAM overlay (keeneye.explain), or for
+                    a one-class bundle its anomaly-map overlay (keeneye.inference.anomaly).
                     Run on the model thread, one request at a time, like the forward passes.
 """
 
@@ -62,8 +63,12 @@ class Explainer:
 
     def __call__(self, images: list[np.ndarray], names: list[str], threshold: float) -> list[dict]:
         from keeneye.explain import GradCam, explain_decoded
+        from keeneye.inference.anomaly import anomaly_overlays, is_anomaly_bundle
 
         bundle = self.service.predictor.bundle
+        if is_anomaly_bundle(bundle):  # one-class bundle: the anomaly map (patch distances to the good ones)
+            explained = anomaly_overlays(self.service.predictor.engine, images, bundle.image_size, bundle.class_names, threshold)
+            return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
         if self.cam is None:
             self.cam = GradCam(bundle.model)
         explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names)
