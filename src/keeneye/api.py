@@ -121,7 +121,8 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     scanned = phases.scan(cfg, reporter)
     backbone = phases.build_backbone(cfg, scanned)
     engine = make_feature_engine(backbone.extractor, cache_folder=backbone.cache_folder)
-    embedded = phases.embed(scanned, backbone, engine, reporter)
+    remote = ray_engine_factory(cfg, scanned, backbone) if cfg.training.embed_on == "ray" else None
+    embedded = phases.embed(cfg, scanned, backbone, engine, reporter, remote_engine=remote)
     prepared = phases.audit(cfg, scanned, backbone, embedded, reporter)
     timings = {"scan_and_embeddings_s": time.perf_counter() - started}
     partial = phases.open_run_state(cfg, prepared, partial, reporter)
@@ -137,6 +138,15 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     # a fine-tuned model's backbone is not the frozen engine's: write_bundle_onnx then converts the model whole
     feature_engine = None if trained.fine_tuned else engine
     return _publish(cfg, scanned, prepared, fit, trained, feature_engine, partial, timings, started, reporter)
+
+
+def ray_engine_factory(cfg: Config, scanned: phases.Scanned, backbone: phases.Backbone):
+    """What each Ray actor builds its feature engine from (training.embed_on "ray"): picklable, loaded once per actor."""
+    from keeneye.inference.distributed import FeatureEngineFactory
+
+    spec = scanned.spec
+    return FeatureEngineFactory(cfg.model.alpha, cfg.model.image_size, scanned.weights, cfg.model.features,
+                                spec.n_tiles if spec.tiles else None, str(backbone.cache_folder) if backbone.cache_folder else None)
 
 
 def _publish(cfg: Config, scanned: phases.Scanned, prepared: phases.Prepared, fit: phases.HeadFit, trained: phases.Trained,

@@ -427,6 +427,28 @@ class TrainingConfig(BaseModel):
         ),
         _Expect('"refit" or "average"', ("string",)),
     ] = "refit"
+    embed_on: Annotated[
+        Literal["local", "ray"],
+        Field(
+            description=(
+                '"local": the embedding pass (the frozen backbone over every image not yet in the embedding cache) runs '
+                'in this process. "ray": it runs on a Ray Data actor pool (pip install "keeneye[ray]"), each actor '
+                "loading the feature extractor once; the vectors and the cache shards are the same as local. The cluster "
+                "is training.ray_address, else $RAY_ADDRESS, else a local Ray on this machine's cores."
+            )
+        ),
+        _Expect('"local" or "ray"', ("string",)),
+    ] = "local"
+    ray_address: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(description='With embed_on "ray": the Ray cluster to join, e.g. "ray://head:10001" or "auto"; null: $RAY_ADDRESS, else a local Ray.'),
+        _Expect("a Ray address (string) or null", ("string", "null")),
+    ] = None
+    ray_actors: Annotated[
+        StrictInt,
+        Field(ge=1, description='With embed_on "ray": the number of actors (each holds one copy of the backbone and uses one CPU, or a GPU where every actor can have one).'),
+        _Expect("an integer >= 1", ("integer",)),
+    ] = 2
 
     @field_validator("cv_folds")
     @classmethod

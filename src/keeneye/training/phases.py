@@ -100,7 +100,7 @@ class Backbone:
 
 def build_backbone(cfg: Config, scanned: Scanned) -> Backbone:
     from keeneye.model.backbone import build_feature_extractor, build_tiled_extractor
-    from keeneye.training.features import EmbeddingCache, backbone_cache_key, default_cache_dir
+    from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
 
     spec, weights = scanned.spec, scanned.weights
     extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, weights, cfg.model.features)
@@ -122,18 +122,33 @@ class Embedded:
     engine_note: str | None
 
 
-def embed(scanned: Scanned, backbone: Backbone, engine: Any, reporter: Reporter) -> Embedded:
-    """Hash every image, then embed it (from the cache where it can). Before the split: near-duplicates join groups."""
+def embed(cfg: Config, scanned: Scanned, backbone: Backbone, engine: Any, reporter: Reporter,
+          remote_engine: Any = None) -> Embedded:
+    """Hash every image, then embed it (from the cache where it can). Before the split: near-duplicates join groups.
+
+    remote_engine: with training.embed_on "ray", what each Ray actor builds its engine from; the
+    same vectors and cache shards as the local pass. Afterwards the cache is consolidated into one
+    matrix and the features are memory-mapped (head training reads them mapped).
+    """
+    from keeneye.data.cache import memory_mapped
+    from keeneye.training.embed_ray import embed_manifest_ray
     from keeneye.training.features import embed_manifest
 
-    manifest, spec = scanned.scan.manifest, scanned.spec
+    manifest, spec, cache = scanned.scan.manifest, scanned.spec, backbone.cache
     with reporter.task("hashing images", len(manifest)) as task:
         inspection = inspect_images(manifest["path"].tolist(), progress=task.advance)
     what = "embedding images" if spec.tiles is None else (
         f"embedding images ({spec.tiles[0]}x{spec.tiles[1]} = {spec.n_tiles} tiles each: {spec.n_tiles}x the backbone passes)")
+    dim = backbone.extractor.output_shape[-1]
     with reporter.task(what, len(manifest)) as task:
-        embeddings = embed_manifest(manifest, engine, backbone.extractor.output_shape[-1], spec, backbone.cache,
-                                    batch_size=32, progress=task.advance)
+        if remote_engine is not None:
+            embeddings = embed_manifest_ray(manifest, remote_engine, dim, spec, cache, batch_size=32, actors=cfg.training.ray_actors,
+                                            address=cfg.training.ray_address, progress=task.advance)
+        else:
+            embeddings = embed_manifest(manifest, engine, dim, spec, cache, batch_size=32, progress=task.advance)
+    if cache is not None:  # the next run memory-maps one matrix instead of unpacking every shard
+        cache.consolidate()
+    embeddings.features = memory_mapped(embeddings.features, backbone.cache_folder)
     return Embedded(inspection, embeddings, getattr(engine, "note", None))
 
 
@@ -348,10 +363,11 @@ def fold_history(cv) -> pd.DataFrame:
 def fit_published_head(cfg: Config, extractor, prepared: Prepared, rows: Mask, validation: Mask, partial: PartialRun,
                        callbacks: tuple, devices, reporter: Reporter):
     """The head that goes into the bundle: fit_head (resumable, callbacks, strategies) on `rows`."""
+    from keeneye.data.cache import memory_mapped
     from keeneye.training.fit import fit_head as fit
 
     features, y = prepared.features, prepared.y
-    train_x, train_y = features[rows], y[rows]
+    train_x, train_y = memory_mapped(features, rows=rows), y[rows]  # mapped, copied a chunk at a time: head batches read it
     if cfg.augmentation.frozen_views:  # K augmented copies per training image, embedded now (not cached)
         from keeneye.training.finetune import embed_augmented_views
 
@@ -360,7 +376,7 @@ def fit_published_head(cfg: Config, extractor, prepared: Prepared, rows: Mask, v
         reporter.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
     with reporter.task("training the head", cfg.training.epochs) as task:
         head, history = fit(
-            train_x, train_y, features[validation], y[validation], cfg.head, cfg.training,
+            train_x, train_y, memory_mapped(features, rows=validation), y[validation], cfg.head, cfg.training,
             checkpoint_dir=partial.phase_dir("head"),
             callbacks=(*callbacks, task.keras_callback()),
             strategy=devices.strategy,
