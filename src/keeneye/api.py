@@ -200,7 +200,7 @@ def _cross_validate_head(cfg: Config, features: np.ndarray, y: np.ndarray, sets:
     With cv_folds 0 but too few validation images of a class for a threshold, cross-validation
     still runs (5 folds): out-of-fold choices beat a 0.5 default.
     """
-    from keeneye.training.crossval import run_cross_validation
+    from keeneye.training.crossval import AUTO_CANDIDATES, run_cross_validation
 
     pool = sets["training"] | sets["validation"]
     training = cfg.training
@@ -212,7 +212,7 @@ def _cross_validate_head(cfg: Config, features: np.ndarray, y: np.ndarray, sets:
                       "the threshold is chosen on out-of-fold predictions (5 group folds) instead.")
         training = training.model_copy(update={"cv_folds": 5})
     with _progress(console) as progress:
-        n = 6 if cfg.head.auto else 1
+        n = len(AUTO_CANDIDATES) if cfg.head.auto else 1
         task = progress.add_task(f"cross-validating {n} head{'s' if n > 1 else ''}", total=n)
         cv = run_cross_validation(features[pool], y[pool], units[pool], cfg.head, training, cfg.evaluation,
                                   progress=lambda k: progress.advance(task, k))
@@ -264,6 +264,12 @@ def _fit_published_head(cfg: Config, extractor, manifest: pd.DataFrame, features
         views_x, views_y, _ = embed_augmented_views(cfg, extractor, manifest[rows], train_y, cfg.augmentation.frozen_views)
         train_x, train_y = np.concatenate([train_x, views_x]), np.concatenate([train_y, views_y])
         console.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
+    if cfg.head.kind == "logistic":  # exact fit: no epochs, nothing to resume
+        from keeneye.training.fit import fit_logistic_published
+
+        head, history, how = fit_logistic_published(train_x, train_y, features[validation], y[validation], cfg.head, cfg.training)
+        console.print(f"head: logistic regression on standardised features fitted exactly ({how})", highlight=False)
+        return head, history
     with _progress(console) as progress:
         task = progress.add_task("training the head", total=cfg.training.epochs)
         head, history = fit_head(
