@@ -249,7 +249,7 @@ def serve(
     max_batch_wait_ms: Optional[float] = typer.Option(None, "--max-batch-wait-ms", help="How long a request that finds the model idle waits for others to join its batch [5]."),
     max_body_mb: Optional[float] = typer.Option(None, "--max-body-mb", help="Largest request body in MiB [32]."),
     max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Largest single image file in MiB [16]."),
-    max_buffered_body_mb: Optional[float] = typer.Option(None, "--max-buffered-body-mb", help="Request bodies in memory at once, all requests together, in MiB [128]."),
+    max_buffered_body_mb: Optional[float] = typer.Option(None, "--max-buffered-body-mb", help="Memory for request bodies, all requests together, in MiB; a body counts 1x as an image, 2x as multipart, 3x as JSON [128, or 3 x --max-body-mb]."),
     body_timeout: Optional[float] = typer.Option(None, "--body-timeout", help="Longest time to receive one request body, s; slower clients get 408 [30]."),
     max_json_depth: Optional[int] = typer.Option(None, "--max-json-depth", help="Deepest nesting in a JSON body [16]."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Largest width x height, checked from the header [50000000]."),

@@ -468,19 +468,21 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def _replay(body: bytes):
-    """An ASGI `receive` that hands `body` out again, in chunks, yielding to the loop between them."""
-    chunks = [body[i : i + _REPLAY_CHUNK] for i in range(0, len(body), _REPLAY_CHUNK)] or [b""]
+def _replay(body: bytes | bytearray):
+    """An ASGI `receive` that hands `body` out again, in chunks (each copied only when handed out, so the
+    body is not held twice), yielding to the loop between them."""
     position = 0
+    started = False
 
     async def receive():
-        nonlocal position
-        if position < len(chunks):
-            chunk = chunks[position]
-            position += 1
-            if position > 1:
+        nonlocal position, started
+        if position < len(body) or not started:
+            if started:
                 await asyncio.sleep(0)
-            return {"type": "http.request", "body": chunk, "more_body": position < len(chunks)}
+            started = True
+            chunk = bytes(body[position : position + _REPLAY_CHUNK])
+            position += len(chunk)
+            return {"type": "http.request", "body": chunk, "more_body": position < len(body)}
         return {"type": "http.disconnect"}
 
     return receive

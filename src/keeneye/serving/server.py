@@ -9,6 +9,7 @@ from pathlib import Path
 from keeneye.bundle import load_bundle
 from keeneye.errors import BundleError, ConfigError, KeeneyeError
 from keeneye.serving.app import configure_logging, create_app
+from keeneye.serving.limits import release_large_buffers
 from keeneye.serving.settings import ServeSettings
 from keeneye.terminal import filter_tensorflow_import_logs
 
@@ -23,6 +24,7 @@ def app_from_env():
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") != "0":  # `keeneye serve` without --verbose: as quiet as the parent
         filter_tensorflow_import_logs()
     configure_logging(spec.get("log_level", "info"))
+    release_large_buffers()
     return create_app(spec["bundle"], ServeSettings(**spec["settings"]))
 
 
@@ -59,6 +61,7 @@ def serve(
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     configure_logging(log_level)
+    release_large_buffers()  # RSS follows the request bodies in memory (bounded by the budget), not past peaks
     options = dict(
         host=host, port=port, log_level=log_level, access_log=False, server_header=False,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,

@@ -23,6 +23,10 @@ DEFAULT_FORMATS = KNOWN_FORMATS
 BATCHING_BY_ENGINE = {"onnx": False, "keras": True}
 
 
+#: Peak copies in memory of a body of N bytes while it is read and parsed, by how it arrives (the
+#: reasons are in serving/limits.py): what a request reserves from max_buffered_body_bytes per byte.
+BODY_COPIES = {"json": 3, "multipart": 2, "raw": 1}
+
 class ServeSettings(BaseModel):
     """Limits and batching of `keeneye serve` / `create_app` (all optional; defaults are safe)."""
 
@@ -47,8 +51,10 @@ class ServeSettings(BaseModel):
     max_buffered_body_bytes: int = Field(
         128 * MiB, ge=1024,
         description=(
-            "Request bytes held in memory at once, all requests together (reserved by declared size, else max_body_bytes); "
-            "a request that does not fit waits, its bytes left in the network, up to request_timeout_s (then 503)."
+            "Memory for request bodies, all requests together: a request reserves its declared size (else max_body_bytes) "
+            "times the copies it holds while parsed (1 for an image body, 2 for multipart or without Content-Length, 3 for base64 JSON); "
+            "one that does not fit waits, its bytes left in the network, up to request_timeout_s (then 503). "
+            "Unset: 128 MiB, or 3 x max_body_bytes when that is larger."
         ),
     )
     max_image_bytes: int = Field(16 * MiB, ge=1, description="Largest single encoded image (reported per image beyond it).")
@@ -80,12 +86,26 @@ class ServeSettings(BaseModel):
             raise ValueError("at least one image format must be allowed")
         return tuple(names)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_body_budget(cls, values):
+        """Unset, the body budget grows with max_body_bytes so that the largest body always fits."""
+        if isinstance(values, dict) and values.get("max_buffered_body_bytes") is None and "max_body_bytes" in values:
+            try:
+                largest = int(values["max_body_bytes"]) * max(BODY_COPIES.values())
+            except (TypeError, ValueError):
+                return values  # the field's own validation reports it
+            values = {**values, "max_buffered_body_bytes": max(128 * MiB, largest)}
+        return values
+
     @model_validator(mode="after")
     def _check_body_budget(self) -> "ServeSettings":
-        if self.max_buffered_body_bytes < self.max_body_bytes:
+        largest = self.max_body_bytes * max(BODY_COPIES.values())
+        if self.max_buffered_body_bytes < largest:
             raise ValueError(
-                f"max_buffered_body_bytes={self.max_buffered_body_bytes} is smaller than max_body_bytes={self.max_body_bytes}: "
-                "a request of the largest accepted size could never be read"
+                f"max_buffered_body_bytes={self.max_buffered_body_bytes} is smaller than {largest} "
+                f"({max(BODY_COPIES.values())} x max_body_bytes={self.max_body_bytes}, what the largest JSON body occupies "
+                "while parsed): a request of the largest accepted size could never be read"
             )
         return self
 
