@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 15 + 2 + 8 + 4 + 13 + 5 + 8 + 7 + 6 + 5 + 5 + 8  # "$schema" + every field (mode, anomaly: 2; model: 8 with features, resize, tiles, tile_overlap; video: 5, tracking: 5; anomaly section: 8)
+    assert count == 1 + 15 + 2 + 8 + 6 + 13 + 5 + 8 + 7 + 6 + 5 + 5 + 8  # "$schema" + every field (mode, anomaly: 2; model: 8 with features, resize, tiles, tile_overlap; head: 6 with kind, logistic_c; video: 5, tracking: 5; anomaly section: 8)
 
 
 def test_schema_required_and_excluded_fields() -> None:
