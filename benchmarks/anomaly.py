@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import sys
@@ -65,25 +66,66 @@ def scores_without_duplicates(run_dir: Path) -> dict:
 
 
 def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5) -> dict:
-    """Images per second of Predictor.predict_images per bundle: same images, interleaved repeats, medians."""
+    """Images per second of Predictor.predict_images per bundle: same images, interleaved repeats, medians.
+
+    Also, per repeat and in the same loop, where the one-class time goes: decoding the files (the same
+    for both modes), the patch feature graph, the nearest-neighbour search (the bundle's backend, and
+    faiss IndexFlatL2 on the same bank and queries) and the re-weighting.
+    """
     from keeneye.data.decode import load_image
     from keeneye.inference.predictor import Predictor
+    from keeneye.model.patchcore import PatchBank, reweighted_scores
 
     images = [load_image(p) for p in paths]
     predictors = {name: Predictor.from_bundle(path) for name, path in bundles.items()}
     for predictor in predictors.values():
         predictor.predict_images(images[:8])  # warm up
+    engine = predictors["anomaly"].engine
+    batch = np.stack([predictors["anomaly"].input_spec.prepare(image) for image in images])
+    faiss_bank = PatchBank(engine.bank.features, backend="faiss")
+    info = predictors["anomaly"].bundle.metadata["anomaly"]
+    uncapped = math.ceil(info["coreset_share"] * info["training_patches"])  # the bank without max_bank_size (timing only:
+    big_bank = PatchBank(np.resize(engine.bank.features, (uncapped, engine.bank.dim)))  # search time depends on its size)
     rates: dict[str, list[float]] = {name: [] for name in predictors}
+    parts: dict[str, list[float]] = {k: [] for k in ("decode", "features", "search", "search_faiss", "reweight",
+                                                     "search_uncapped_bank")}
+
+    def timed(key: str, call):
+        started = time.perf_counter()
+        out = call()
+        parts[key].append((time.perf_counter() - started) / len(images) * 1000)
+        return out
+
     for _ in range(repeats):
         for name, predictor in predictors.items():
             started = time.perf_counter()
             predictor.predict_images(images)
             rates[name].append(len(images) / (time.perf_counter() - started))
-    return {name: {"median_img_per_s": statistics.median(r), "runs": r, "engine": predictors[name].engine_name}
-            for name, r in rates.items()}
+        timed("decode", lambda: [load_image(p) for p in paths])
+        patches = timed("features", lambda: np.concatenate([engine.features(batch[i : i + 32]) for i in range(0, len(batch), 32)]))
+        distances, index = timed("search", lambda: engine.bank.nearest(patches))
+        timed("search_faiss", lambda: faiss_bank.nearest(patches))
+        timed("reweight", lambda: reweighted_scores(engine.bank, patches, distances, index, engine.neighbours))
+        timed("search_uncapped_bank", lambda: big_bank.nearest(patches))
+    return {"predict": {name: {"median_img_per_s": statistics.median(r), "runs": r, "engine": predictors[name].engine_name}
+                        for name, r in rates.items()},
+            "anomaly_ms_per_image_median": {k: statistics.median(v) for k, v in parts.items()},
+            "bank": {"size": len(engine.bank), "dim": engine.bank.dim, "neighbours": engine.neighbours,
+                     "uncapped_size_timed": uncapped}}
 
 
-def casting(overrides: list[str]) -> dict:
+def compare_side_by_side(a: Path, b: Path) -> None:
+    """What `keeneye runs compare A B` prints for the two bundles (one-class next to supervised)."""
+    from rich.console import Console
+
+    from keeneye.runs import compare_runs
+
+    for table in compare_runs(a, b).tables():
+        Console(width=140).print(table)
+
+
+def casting(overrides: list[str], also: list[str]) -> dict:
+    """Train the one-class bundle (and, with `also`, a second one: the same overrides plus those), then a supervised one."""
     from rich.console import Console
 
     from keeneye import api
@@ -92,17 +134,25 @@ def casting(overrides: list[str]) -> dict:
     started = time.perf_counter()
     anomaly = api.train(casting_config(work, "anomaly", overrides), console=Console(quiet=True))
     seconds = time.perf_counter() - started
-    rss = peak_rss_mb()
+    rss = peak_rss_mb()  # the first train in this process: the bank from the full casting good set
     metadata = json.loads((anomaly.run_dir / "metadata.json").read_text())
+    bundles = {"anomaly": anomaly.run_dir}
+    if also:
+        second = casting_config(work, "anomaly", overrides + also).model_copy(update={"run_name": "anomaly-also"})
+        bundles["anomaly_also"] = api.train(second, console=Console(quiet=True)).run_dir
     supervised = api.train(casting_config(work, "supervised", []), console=Console(quiet=True))
+    bundles["supervised"] = supervised.run_dir
     test_paths = sorted(str(p) for p in (SHARED / "data" / "casting" / "casting_data" / "test").rglob("*.jpeg"))[::11][:64]
-    speed = throughput({"anomaly": anomaly.run_dir, "supervised": supervised.run_dir}, test_paths)
+    speed = throughput(bundles, test_paths)
+    compare_side_by_side(supervised.run_dir, anomaly.run_dir)
+    predict = speed["predict"]
     return {
-        "anomaly": scores_without_duplicates(anomaly.run_dir), "supervised": scores_without_duplicates(supervised.run_dir),
+        **{name: scores_without_duplicates(path) for name, path in bundles.items()},
         "train_s": seconds, "peak_rss_mb_train": rss, "bank": metadata["anomaly"], "threshold": metadata["threshold_choice"],
-        "throughput": speed,
-        "throughput_ratio": speed["anomaly"]["median_img_per_s"] / speed["supervised"]["median_img_per_s"],
-        "overrides": overrides,
+        "image_size": metadata["input"]["image_size"], "throughput": speed,
+        "throughput_ratio": {name: predict[name]["median_img_per_s"] / predict["supervised"]["median_img_per_s"]
+                             for name in bundles if name != "supervised"},
+        "runs": {name: str(path) for name, path in bundles.items()}, "overrides": overrides, "also": also,
     }
 
 
@@ -131,7 +181,7 @@ def magnetic(overrides: list[str]) -> dict:
     from sklearn.metrics import f1_score, roc_auc_score
 
     from keeneye.config import config_from_dict
-    from keeneye.model.patchcore import PatchBank, image_scores, normalise_scores
+    from keeneye.model.patchcore import normalise_scores, reweighted_scores
     from keeneye.training.anomaly import build_bank, choose_anomaly_threshold
 
     root = SHARED / "data" / "magnetic-tile"
@@ -151,9 +201,11 @@ def magnetic(overrides: list[str]) -> dict:
         bank_rows, val_rows, test_rows = good & ~in_val, good & in_val, fold == k
         a = cfg.anomaly
         bank = build_bank(features[bank_rows].reshape(-1, features.shape[-1]), a.coreset_share, a.max_bank_size, cfg.training.seed)
-        threshold = choose_anomaly_threshold(image_scores(bank.distances(features[val_rows])), np.empty(0),
-                                             "false_alarm_rate", a.false_alarm_rate, 5)
-        scores = image_scores(bank.distances(features[test_rows]))
+        def score(rows):
+            return reweighted_scores(bank, features[rows], *bank.nearest(features[rows]), a.score_neighbours)
+
+        threshold = choose_anomaly_threshold(score(val_rows), np.empty(0), "false_alarm_rate", a.false_alarm_rate, 5)
+        scores = score(test_rows)
         decided = normalise_scores(scores, threshold.raw) >= 0.5
         folds.append({"fold": int(k), "auroc": float(roc_auc_score(y[test_rows], scores)),
                       "f1": float(f1_score(y[test_rows], decided.astype(int))), "bank_size": len(bank),
@@ -170,6 +222,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="all", choices=["casting", "magnetic", "all"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. anomaly.coreset_share=0.1")
+    parser.add_argument("--also", action="append", default=[],
+                        help="casting: also train a second one-class bundle with these overrides added, timed in the same loop")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     results = {}
@@ -179,15 +233,17 @@ def main() -> int:
         print(f"magnetic-tile 5 group folds: AUROC {m['auroc_mean']:.4f} ± {m['auroc_sd']:.4f}, "
               f"F1 at 1% false alarms {m['f1_mean']:.4f} ± {m['f1_sd']:.4f}")
     if args.which in ("casting", "all"):
-        results["casting"] = c = casting(args.overrides)
+        results["casting"] = c = casting(args.overrides, args.also)
         print(f"{'casting':<14}{'split':<14}{'n':>5}{'AUROC':>9}{'F1':>9}")
-        for mode in ("anomaly", "supervised"):
+        for mode in c["runs"]:
             for split, r in c[mode].items():
                 print(f"{mode:<14}{split:<14}{r['n']:>5}{r['auroc']:>9.4f}{r['f1']:>9.4f}")
-        t = c["throughput"]
-        print(f"predict img/s (median): anomaly {t['anomaly']['median_img_per_s']:.1f}, supervised "
-              f"{t['supervised']['median_img_per_s']:.1f}, ratio {c['throughput_ratio']:.2f}; bank {c['bank']['bank_size']} patches; "
-              f"train peak RSS {c['peak_rss_mb_train']:.0f} MB, {c['train_s']:.0f} s")
+        t = c["throughput"]["predict"]
+        print("predict img/s (median):", {name: round(r["median_img_per_s"], 1) for name, r in t.items()},
+              "ratio to supervised:", {name: round(r, 2) for name, r in c["throughput_ratio"].items()})
+        print(f"bank {c['bank']['bank_size']} of {c['bank']['training_patches']} patches; first train peak RSS "
+              f"{c['peak_rss_mb_train']:.0f} MB, {c['train_s']:.0f} s")
+        print("one-class ms per image (median):", {k: round(v, 2) for k, v in c["throughput"]["anomaly_ms_per_image_median"].items()})
     out = args.out or RESULTS / f"anomaly_{args.which}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

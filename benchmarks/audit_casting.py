@@ -128,7 +128,8 @@ def embedding_check(scan, audit, args) -> dict:
     from keeneye.config import DataConfig
     from keeneye.inference.engines import KerasEngine
     from keeneye.model.backbone import ResolvedWeights, build_feature_extractor, sha256_of_file
-    from keeneye.training.features import EmbeddingCache, backbone_cache_key, default_cache_dir, embed_manifest
+    from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
+    from keeneye.training.features import embed_manifest
 
     weights = ResolvedWeights(str(args.weights), args.weights, sha256_of_file(args.weights))
     extractor = build_feature_extractor(1.0, 224, weights)

@@ -31,7 +31,8 @@ def embeddings(data: Path, weights: Path):
 
     from keeneye.inference.engines import make_feature_engine
     from keeneye.model.backbone import build_feature_extractor, resolve_weights
-    from keeneye.training.features import EmbeddingCache, backbone_cache_key, default_cache_dir, embed_manifest
+    from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
+    from keeneye.training.features import embed_manifest
 
     folds = pd.read_csv(data / "folds_5.csv")
     folds = folds[folds["path"].str.lower().str.endswith(".jpg")].reset_index(drop=True)

@@ -81,7 +81,8 @@ def extractor_for(model: dict, spec):
 def embed(manifest: pd.DataFrame, model: dict, spec) -> tuple[np.ndarray, float]:
     """Features of every row through keeneye's training path, with the shared embedding cache."""
     from keeneye.inference.engines import make_feature_engine
-    from keeneye.training.features import EmbeddingCache, backbone_cache_key, default_cache_dir, embed_manifest
+    from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
+    from keeneye.training.features import embed_manifest
 
     extractor, weights = extractor_for(model, spec)
     key = backbone_cache_key("mobilenet_v2", 1.0, model["image_size"], weights.sha256, model["features"], spec)

@@ -156,6 +156,66 @@ def test_both_search_backends_find_the_exact_nearest_good_patch() -> None:
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(3000, 32)).astype(np.float32)
     patches = rng.normal(size=(2, 9, 9, 32)).astype(np.float32)
-    brute = np.sqrt(((patches.reshape(-1, 1, 32) - bank[None]) ** 2).sum(-1)).min(axis=1).reshape(2, 9, 9)
+    all_distances = np.sqrt(((patches.reshape(-1, 1, 32) - bank[None]) ** 2).sum(-1))
+    brute = all_distances.min(axis=1).reshape(2, 9, 9)
+    import faiss  # noqa: F401 - loaded first: it brings its own BLAS, counted in both lists below
+    from threadpoolctl import threadpool_info
+
+    blas_threads = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     for backend in ("blas", "faiss"):
-        np.testing.assert_allclose(PatchBank(bank, backend=backend).distances(patches), brute, rtol=1e-4, atol=1e-4)
+        distances, index = PatchBank(bank, backend=backend).nearest(patches)
+        np.testing.assert_allclose(distances, brute, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(index.reshape(-1), all_distances.argmin(axis=1))  # the nearest patch itself, not a tie
+    # The search runs its blocks on one BLAS thread each and gives the process its BLAS threads back afterwards.
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == blas_threads
+
+
+def test_rest_explain_returns_the_anomaly_map_of_a_one_class_bundle(anomaly_run) -> None:
+    """POST /explain on a one-class bundle: scores as /predict gives them, and a map that is hot on the defect."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from keeneye.demo import surface_texture
+    from keeneye.serving import ServeSettings, create_app
+
+    good = surface_texture(np.random.default_rng(7), 96)
+    defect = good.copy()
+    cv2.rectangle(defect, (52, 52), (72, 72), (20, 20, 20), -1)
+    files = [("files", (f"{name}.png", cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes(), "image/png"))
+             for name, image in (("good", good), ("defect", defect))]
+    with TestClient(create_app(anomaly_run.run_dir, ServeSettings())) as client:
+        predicted = client.post("/predict", files=files).json()["results"]
+        response = client.post("/explain", files=files)
+    assert response.status_code == 200, response.text
+    explained = response.json()["results"]
+    assert [r["probability"] for r in explained] == pytest.approx([r["probability"] for r in predicted], abs=1e-5)
+    assert explained[1]["label"] == "defect" and explained[1]["probability"] > explained[0]["probability"]
+    overlays = [cv2.cvtColor(cv2.imdecode(np.frombuffer(base64.b64decode(r["heatmap"].split(",", 1)[1]), np.uint8),
+                                          cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(float) for r in explained]
+    assert overlays[1].shape == (96, 96, 3)
+    warmth = overlays[1][..., 0] - overlays[1][..., 2]  # JET: red where the distance is high, blue where low
+    inside = np.zeros((96, 96), bool)
+    inside[52:73, 52:73] = True
+    assert warmth[inside].mean() > warmth[~inside].mean() + 20
+
+
+def test_reweighted_score_follows_patchcore_and_keeps_the_order_of_clear_outliers() -> None:
+    from keeneye.model.patchcore import PatchBank, reweighted_scores
+
+    rng = np.random.default_rng(2)
+    bank = PatchBank(rng.normal(size=(500, 8)).astype(np.float32))
+    patches = rng.normal(size=(3, 4, 4, 8)).astype(np.float32)
+    patches[2, 1, 1] += 6.0  # one far-away patch
+    distances, index = bank.nearest(patches)
+    plain = reweighted_scores(bank, patches, distances, index, 1)
+    np.testing.assert_allclose(plain, distances.reshape(3, -1).max(axis=1), rtol=1e-6)
+    weighted = reweighted_scores(bank, patches, distances, index, 9)
+    # By hand for image 2: its most distant patch q, q's nearest bank patch m* and the 8 bank patches nearest m*.
+    q = patches[2, 1, 1]
+    m = bank.features[np.argmin(np.linalg.norm(bank.features - q, axis=1))]
+    support = bank.features[np.argsort(np.linalg.norm(bank.features - m, axis=1))[:9]]
+    gaps = np.linalg.norm(support - q, axis=1)
+    expected = (1 - np.exp(gaps[0]) / np.exp(gaps).sum()) * gaps[0]
+    assert weighted[2] == pytest.approx(expected, rel=1e-5)
+    assert np.all(weighted <= plain + 1e-9) and np.argmax(weighted) == 2

@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 15 + 2 + 8 + 6 + 13 + 5 + 8 + 7 + 6 + 5 + 5 + 8  # "$schema" + every field (mode, anomaly: 2; model: 8 with features, resize, tiles, tile_overlap; head: 6 with kind, logistic_c; video: 5, tracking: 5; anomaly section: 8)
+    assert count == 1 + 15 + 2 + 8 + 6 + 16 + 5 + 8 + 7 + 6 + 5 + 5 + 9  # "$schema" + every field (mode, anomaly: 2; model: 8 with features, resize, tiles, tile_overlap; head: 6 with kind, logistic_c; training: 16 with embed_on, ray_address, ray_actors; video: 5, tracking: 5; anomaly section: 9 with score_neighbours)
 
 
 def test_schema_required_and_excluded_fields() -> None:
@@ -358,7 +358,7 @@ TYPE_CASES = [
     ({"head": {"dense_units": ["64"]}}, 'head.dense_units[0]: expected an integer >= 1, got "64" (a string)'),
     ({"head": {"dropout": 1}}, "head.dropout: expected a number >= 0 and < 1, got 1"),
     ({"model": 5}, "model: expected an object with any of the keys backbone, alpha, image_size, weights, features, resize, tiles, tile_overlap, got 5 (an integer)"),
-    ({"training": [1]}, "training: expected an object with any of the keys epochs, batch_size, learning_rate, validation_fraction, seed, early_stopping_patience, class_weight, oversample, deterministic, mixed_precision, distribute, cv_folds, cv_publish, got [1] (a list)"),
+    ({"training": [1]}, "training: expected an object with any of the keys epochs, batch_size, learning_rate, validation_fraction, seed, early_stopping_patience, class_weight, oversample, deterministic, mixed_precision, distribute, cv_folds, cv_publish, embed_on, ray_address, ray_actors, got [1] (a list)"),
     ({"model": {"alpha": 0.6}}, "model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got 0.6"),
     ({"model": {"alpha": True}}, "model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got true (a boolean)"),
     ({"model": {"alpha": "1.0"}}, 'model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got "1.0" (a string)'),

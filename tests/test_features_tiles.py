@@ -22,7 +22,7 @@ from keeneye.config import config_from_dict
 from keeneye.data.preprocess import InputSpec, cut_tiles, fit_square, tile_boxes
 from keeneye.demo import add_defect, surface_texture
 from keeneye.inference.predictor import Predictor
-from keeneye.training.features import backbone_cache_key
+from keeneye.data.cache import backbone_cache_key
 
 from conftest import tiny_config
 

@@ -142,3 +142,43 @@ def test_a_folder_that_is_not_a_bundle_fails_before_any_actor_starts(tmp_path, i
         predict_ray(tmp_path, [images], output=tmp_path / "out.parquet")
     with pytest.raises(KeeneyeError, match=r"\.parquet or \.csv"):
         predict_ray(tmp_path, [images], output=tmp_path / "out.json")
+
+
+def test_embedding_pass_on_ray_gives_the_local_vectors_shards_and_reasons(local_ray, demo_data, imagenet_weights, tmp_path):
+    """training.embed_on "ray": same vectors (1e-5) and drop reasons as the local pass, written as ordinary cache shards."""
+    import hashlib
+
+    from keeneye.data.cache import EmbeddingCache
+    from keeneye.data.preprocess import InputSpec
+    from keeneye.inference.distributed import FeatureEngineFactory
+    from keeneye.inference.engines import make_feature_engine
+    from keeneye.model.backbone import build_feature_extractor, resolve_weights
+    from keeneye.training.embed_ray import embed_manifest_ray
+    from keeneye.training.features import embed_manifest
+
+    paths = sorted((demo_data / "training").rglob("*.png"))[::3]
+    bad = tmp_path / "truncated.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + bytes(40))
+    paths = [*paths[:5], bad, *paths[5:]]
+    manifest = pd.DataFrame({"path": [str(p) for p in paths], "label": "x", "split": "training", "group": "",
+                             "sha1": [hashlib.sha1(p.read_bytes()).hexdigest() for p in paths]},
+                            index=pd.RangeIndex(100, 100 + len(paths)))
+    weights = resolve_weights("imagenet", 1.0, 96)
+    extractor = build_feature_extractor(1.0, 96, weights)
+    dim = extractor.output_shape[-1]
+    local_cache, ray_cache = EmbeddingCache(tmp_path / "local", "key"), EmbeddingCache(tmp_path / "ray", "key")
+    # Keras on both sides: the engine choice is FeatureEngine's own (tested with it); no ONNX conversion per actor here
+    local = embed_manifest(manifest, make_feature_engine(extractor, engine="keras"), dim, InputSpec(96), local_cache, batch_size=4)
+    factory = FeatureEngineFactory(1.0, 96, weights, "gap", None, None, engine="keras")
+    remote = embed_manifest_ray(manifest, factory, dim, InputSpec(96), ray_cache, batch_size=3, actors=2)
+
+    assert list(remote.dropped.index) == list(local.dropped.index) == [105]
+    assert remote.dropped["reason"].tolist() == local.dropped["reason"].tolist() and local.dropped["reason"].iloc[0]
+    assert (remote.ok == local.ok).all() and local.ok.sum() == len(paths) - 1
+    np.testing.assert_allclose(remote.features[remote.ok], local.features[local.ok], atol=1e-5)
+    assert remote.n_computed == len(paths) - 1 and remote.n_cached == 0
+    # what Ray wrote is an ordinary cache: a fresh reader (as the local pass uses it) finds every good vector
+    again = np.full((len(paths), dim), np.nan, dtype=np.float32)
+    found = EmbeddingCache(tmp_path / "ray", "key").fill(manifest["sha1"].to_numpy(), again)
+    assert (found == local.ok).all()
+    np.testing.assert_allclose(again[found], local.features[local.ok], atol=1e-5)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from badfiles import good_jpeg_bytes
 
-from keeneye.training.features import EmbeddingCache
+from keeneye.data.cache import EmbeddingCache
 
 # --- embedding cache ------------------------------------------------------------------------
 

@@ -89,3 +89,27 @@ def test_cli_output_to_a_file_has_no_tensorflow_log_lines(tiny_bundle, demo_data
     assert code == 0, text
     assert "predicting 1 image with tiny" in text and image.name in text
     assert NATIVE_LINE.search(text) is None, text
+
+
+def test_reporter_wraps_one_console_and_names_each_event() -> None:
+    import io
+
+    import pandas as pd
+
+    from keeneye.terminal import Reporter
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, color_system=None)
+    reporter = Reporter.of(console)
+    assert Reporter.of(reporter) is reporter and reporter.console is console
+    reporter.classes("good", "defect")
+    reporter.threshold(0.4375, "best F1 on validation", 0.9, out_of_fold=True, warning="few positives [sic]")
+    reporter.dropped_files([("/data/a[1].jpg", "truncated JPEG")], when="while fine-tuning")
+    reporter.data_counts(pd.DataFrame([["training", "good", 3, 1, 0, 2]], columns=["split", "label", "found", "skipped", "dropped", "used"]))
+    text = out.getvalue()
+    assert "classes: defect = positive (1), good = negative (0)" in text
+    assert "warning: few positives [sic]" in text  # markup-looking text printed as it is
+    assert "threshold: 0.4375 (best F1 on validation)" in text
+    assert "validation F1 after head training: 0.9000 (out-of-fold, over training + validation)" in text
+    assert "1 image failed to decode while fine-tuning" in text and "/data/a[1].jpg: truncated JPEG" in text
+    assert "total" in text and "Data" in text

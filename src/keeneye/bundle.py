@@ -20,17 +20,37 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from keeneye.config import save_config
 from keeneye.data import preprocess
 from keeneye.errors import BundleError
 
+# The bundle's folder layout: every name a bundle's files have is here (BundleWriter writes them).
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
+VERIFICATION_SUFFIX = ".verification.json"
+HISTORY_FILE = "history.csv"
+TRAINING_CURVES_FILE = "training_curves.png"
+MANIFEST_FILE = "manifest.csv"
+DROPPED_FILE = "dropped_files.csv"
+SKIPPED_FILE = "skipped_files.csv"
+DATA_COUNTS_FILE = "data_counts.csv"
+EVALUATIONS_DIR = "evaluations"
 BUNDLE_FORMAT_VERSION = 1
+
+#: How probabilities are made and read: recorded in every supervised bundle's metadata.
+PREPROCESSING = {
+    "input": "RGB uint8, any size; resized to image_size x image_size by input.resize (squash, pad = letterbox, crop = centre; "
+             "cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR), or with input.tiles cut at native "
+             "scale into rows x cols overlapping square tiles, each resized so, stacked vertically (keeneye.data.preprocess)",
+    "inside_model": "x / 127.5 - 1 (MobileNetV2 preprocess_input), part of model.keras",
+    "decision": "positive when probability >= threshold",
+}
 
 
 class TilesSpec(BaseModel):
@@ -51,19 +71,47 @@ class InputSpec(BaseModel):
     tiles: Optional[TilesSpec] = Field(None, description="Tile grid (model.tiles), or null: the whole image.")
 
 
-class BundleMetadata(BaseModel):
-    """The part of metadata.json that every consumer relies on, checked when a bundle loads.
+class BackboneInfo(BaseModel):
+    """Which feature extractor a bundle was built on, and which weights (by content hash)."""
 
-    Other keys (metrics, timings, versions, ...) are kept as they are: informative, not required.
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    alpha: Union[float, int]
+    features: Optional[str] = Field(None, description="Pooling of the feature maps (model.features); absent in one-class bundles.")
+    weights: str = Field(..., description="The weights file's name (or the preset named in model.weights).")
+    weights_sha256: Optional[str] = None
+
+
+class BundleMetadata(BaseModel):
+    """metadata.json, typed: written once by `BundleWriter.write_metadata`, read once by `load_bundle`.
+
+    The first five fields are what every consumer relies on (checked when a bundle loads); the
+    others record how the bundle was made (informative, not required: hand-built and older bundles
+    may lack them). Keys not declared here (a one-class bundle's `mode` and `anomaly`) are kept.
     """
 
     model_config = ConfigDict(extra="allow")
 
     bundle_format: int = Field(..., strict=True, description=f"Layout version of the bundle ({BUNDLE_FORMAT_VERSION}).")
+    created: Optional[str] = Field(None, description="When the bundle was written (local time, ISO 8601).")
     class_names: tuple[str, str] = Field(..., description="(negative, positive) class names.")
     positive_class: str
     threshold: float = Field(..., ge=0.0, le=1.0, allow_inf_nan=False, description="Positive when probability >= threshold.")
+    threshold_choice: Optional[dict[str, Any]] = Field(None, description="How the threshold was chosen (evaluation.threshold.ThresholdChoice).")
     input: InputSpec
+    preprocessing: Optional[dict[str, str]] = Field(None, description="How images become the model's input (PREPROCESSING).")
+    backbone: Optional[BackboneInfo] = None
+    head: Optional[dict[str, Any]] = Field(None, description="The head's configuration (config.HeadConfig).")
+    training: Optional[dict[str, Any]] = Field(None, description="Phases, epochs, kept model, devices, cross-validation.")
+    metrics: Optional[dict[str, Any]] = Field(None, description="Test scores (the full set is in metrics.json).")
+    data: Optional[list[dict[str, Any]]] = Field(None, description="Files found, skipped, dropped and used per split and class.")
+    timings: Optional[dict[str, Any]] = Field(None, description="Seconds per phase.")
+    versions: Optional[dict[str, Any]] = Field(None, description="keeneye's and its libraries' versions.")
+
+    def to_json(self) -> str:
+        """The file's text: the fields that were given, in declaration order (NaN refused)."""
+        return json.dumps(self.model_dump(mode="json", exclude_unset=True), indent=2, allow_nan=False)
 
     @field_validator("bundle_format")
     @classmethod
@@ -318,16 +366,112 @@ class PartialRun:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def library_versions() -> dict:
+    """keeneye's and its libraries' versions, for metadata.json."""
+    import platform
+
+    import cv2
+    import keras
+    import numpy as np
+    import sklearn
+    import tensorflow as tf
+
+    import keeneye
+
+    return {
+        "keeneye": keeneye.__version__, "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "numpy": np.__version__, "opencv": cv2.__version__, "scikit-learn": sklearn.__version__,
+    }
+
+
 def default_run_name(prefix: str = "train") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_metadata(folder: Path, metadata: dict) -> None:
-    """Written last: its presence marks a complete bundle. Checked against the schema load_bundle applies."""
-    check_metadata(metadata, folder / METADATA_FILE)
-    temporary = folder / f".{METADATA_FILE}.tmp"
-    temporary.write_text(json.dumps(metadata, indent=2, allow_nan=False))
-    os.replace(temporary, folder / METADATA_FILE)
+class BundleWriter:
+    """The one writer of a bundle: its folder layout (the file names above) and metadata.json.
+
+        with BundleWriter.staged(output_dir, run_name) as bundle:   # a hidden staging folder
+            bundle.save_model(classifier)
+            bundle.save_table(DROPPED_FILE, dropped)
+            ...
+            bundle.write_metadata(BundleMetadata(...))              # last: marks the bundle complete
+            final = bundle.publish()                                # renamed into place, complete
+
+    `BundleWriter(folder)` writes into an existing folder (an export adding model.onnx to a bundle).
+    """
+
+    def __init__(self, folder: Path, run: StagedRun | None = None) -> None:
+        self.folder = Path(folder)
+        self.run = run
+
+    @classmethod
+    @contextmanager
+    def staged(cls, output_dir: Path, name: str, on_error: Callable[[], None] | None = None) -> Iterator["BundleWriter"]:
+        """A writer into a staging folder: published on success (if not yet), removed on any error (`on_error` runs too)."""
+        with staged_run(output_dir, name, on_error=on_error) as run:
+            yield cls(run.staging, run)
+
+    @property
+    def cleaned(self) -> list[Path]:
+        """Staging folders of killed publishes removed when this one started."""
+        return self.run.cleaned if self.run is not None else []
+
+    def file(self, name: str) -> Path:
+        return self.folder / name
+
+    def save_model(self, model: Any) -> Path:
+        """model.keras (a keras.Model that takes raw RGB uint8 images)."""
+        model.save(self.folder / MODEL_FILE)
+        return self.folder / MODEL_FILE
+
+    def save_config(self, cfg: Any) -> Path:
+        """config.json: the run's resolved config (a config.Config)."""
+        save_config(cfg, self.folder / CONFIG_FILE)
+        return self.folder / CONFIG_FILE
+
+    def save_table(self, name: str, frame: Any) -> Path:
+        """A CSV table of the bundle (history, manifest, dropped and skipped files, data counts)."""
+        frame.to_csv(self.folder / name, index=False)
+        return self.folder / name
+
+    def write_onnx(self, data: bytes, record: dict) -> Path:
+        """model.onnx and its verification record (model.onnx.verification.json), each written atomically."""
+        _write_atomic(self.folder / ONNX_FILE, data)
+        _write_atomic(self.folder / (ONNX_FILE + VERIFICATION_SUFFIX), json.dumps(record, indent=2).encode())
+        return self.folder / ONNX_FILE
+
+    def write_metadata(self, metadata: BundleMetadata | dict) -> Path:
+        """metadata.json, checked against the schema load_bundle applies. Written last: its presence marks a complete bundle."""
+        if isinstance(metadata, BundleMetadata):
+            text = metadata.to_json()
+        else:  # a plain dict (one-class bundles): checked, written as given
+            check_metadata(metadata, self.folder / METADATA_FILE)
+            text = json.dumps(metadata, indent=2, allow_nan=False)
+        _write_atomic(self.folder / METADATA_FILE, text.encode())
+        return self.folder / METADATA_FILE
+
+    def publish(self) -> Path:
+        """Rename the staging folder into place (`output_dir/<name>`, or `<name>-2`, ... if taken)."""
+        if self.run is None:
+            raise BundleError(f"{self.folder} is not a staged bundle: nothing to publish.")
+        self.folder = self.run.publish()
+        return self.folder
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_metadata(folder: Path, metadata: BundleMetadata | dict) -> None:
+    """metadata.json into `folder` (see BundleWriter.write_metadata; kept for the one-class trainer)."""
+    BundleWriter(folder).write_metadata(metadata)
 
 
 def load_bundle(path: str | os.PathLike, load_model: bool = True) -> Bundle:

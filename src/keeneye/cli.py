@@ -16,9 +16,22 @@ import keeneye
 from keeneye.errors import KeeneyeError
 from keeneye.terminal import quiet_runtime
 
+
+class KeeneyeGroup(TyperGroup):
+    """The one place where keeneye's errors become exit codes: `error: <message>` on stderr, no traceback,
+    and the exit status of the error's class (errors.py)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeeneyeError as exc:
+            err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
 # Plain help (click's layout): the rich one printed flags as `--help <bool>` and squeezed the
 # help texts into a narrow column.
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(cls=KeeneyeGroup, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Binary image classification for visual inspection: train, evaluate, predict, serve.")
 config_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and validate config files.")
 app.add_typer(config_app, name="config")
@@ -30,11 +43,6 @@ for _console in (console, err_console):  # in a log file, a long line stays one 
 SET_HELP = "Override a config value: section.key=value (repeatable); the value is parsed as JSON when it can be."
 BUNDLE_HELP = "Model bundle folder (runs/<name>)."
 ENGINE_HELP = "Inference engine: auto, onnx or keras."
-
-
-def _fail(exc: KeeneyeError) -> None:
-    err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
-    raise typer.Exit(exc.exit_code)
 
 
 def _print_version(value: bool) -> None:
@@ -71,10 +79,7 @@ def config_check(
     """
     from keeneye.config import load_config
 
-    try:
-        cfg = load_config(config, set_ or [])
-    except KeeneyeError as exc:
-        _fail(exc)
+    cfg = load_config(config, set_ or [])
     typer.echo(cfg.model_dump_json(indent=2))
 
 
@@ -95,18 +100,15 @@ def train(
     from keeneye.config import load_config
     from keeneye.errors import ConfigError
 
-    try:
-        if resume is not None:
-            if config is not None or set_:
-                raise ConfigError("--resume continues a run with the config saved in it: give no --config and no --set.")
-            api.train(resume=resume, console=console)
-            return
-        if config is None:
-            raise ConfigError("train needs --config config.json (or --resume runs/<name> to continue an interrupted run).")
-        cfg = load_config(config, set_ or [])
-        api.train(cfg, console=console)
-    except KeeneyeError as exc:
-        _fail(exc)
+    if resume is not None:
+        if config is not None or set_:
+            raise ConfigError("--resume continues a run with the config saved in it: give no --config and no --set.")
+        api.train(resume=resume, console=console)
+        return
+    if config is None:
+        raise ConfigError("train needs --config config.json (or --resume runs/<name> to continue an interrupted run).")
+    cfg = load_config(config, set_ or [])
+    api.train(cfg, console=console)
 
 
 @app.command()
@@ -121,10 +123,7 @@ def evaluate(
     """
     from keeneye import api
 
-    try:
-        api.evaluate(run_dir, data=data, engine=engine, console=console)
-    except KeeneyeError as exc:
-        _fail(exc)
+    api.evaluate(run_dir, data=data, engine=engine, console=console)
 
 
 @app.command()
@@ -150,14 +149,11 @@ def predict(
     """
     from keeneye import api
 
-    try:
-        if use_ray:
-            frame = api.predict_ray(run_dir, inputs, output=output, actors=actors, address=address, engine=engine, batch_size=batch_size, console=err_console)
-        else:
-            frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console,
-                                events=events, fps=fps, smoothing_frames=smoothing, maps=maps)
-    except KeeneyeError as exc:
-        _fail(exc)
+    if use_ray:
+        frame = api.predict_ray(run_dir, inputs, output=output, actors=actors, address=address, engine=engine, batch_size=batch_size, console=err_console)
+    else:
+        frame = api.predict(run_dir, inputs, output=output, engine=engine, batch_size=batch_size, console=err_console,
+                            events=events, fps=fps, smoothing_frames=smoothing, maps=maps)
     if output is None:
         typer.echo(frame.to_csv(index=False), nl=False)
     if frame["error"].notna().all():
@@ -197,8 +193,6 @@ def watch(
         for record in api.watch(run_dir, source, frames=frames, fps=fps, engine=engine, smoothing_frames=smoothing, stop=stop):
             typer.echo(json.dumps(record))
             end = record
-    except KeeneyeError as exc:
-        _fail(exc)
     except KeyboardInterrupt:
         raise typer.Exit(130)
     finally:
@@ -225,11 +219,8 @@ def demo(
     data = make_demo_dataset(folder / "data", seed=seed)
     config_path = write_demo_config(folder, data, folder / "runs")
     console.print(f"demo data in {data}, config {config_path}")
-    try:
-        result = api.train(config_path, overrides=set_ or [], console=console)
-        evaluation = api.evaluate(result.run_dir, console=console)
-    except KeeneyeError as exc:
-        _fail(exc)
+    result = api.train(config_path, overrides=set_ or [], console=console)
+    evaluation = api.evaluate(result.run_dir, console=console)
     f1 = evaluation.metrics["at_threshold"]["f1"]
     console.print(f"[bold green]demo done:[/] test F1 {f1:.4f}; model bundle {result.run_dir}")
 
@@ -269,19 +260,16 @@ def serve(
     from keeneye.serving import make_settings
 
     mib = lambda value: None if value is None else int(value * 1024 * 1024)  # noqa: E731
-    try:
-        settings = make_settings(
-            engine=engine, batching=batching, max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms,
-            max_body_bytes=mib(max_body_mb), max_image_bytes=mib(max_image_mb), max_pixels=max_pixels,
-            max_buffered_body_bytes=mib(max_buffered_body_mb), body_timeout_s=body_timeout, max_json_depth=max_json_depth,
-            max_images_per_request=max_images, allowed_formats=formats, decode_threads=decode_threads,
-            max_pending_images=max_pending_images, request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
-        )
-        from keeneye.serving.server import serve as run_server
+    settings = make_settings(
+        engine=engine, batching=batching, max_batch_size=max_batch_size, max_batch_wait_ms=max_batch_wait_ms,
+        max_body_bytes=mib(max_body_mb), max_image_bytes=mib(max_image_mb), max_pixels=max_pixels,
+        max_buffered_body_bytes=mib(max_buffered_body_mb), body_timeout_s=body_timeout, max_json_depth=max_json_depth,
+        max_images_per_request=max_images, allowed_formats=formats, decode_threads=decode_threads,
+        max_pending_images=max_pending_images, request_timeout_s=request_timeout, shutdown_timeout_s=shutdown_timeout,
+    )
+    from keeneye.serving.server import serve as run_server
 
-        run_server(run_dir, settings, host=host, port=port, workers=workers, log_level=log_level.lower())
-    except KeeneyeError as exc:
-        _fail(exc)
+    run_server(run_dir, settings, host=host, port=port, workers=workers, log_level=log_level.lower())
 
 
 @app.command()
@@ -301,11 +289,8 @@ def export(
     """
     from keeneye.inference.export import export_bundle, tolerance_for
 
-    try:
-        tolerance = tolerance_for(quantize, max_diff, min_agreement, max_f1_drop)
-        export_bundle(run_dir, fmt, quantize=quantize, output=output, tolerance=tolerance, console=console)
-    except KeeneyeError as exc:
-        _fail(exc)
+    tolerance = tolerance_for(quantize, max_diff, min_agreement, max_f1_drop)
+    export_bundle(run_dir, fmt, quantize=quantize, output=output, tolerance=tolerance, console=console)
 
 
 @app.command()
@@ -322,11 +307,8 @@ def audit(
     from keeneye.config import load_config
     from keeneye.data.audit import audit_config
 
-    try:
-        cfg = load_config(config, set_ or [])
-        audit_config(cfg, output=out, console=console)
-    except KeeneyeError as exc:
-        _fail(exc)
+    cfg = load_config(config, set_ or [])
+    audit_config(cfg, output=out, console=console)
 
 
 @app.command()
@@ -341,10 +323,7 @@ def explain(
     """
     from keeneye.explain import explain as explain_images
 
-    try:
-        frame = explain_images(run_dir, images, out, console=err_console)
-    except KeeneyeError as exc:
-        _fail(exc)
+    frame = explain_images(run_dir, images, out, console=err_console)
     if frame["overlay"].isna().all():
         err_console.print("[bold red]error:[/] no image could be explained.")
         raise typer.Exit(1)
@@ -376,10 +355,7 @@ def runs_list(
     """
     from keeneye.runs import SORT_KEYS, list_runs, runs_table
 
-    try:
-        frame = list_runs(output_dir, sort=sort, descending=None if not reverse else not SORT_KEYS.get(sort, ("", False))[1])
-    except KeeneyeError as exc:
-        _fail(exc)
+    frame = list_runs(output_dir, sort=sort, descending=None if not reverse else not SORT_KEYS.get(sort, ("", False))[1])
     if frame.empty:
         console.print(f"no runs in {output_dir}")
         return
@@ -395,10 +371,7 @@ def runs_compare(
     """The config keys and the metrics that differ between two runs."""
     from keeneye.runs import compare_runs
 
-    try:
-        comparison = compare_runs(a, b, output_dir)
-    except KeeneyeError as exc:
-        _fail(exc)
+    comparison = compare_runs(a, b, output_dir)
     for table in comparison.tables():
         console.print(table)
 

@@ -467,6 +467,28 @@ class TrainingConfig(BaseModel):
         ),
         _Expect('"refit" or "average"', ("string",)),
     ] = "refit"
+    embed_on: Annotated[
+        Literal["local", "ray"],
+        Field(
+            description=(
+                '"local": the embedding pass (the frozen backbone over every image not yet in the embedding cache) runs '
+                'in this process. "ray": it runs on a Ray Data actor pool (pip install "keeneye[ray]"), each actor '
+                "loading the feature extractor once; the vectors and the cache shards are the same as local. The cluster "
+                "is training.ray_address, else $RAY_ADDRESS, else a local Ray on this machine's cores."
+            )
+        ),
+        _Expect('"local" or "ray"', ("string",)),
+    ] = "local"
+    ray_address: Annotated[
+        Optional[Annotated[StrictStr, Field(min_length=1)]],
+        Field(description='With embed_on "ray": the Ray cluster to join, e.g. "ray://head:10001" or "auto"; null: $RAY_ADDRESS, else a local Ray.'),
+        _Expect("a Ray address (string) or null", ("string", "null")),
+    ] = None
+    ray_actors: Annotated[
+        StrictInt,
+        Field(ge=1, description='With embed_on "ray": the number of actors (each holds one copy of the backbone and uses one CPU, or a GPU where every actor can have one).'),
+        _Expect("an integer >= 1", ("integer",)),
+    ] = 2
 
     @field_validator("cv_folds")
     @classmethod
@@ -869,11 +891,12 @@ class AnomalyConfig(BaseModel):
             le=4096,
             description=(
                 "Depth of each patch feature after a fixed seeded random projection (part of the feature model); "
-                "memory and search time grow with it. Larger than the concatenated depth keeps the features as they are."
+                "memory and search time grow with it (128 and 256 scored alike on casting's training part). Larger than "
+                "the concatenated depth keeps the features as they are."
             ),
         ),
-        _Expect("an integer from 8 to 4096, e.g. 256", ("integer",)),
-    ] = 256
+        _Expect("an integer from 8 to 4096, e.g. 128", ("integer",)),
+    ] = 128
     coreset_share: Annotated[
         StrictFloat,
         Field(
@@ -892,11 +915,12 @@ class AnomalyConfig(BaseModel):
             ge=1,
             description=(
                 "Largest number of patches in the memory bank, whatever coreset_share says: bounds the bundle's "
-                "size, the memory and the time each prediction takes (search time is proportional to it)."
+                "size, the memory and the time each prediction takes (search time is proportional to it; 2500 to 10000 "
+                "scored alike on casting's training part)."
             ),
         ),
-        _Expect("an integer >= 1, e.g. 20000", ("integer",)),
-    ] = 20000
+        _Expect("an integer >= 1, e.g. 5000", ("integer",)),
+    ] = 5000
     threshold_rule: Annotated[
         Literal["auto", "false_alarm_rate", "max_f1"],
         Field(
@@ -918,6 +942,19 @@ class AnomalyConfig(BaseModel):
         ),
         _Expect("a number > 0 and < 1, e.g. 0.01", ("integer", "number")),
     ] = 0.01
+    score_neighbours: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=64,
+            description=(
+                "Image score: 1 = the largest patch distance; k > 1 = PatchCore's re-weighting of it (Roth et al. eq. 7, "
+                "anomalib's num_neighbors, 9 there): lowered when the nearest good patch has k - 1 close neighbours "
+                "that are all far from the image's patch."
+            ),
+        ),
+        _Expect("an integer from 1 to 64, e.g. 9", ("integer",)),
+    ] = 1
     map_sigma: Annotated[
         StrictFloat,
         Field(ge=0, description="Gaussian smoothing of anomaly maps, in pixels at image_size (0: none)."),

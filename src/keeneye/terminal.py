@@ -246,3 +246,143 @@ def keras_progress(progress: Progress | PlainProgress, task_id: int, label: str)
             progress.update(task_id, description=f"{label}: epochs done, scoring images")
 
     return KerasProgress()
+
+
+class Task:
+    """One running progress task: `advance(n)` from any thread, or `keras_callback()` for `fit`."""
+
+    def __init__(self, progress: Progress | PlainProgress, task_id: int, label: str) -> None:
+        self.progress = progress
+        self.task_id = task_id
+        self.label = label
+
+    def advance(self, n: float = 1) -> None:
+        self.progress.advance(self.task_id, n)
+
+    def keras_callback(self):
+        return keras_progress(self.progress, self.task_id, self.label)
+
+
+class Reporter:
+    """Everything keeneye tells the user while it works goes through one of these: a method per event.
+
+    It wraps a rich Console (a terminal, a log file, or `Console(quiet=True)` in tests); phases and
+    API functions take one reporter instead of printing themselves. `print` passes rich markup
+    through for the few callers that build their own lines (e.g. the export's ONNX line).
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+
+    @classmethod
+    def of(cls, target: "Reporter | Console | None", stderr: bool = False) -> "Reporter":
+        """`target` itself if it is a Reporter; a Reporter around a Console; a new one (stdout or stderr) for None."""
+        if isinstance(target, Reporter):
+            return target
+        return cls(target if target is not None else Console(stderr=stderr))
+
+    @property
+    def quiet(self) -> bool:
+        return self.console.quiet
+
+    # --- general events ----------------------------------------------------------------------
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        """rich's print: markup, tables."""
+        self.console.print(*objects, **kwargs)
+
+    def line(self, text: str) -> None:
+        """A plain line (no markup, no highlighting; paths and names kept as they are)."""
+        self.console.print(escape(text), highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+    def warning(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+    def table(self, table: Any) -> None:
+        self.console.print(table)
+
+    def not_predicted(self, paths_errors: list[tuple[str, str]]) -> None:
+        """Inputs that got no prediction, each with its reason."""
+        for path, error in paths_errors:
+            self.console.print(f"[yellow]not predicted:[/] {escape(str(path))}: {escape(str(error))}", highlight=False, soft_wrap=True)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: float | None):
+        """A progress bar (terminal) or progress lines (log) for one long step; yields a :class:`Task`."""
+        with progress_bar(self.console) as progress:
+            yield Task(progress, progress.add_task(description, total=total), description)
+
+    # --- training events -----------------------------------------------------------------------
+
+    def classes(self, negative: str, positive: str) -> None:
+        self.console.print(f"classes: [bold]{escape(positive)}[/] = positive (1), [bold]{escape(negative)}[/] = negative (0)")
+
+    def embedding_cache(self, damaged: list, n_cached: int, n_computed: int, seconds: float, folder: Path) -> None:
+        """Damaged shards by name (skipped, removed, recomputed), then how much the cache saved."""
+        for shard, reason in damaged:
+            self.warning(f"embedding cache shard {shard} was damaged ({reason}): skipped and removed; its features were recomputed.")
+        verb = "reused" if n_cached else "empty, filled"
+        self.console.print(f"embedding cache {verb}: {n_cached} reused, {n_computed} computed in {seconds:.1f} s ({folder})")
+
+    def data_counts(self, counts: Any) -> None:
+        """The table found = skipped + dropped + used, per split and class, with a total row."""
+        from rich.table import Table
+
+        table = Table(title="Data", show_edge=False)
+        for column in counts.columns:
+            table.add_column(column, justify="left" if column in ("split", "label") else "right")
+        for row in counts.itertuples(index=False):
+            table.add_row(*[str(v) for v in row])
+        total = counts[["found", "skipped", "dropped", "used"]].sum()
+        table.add_row("total", "", *[str(int(total[c])) for c in ("found", "skipped", "dropped", "used")], style="bold")
+        self.console.print(table)
+
+    def dropped_files(self, paths_reasons: list[tuple[str, str]], when: str = "") -> None:
+        """Files that could not be read: a count (listed in dropped_files.csv); with `when`, each one too."""
+        if not paths_reasons:
+            return
+        if not when:
+            self.console.print(f"[yellow]warning:[/] {plural(len(paths_reasons), 'unreadable image')} dropped (listed in dropped_files.csv).")
+            return
+        self.console.print(f"[yellow]warning:[/] {plural(len(paths_reasons), 'image')} failed to decode {when} (dropped_files.csv):")
+        for path, reason in paths_reasons:
+            self.console.print(f"  {escape(str(path))}: {escape(str(reason))}", highlight=False, soft_wrap=True)
+
+    def run_state(self, folder: Path, resume_with: Path | None) -> None:
+        """Where the resumable state lives (a new run), or that an interrupted run continues."""
+        if resume_with is None:
+            self.line(f"resuming the interrupted run in {folder}")
+        else:
+            self.line(f"run state: {folder} (if interrupted: keeneye train --resume {resume_with})")
+
+    def head_candidates(self, results: list[tuple[str, float, bool]], reason: str) -> None:
+        """Cross-validated head candidates, `->` on the chosen one, and why."""
+        for name, ap, chosen in results:
+            self.console.print(f"  {'->' if chosen else '  '} {name:28s} out-of-fold AP {ap:.4f}", highlight=False)
+        chosen_name = next(name for name, _, chosen in results if chosen)
+        self.console.print(f"head chosen: {chosen_name} ({escape(reason)})", highlight=False)
+
+    def head_trained(self, epochs: int, best_epoch: int, monitor: str, resumed: int) -> None:
+        self.console.print(f"head trained: {plural(epochs, 'epoch')}, best epoch {best_epoch} ({monitor})"
+                           + (f", resumed after epoch {resumed}" if resumed else ""))
+
+    def threshold(self, threshold: float, method: str, validation_f1: float | None, out_of_fold: bool, warning: str | None) -> None:
+        if warning:
+            self.console.print(f"[yellow]warning:[/] {escape(warning)}")
+        self.console.print(f"threshold: {threshold:.4f} ({method})")
+        where = " (out-of-fold, over training + validation)" if out_of_fold else ""
+        self.console.print(f"validation F1 after head training: {'n/a' if validation_f1 is None else f'{validation_f1:.4f}'}{where}")
+
+    def stale_staging(self, folders: list[Path]) -> None:
+        for stale in folders:
+            self.line(f"removed {stale}: staging folder of a publish that was killed")
+
+    def trained(self, metrics_table: str, bundle: Path, cv_estimate: str | None) -> None:
+        """The end of train: the cross-validated estimate (if any), the test metrics, where the bundle is."""
+        if cv_estimate is not None:
+            self.line(f"cross-validated estimate (before the test score below): {cv_estimate}")
+        self.console.print(metrics_table)
+        self.console.print(f"model bundle: [bold]{escape(str(bundle))}[/]")

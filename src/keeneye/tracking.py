@@ -33,9 +33,11 @@ from rich.console import Console
 from rich.markup import escape
 
 import keeneye
+from keeneye.bundle import EVALUATIONS_DIR
 from keeneye.config import Config, TrackingConfig
 from keeneye.errors import ConfigError
 from keeneye.runs import flatten, run_metrics
+from keeneye.terminal import Reporter
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -48,7 +50,7 @@ PROBE_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQU
 #: Bundle files that are reports, not model: logged as run artifacts and left out of the pyfunc model.
 REPORT_SUFFIXES = (".png", ".html", ".csv", ".txt")
 REPORT_FILES = ("metrics.json", "audit.json")
-NOT_MODEL_FOLDERS = ("evaluations", "exports", TENSORBOARD_FOLDER)
+NOT_MODEL_FOLDERS = (EVALUATIONS_DIR, "exports", TENSORBOARD_FOLDER)
 
 
 def require_packages(cfg: Config) -> None:
@@ -133,7 +135,7 @@ def _experiment_id(client, name: str, store: Path | None) -> str:
         return experiment.experiment_id
 
 
-def track_run(run_dir: Path, cfg: Config, console: Console) -> str | None:
+def track_run(run_dir: Path, cfg: Config, console: Console | Reporter) -> str | None:
     """Log a published run to MLflow; returns the MLflow run id, or None (tracking off, or it failed: one warning)."""
     if not cfg.tracking.mlflow or run_dir is None:
         return None

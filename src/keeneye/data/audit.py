@@ -40,7 +40,7 @@ import pandas as pd
 from keeneye.data.decode import DecodeError, decode_image_bytes
 from keeneye.data.decode import _header_size, _jpeg_header, _sniff_format  # cheap header readers, shared on purpose
 from keeneye.data.scan import SPLITS
-from keeneye.terminal import plural
+from keeneye.terminal import Reporter, plural
 
 __all__ = [
     "AUDIT_FILE", "AUDIT_SUMMARY_FILE", "Audit", "audit_manifest", "dhash", "hamming_pairs", "inspect_image",
@@ -551,8 +551,30 @@ def audit_manifest(
         inspection = inspect_images(manifest["path"].tolist(), workers=workers, progress=progress)
     facts, hashes = inspection[0].copy(), inspection[1]
     facts.index = manifest.index
-    split = manifest["split"].to_numpy()
+    counts, balance = _counts_and_balance(manifest)
+    report = {
+        "format": AUDIT_FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "class_names": list(class_names),
+        "n_images": int(len(manifest)),
+        "n_skipped": int(0 if skipped is None else len(skipped)),
+        "skipped_reasons": {} if skipped is None or not len(skipped) else dict(Counter(skipped["reason"]).most_common()),
+        "counts": [{"split": s, "label": lab, "n": int(n)} for s, lab, n in counts.itertuples(index=False)],
+        "class_balance": balance,
+        "images": _image_facts(manifest, facts),
+    }
+    audit = Audit(report, manifest, drop_leaked_test=drop_leaked_test)
+    report["exact_duplicates"] = _identical_files(audit, manifest)
+    readable = facts["error"].isna().to_numpy()
+    report["near_duplicates"] = {"hash": _hash_near_duplicates(audit, manifest, readable, hashes, hash_distance)}
+    report["groups"] = _group_leaks(audit, manifest) | {"automatic": auto_groups}
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    audit._update_leakage()
+    return audit
 
+
+def _counts_and_balance(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Images per split and class (splits in SPLITS order), and each class's share within its split."""
     counts = manifest.groupby(["split", "label"]).size().rename("n").reset_index()
     order = {s: i for i, s in enumerate(SPLITS)}
     counts = counts.sort_values(["split", "label"], key=lambda s: s.map(order) if s.name == "split" else s)
@@ -560,11 +582,15 @@ def audit_manifest(
         s: {lab: round(int(n) / int(sub["n"].sum()), 4) for lab, n in zip(sub["label"], sub["n"])}
         for s, sub in counts.groupby("split", sort=False)
     }
+    return counts, balance
 
+
+def _image_facts(manifest: pd.DataFrame, facts: pd.DataFrame) -> dict:
+    """Formats, modes and sizes (from the headers) and the unreadable files with their reasons."""
     readable = facts["error"].isna().to_numpy()
     sized = facts[readable & facts["width"].notna().to_numpy()]
     size_counts = Counter(zip(sized["width"].astype(int), sized["height"].astype(int)))
-    images = {
+    return {
         "formats": dict(Counter("not an image" if pd.isna(f) else str(f) for f in facts["format"]).most_common()),
         "modes": dict(Counter("unknown" if pd.isna(m) else str(m) for m in facts.loc[readable, "mode"]).most_common()),
         "sizes": {
@@ -579,20 +605,9 @@ def audit_manifest(
         ],
     }
 
-    report = {
-        "format": AUDIT_FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "class_names": list(class_names),
-        "n_images": int(len(manifest)),
-        "n_skipped": int(0 if skipped is None else len(skipped)),
-        "skipped_reasons": {} if skipped is None or not len(skipped) else dict(Counter(skipped["reason"]).most_common()),
-        "counts": [{"split": s, "label": lab, "n": int(n)} for s, lab, n in counts.itertuples(index=False)],
-        "class_balance": balance,
-        "images": images,
-    }
-    audit = Audit(report, manifest, drop_leaked_test=drop_leaked_test)
 
-    # -- identical files
+def _identical_files(audit: Audit, manifest: pd.DataFrame) -> dict:
+    """Sets of byte-identical files (sha1) within and across splits; a later split's copy of an earlier one leaks."""
     within, across, conflicting = [], [], []
     n_test_identical = 0
     sha = manifest["sha1"].astype(object)
@@ -614,36 +629,39 @@ def audit_manifest(
             for i in rows.index[rows["split"] == right]:
                 audit._leak(i, right, f"identical: same file content as {sources['path'].iat[0]}")
                 n_test_identical += right == "testing"
-    report["exact_duplicates"] = {
+    return {
         "within_split": within,
         "across_splits": across,
         "conflicting_labels": conflicting,
         "testing_images_identical_to_training": int(n_test_identical),
     }
 
-    # -- near-duplicates by perceptual hash
+
+def _hash_near_duplicates(audit: Audit, manifest: pd.DataFrame, readable: np.ndarray, hashes: np.ndarray, hash_distance: int) -> dict:
+    """Cross-split pairs within `hash_distance` dHash bits (identical files aside); the later split's image leaks."""
     pairs = []
+    split = manifest["split"].to_numpy()
+    sha_values = manifest["sha1"].astype(object).to_numpy()
     if hash_distance >= 0:
         for left, right in SPLIT_PAIRS:
             a = np.flatnonzero(readable & (split == left))
             b = np.flatnonzero(readable & (split == right))
             i, j, d = hamming_pairs(hashes[a], hashes[b], hash_distance)
-            sha_values = sha.to_numpy()
             for x, y, dist in zip(a[i], b[j], d):
                 if sha_values[x] is not None and sha_values[x] == sha_values[y]:
                     continue
                 pairs.append(audit._pair(x, y, "distance", int(dist)))
                 audit._leak(manifest.index[y], right, f"near-duplicate (hash): dHash distance {int(dist)} to {manifest['path'].iat[x]}")
-    report["near_duplicates"] = {
-        "hash": {
-            "method": f"dHash of a {HASH_SIDE + 1}x{HASH_SIDE} grey thumbnail ({HASH_SIDE * HASH_SIDE} bits), Hamming distance",
-            "max_distance": hash_distance,
-            "pairs": pairs,
-            "n_pairs": len(pairs),
-        }
+    return {
+        "method": f"dHash of a {HASH_SIDE + 1}x{HASH_SIDE} grey thumbnail ({HASH_SIDE * HASH_SIDE} bits), Hamming distance",
+        "max_distance": hash_distance,
+        "pairs": pairs,
+        "n_pairs": len(pairs),
     }
 
-    # -- groups
+
+def _group_leaks(audit: Audit, manifest: pd.DataFrame) -> dict:
+    """Groups (parts, videos) in more than one split; a later split's image whose group is in an earlier split leaks."""
     groups = manifest["group"].astype(object)
     has_group = groups.notna() & (groups.astype(str) != "")
     crossing = []
@@ -663,15 +681,11 @@ def audit_manifest(
                 seen = []
             if seen:
                 audit._leak(i, row["split"], f"group: group {row['group']!r} is also in {' and '.join(seen)}")
-    report["groups"] = {
+    return {
         "n_groups": int(groups[has_group].astype(str).nunique()),
         "images_with_group": int(has_group.sum()),
         "crossing_splits": crossing,
-        "automatic": auto_groups,
     }
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    audit._update_leakage()
-    return audit
 
 
 def _stats(values: Iterable) -> dict:
@@ -694,8 +708,10 @@ class AuditRun:
 
 
 def audit_config(config, overrides=(), output: str | os.PathLike | None = None, console=None) -> AuditRun:
-    """Load the data exactly as `train` would (same split, same seed), audit it and write the files."""
-    from rich.console import Console
+    """Load the data exactly as `train` would (same split, same seed), audit it and write the files.
+
+    console: a rich Console or a terminal.Reporter (where the summary is printed).
+    """
     from rich.markup import escape
 
     from keeneye.config import Config, load_config
@@ -703,7 +719,7 @@ def audit_config(config, overrides=(), output: str | os.PathLike | None = None, 
     from keeneye.data.split import split_with_auto_groups
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    console = console or Console()
+    reporter = Reporter.of(console)
     scan = load_data(cfg)
     inspection = inspect_images(scan.manifest["path"].tolist())
     split = split_with_auto_groups(cfg, scan.manifest, inspection)  # no embeddings here: identical files and hashes
@@ -714,8 +730,8 @@ def audit_config(config, overrides=(), output: str | os.PathLike | None = None, 
     audit.add_unreadable(scan.dropped)  # videos that could not be (fully) decoded
     folder = Path(output) if output is not None else Path(cfg.output_dir) / "audits" / time.strftime("audit-%Y%m%d-%H%M%S")
     audit.write(folder)
-    print_summary(audit, console, split.notes)
-    console.print(f"audit written to [bold]{escape(str(folder / AUDIT_FILE))}[/] and {AUDIT_SUMMARY_FILE}")
+    print_summary(audit, reporter, split.notes)
+    reporter.print(f"audit written to [bold]{escape(str(folder / AUDIT_FILE))}[/] and {AUDIT_SUMMARY_FILE}")
     return AuditRun(folder, audit, split.notes)
 
 

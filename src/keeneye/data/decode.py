@@ -40,6 +40,8 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from keeneye.errors import DataError
+
 __all__ = [
     "FORMAT_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -77,7 +79,7 @@ _REASON_TRUNCATED_JPEG = "truncated JPEG (no end-of-image marker)"
 _REASON_TRUNCATED_PNG = "truncated PNG (no IEND chunk)"
 
 
-class DecodeError(Exception):
+class DecodeError(DataError):
     """A file that cannot be turned into an image; ``reason`` is short and user-facing.
 
     Raised for bad *data* (the caller drops the file and reports the reason), never for

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from keeneye.bundle import MANIFEST_FILE
 from keeneye.data.scan import MANIFEST_COLUMNS, SKIPPED_COLUMNS, ScanResult, file_sha1, resolve_class_names, scan_folder
 from keeneye.errors import DataError
 
@@ -96,7 +97,10 @@ def _problem_message(path: Path, problems: list[tuple[int, str]]) -> str:
 
 
 def read_manifest(csv_path: str | os.PathLike, positive_class: str | None = None) -> ScanResult:
-    """Read a CSV manifest into a :class:`ScanResult` (the same shape as :func:`scan_folder`)."""
+    """Read a CSV manifest into a :class:`ScanResult` (the same shape as :func:`scan_folder`).
+
+    Every bad row is reported at once (line number and reason), not the first one only.
+    """
     path = Path(csv_path).expanduser().resolve()
     if not path.is_file():
         raise DataError(f"manifest {path} does not exist or is not a file.")
@@ -106,6 +110,28 @@ def read_manifest(csv_path: str | os.PathLike, positive_class: str | None = None
         raise DataError(f"{path}: the manifest is empty; expected a header line such as path,label,split,group.")
     delimiter = _delimiter(first_line)
     records = _records(text, delimiter)
+    header, position = _header(path, records)
+    problems: list[tuple[int, str]] = []
+    rows, labelled = _rows(records, header, position, delimiter, path.parent, problems)
+    label_counts = Counter(label for _, label in labelled)
+    problems += _third_labels(labelled, label_counts)
+    if problems:
+        raise DataError(_problem_message(path, problems))
+    if not rows:
+        raise DataError(f"{path}: no images listed (only a header).")
+    try:
+        class_names = resolve_class_names(list(label_counts), positive_class)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    for row in rows:
+        row["sha1"] = file_sha1(Path(row["path"]))
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest["group"] = pd.Series([row["group"] for row in rows], dtype=object, index=manifest.index)  # None, not NaN
+    return ScanResult(manifest, pd.DataFrame([], columns=SKIPPED_COLUMNS), class_names)
+
+
+def _header(path: Path, records) -> tuple[list[str], dict[str, int]]:
+    """The header's cells and the position of each known column; a DataError for a repeated or missing column."""
     header_line, header = next((r for r in records if any(c.strip() for c in r[1])), (0, []))
     names = [c.strip().lower() for c in header]
     repeated = sorted(n for n, k in Counter(n for n in names if n).items() if k > 1)
@@ -117,12 +143,14 @@ def read_manifest(csv_path: str | os.PathLike, positive_class: str | None = None
             f"{path}: line {header_line}: the header has no {' and no '.join(missing)} column "
             f"(found: {', '.join(repr(c) for c in header) or 'nothing'}); expected columns path,label and optionally split,group."
         )
-    position = {name: names.index(name) for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if name in names}
-    folder = path.parent
+    return header, {name: names.index(name) for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if name in names}
 
-    problems: list[tuple[int, str]] = []
+
+def _rows(records, header: list[str], position: dict[str, int], delimiter: str, folder: Path,
+          problems: list[tuple[int, str]]) -> tuple[list[dict], list[tuple[int, str]]]:
+    """(good rows, (line, label) of every row with a label, good or bad); each bad row's reasons go to `problems`."""
     rows: list[dict] = []
-    labelled: list[tuple[int, str]] = []  # (line, label) of every row with a label, good or bad
+    labelled: list[tuple[int, str]] = []
     first_seen: dict[str, int] = {}
     for line, cells in records:
         if not any(c.strip() for c in cells):
@@ -132,61 +160,48 @@ def read_manifest(csv_path: str | os.PathLike, positive_class: str | None = None
             continue
         cells = [c.strip() for c in cells] + [""] * (len(header) - len(cells))
         value = {name: cells[i] for name, i in position.items()}
-        bad = False
-        raw_path, label = value["path"], value["label"]
-        resolved = None
-        if not raw_path:
-            problems.append((line, "empty path"))
-            bad = True
-        else:
-            candidate = Path(os.path.expanduser(raw_path))
-            resolved = Path(os.path.abspath(candidate if candidate.is_absolute() else folder / candidate))
-            if not resolved.exists():
-                problems.append((line, f"file not found: {raw_path} (resolved to {resolved})"))
-                bad = True
-            elif not resolved.is_file():
-                problems.append((line, f"{raw_path} is a folder, not a file (resolved to {resolved})"))
-                bad = True
-            elif str(resolved) in first_seen:
-                problems.append((line, f"{raw_path} is listed again (first on line {first_seen[str(resolved)]})"))
-                bad = True
-            else:
-                first_seen[str(resolved)] = line
-        if not label:
+        found = len(problems)
+        resolved = _resolve_path(line, value["path"], folder, first_seen, problems)
+        if not value["label"]:
             problems.append((line, "empty label"))
-            bad = True
         else:
-            labelled.append((line, label))
+            labelled.append((line, value["label"]))
         split_text = value.get("split", "")
         split = SPLIT_VALUES.get(split_text.lower())
         if split is None:
             problems.append((line, f"unknown split {split_text!r}; expected training, validation, testing or empty (= training)"))
-            bad = True
-        if bad:
-            continue
-        rows.append({"path": str(resolved), "label": label, "split": split, "group": value.get("group") or None})
+        if len(problems) == found:
+            rows.append({"path": str(resolved), "label": value["label"], "split": split, "group": value.get("group") or None})
+    return rows, labelled
 
-    label_counts = Counter(label for _, label in labelled)
-    if len(label_counts) > 2:
-        kept = {label for label, _ in label_counts.most_common(2)}
-        summary = ", ".join(f"{label!r} ({n} rows)" for label, n in label_counts.most_common())
-        for line, label in labelled:
-            if label not in kept:
-                problems.append((line, f"label {label!r} is a third label; a manifest has exactly two ({summary})"))
-    if problems:
-        raise DataError(_problem_message(path, problems))
-    if not rows:
-        raise DataError(f"{path}: no images listed (only a header).")
-    try:
-        class_names = resolve_class_names(list(label_counts), positive_class)
-    except DataError as exc:
-        raise DataError(f"{path}: {exc}") from None
 
-    for row in rows:
-        row["sha1"] = file_sha1(Path(row["path"]))
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest["group"] = pd.Series([row["group"] for row in rows], dtype=object, index=manifest.index)  # None, not NaN
-    return ScanResult(manifest, pd.DataFrame([], columns=SKIPPED_COLUMNS), class_names)
+def _resolve_path(line: int, raw_path: str, folder: Path, first_seen: dict[str, int], problems: list[tuple[int, str]]) -> Path | None:
+    """The row's file, relative to the manifest's folder; None (and the reason in `problems`) when unusable."""
+    if not raw_path:
+        problems.append((line, "empty path"))
+        return None
+    candidate = Path(os.path.expanduser(raw_path))
+    resolved = Path(os.path.abspath(candidate if candidate.is_absolute() else folder / candidate))
+    if not resolved.exists():
+        problems.append((line, f"file not found: {raw_path} (resolved to {resolved})"))
+    elif not resolved.is_file():
+        problems.append((line, f"{raw_path} is a folder, not a file (resolved to {resolved})"))
+    elif str(resolved) in first_seen:
+        problems.append((line, f"{raw_path} is listed again (first on line {first_seen[str(resolved)]})"))
+    else:
+        first_seen[str(resolved)] = line
+        return resolved
+    return None
+
+
+def _third_labels(labelled: list[tuple[int, str]], label_counts: Counter) -> list[tuple[int, str]]:
+    """A manifest has exactly two labels: every row of a third (fourth, ...) one is a problem."""
+    if len(label_counts) <= 2:
+        return []
+    kept = {label for label, _ in label_counts.most_common(2)}
+    summary = ", ".join(f"{label!r} ({n} rows)" for label, n in label_counts.most_common())
+    return [(line, f"label {label!r} is a third label; a manifest has exactly two ({summary})")
+            for line, label in labelled if label not in kept]
 
 
 def load_data(cfg: "Config") -> ScanResult:
@@ -213,7 +228,7 @@ def run_testing_manifest(run_dir: str | os.PathLike, class_names: tuple[str, str
     Runs record which rows they evaluated (column `evaluated`: testing, readable, and not left out
     as leaked); older runs fall back to every testing row.
     """
-    path = Path(run_dir) / "manifest.csv"
+    path = Path(run_dir) / MANIFEST_FILE
     if not path.is_file():
         return None
     frame = pd.read_csv(path, dtype={"path": str, "label": str, "split": str, "group": object, "sha1": object})

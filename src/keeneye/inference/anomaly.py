@@ -11,11 +11,31 @@ service use it unchanged (threshold 0.5), and :meth:`AnomalyEngine.maps` gives t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from keeneye.data.decode import resize_square
 from keeneye.errors import BundleError
 from keeneye.inference import engines as _engines
-from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, PatchBank
+from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, PatchBank, overlay_anomaly_map
 
-__all__ = ["AnomalyEngine", "is_anomaly_bundle", "make_anomaly_engine"]
+__all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "is_anomaly_bundle", "make_anomaly_engine"]
+
+#: Overlays are drawn on the image shrunk to at most this side (as Grad-CAM overlays are).
+MAX_OVERLAY_SIDE = 512
+
+
+@dataclass
+class AnomalyOverlay:
+    """One image's anomaly score, decision and map (what the REST service returns on request)."""
+
+    probability: float  # the normalised score s / (s + t)
+    label: str
+    heatmap: np.ndarray  # float32 (image_size, image_size): patch distance / (2 t), clipped to [0, 1]
+    overlay: np.ndarray  # RGB uint8, the map over the image (at most MAX_OVERLAY_SIDE per side)
 
 
 def is_anomaly_bundle(bundle) -> bool:
@@ -30,4 +50,35 @@ def make_anomaly_engine(bundle, engine: str = "auto") -> AnomalyEngine:
     if not bank_path.is_file() or "raw_threshold" not in info:
         raise BundleError(f"{bundle.path} is an anomaly bundle without its {BANK_FILE} or its anomaly metadata.")
     features = _engines.make_engine(bundle.model, engine, bundle=bundle)
-    return AnomalyEngine(features, PatchBank.load(bank_path), info["raw_threshold"], info.get("map_sigma", 4.0))
+    return AnomalyEngine(features, PatchBank.load(bank_path), info["raw_threshold"], info.get("map_sigma", 4.0),
+                         neighbours=info.get("score_neighbours", 1))
+
+
+def _shrunk(image: np.ndarray, max_side: int) -> np.ndarray:
+    scale = max_side / max(image.shape[:2])
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def anomaly_overlays(
+    engine: AnomalyEngine, images: Sequence[np.ndarray], image_size: int, class_names: Sequence[str],
+    threshold: float = 0.5, max_side: int = MAX_OVERLAY_SIDE,
+) -> list[AnomalyOverlay]:
+    """Scores and anomaly-map overlays for decoded RGB uint8 images of any size, in one batch.
+
+    The counterpart of Grad-CAM's ``explain_decoded`` for one-class bundles, so a server can answer
+    "where is the anomaly" from images it already decoded. ``threshold`` is on the normalised score
+    (0.5 = the bundle's); the colour scale is the bundle's raw threshold, the same for every image.
+    """
+    if not len(images):
+        return []
+    negative, positive = class_names
+    maps, scores = engine.maps(np.stack([resize_square(image, image_size) for image in images]))
+    return [
+        AnomalyOverlay(float(score), positive if score >= threshold else negative,
+                       np.clip(heat / (2.0 * engine.raw_threshold), 0.0, 1.0).astype(np.float32),
+                       overlay_anomaly_map(_shrunk(image, max_side), heat, engine.raw_threshold))
+        for image, heat, score in zip(images, maps, scores)
+    ]

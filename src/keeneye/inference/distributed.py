@@ -21,27 +21,9 @@ import numpy as np
 import pandas as pd
 
 from keeneye.bundle import load_bundle
-from keeneye.errors import KeeneyeError
-from keeneye.inference.engines import EngineError, bundle_onnx_engine, onnxruntime_available
+from keeneye.inference.engines import EngineError, bundle_onnx_engine, make_feature_engine, onnxruntime_available
 from keeneye.inference.predictor import PREDICTION_COLUMNS, Predictor, expand_inputs
-
-INSTALL_HINT = "Ray is not installed: pip install 'keeneye[ray]' (or pip install 'ray[data]')."
-
-
-class RayError(KeeneyeError):
-    """Ray is missing, or the cluster cannot be reached."""
-
-    exit_code = 2
-
-
-def require_ray():
-    """The `ray` module, or a KeeneyeError saying how to install it (Ray is an optional extra)."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  (ray without the [data] extra lacks pyarrow/pandas glue)
-    except ImportError as exc:
-        raise RayError(f"{INSTALL_HINT} ({exc})") from None
-    return ray
+from keeneye.runtime.ray_pool import RayError, connect, gpus_per_actor, map_on_actor_pool, require_ray
 
 
 class BundleScorer:
@@ -119,34 +101,18 @@ def _append_part(parts: Path, batch: pd.DataFrame) -> None:
     os.replace(temporary, parts / f"{uuid.uuid4().hex}.parquet")
 
 
-def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start or reuse a local Ray."""
-    ray = require_ray()
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    except ConnectionError as exc:
-        raise RayError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {exc}") from None
-
-
 def _score(
     run_dir: str, paths: list[str], actors: int, engine: str, batch_size: int, parts: Path | None,
     progress: Callable[[int], None] | None,
 ) -> list[pd.DataFrame]:
     """Run the actor pool over `paths`; each finished batch is saved to `parts` as it arrives."""
     ray = require_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows progress
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
-    dataset = ray.data.from_items([{"path": path} for path in paths], override_num_blocks=max(1, min(len(paths), actors * 8)))
-    scored = dataset.map_batches(
-        BundleScorer, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus,
-        batch_format="numpy",
-        fn_constructor_kwargs={"run_dir": run_dir, "engine": engine, "batch_size": batch_size, "threads": None if gpus else 1, "gpu": bool(gpus)},
-    )
+    gpus = gpus_per_actor(actors)
+    kwargs = {"run_dir": run_dir, "engine": engine, "batch_size": batch_size, "threads": None if gpus else 1, "gpu": bool(gpus)}
+    scored = map_on_actor_pool(BundleScorer, [{"path": path} for path in paths], actors, batch_size, kwargs, gpus=gpus)
     results: list[pd.DataFrame] = []
     try:
-        for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
+        for batch in scored:
             batch = batch.reindex(columns=PREDICTION_COLUMNS)
             if parts is not None:
                 _append_part(parts, batch)
@@ -211,3 +177,26 @@ def _remove_parts(parts: Path) -> None:
         for part in parts.iterdir():
             part.unlink()
         parts.rmdir()
+
+
+class FeatureEngineFactory:
+    """Builds the training embedding engine inside a Ray actor: the frozen backbone, once per actor.
+
+    Picklable (plain settings, no model), so the driver never ships a network: each actor builds the
+    same extractor as a local train (weights file checked by sha256 in the cache key) and the same
+    FeatureEngine, which converts to ONNX Runtime once (kept in the cache folder, shared by the actors
+    of one machine) and checks it against Keras on its first batch, exactly as the local pass does.
+    """
+
+    def __init__(self, alpha: float, image_size: int, weights, features: str, n_tiles: int | None,
+                 cache_folder: str | None, engine: str = "auto") -> None:
+        self.alpha, self.image_size, self.weights, self.features = alpha, image_size, weights, features
+        self.n_tiles, self.cache_folder, self.engine = n_tiles, cache_folder, engine
+
+    def __call__(self) -> Callable[[np.ndarray], np.ndarray]:
+        from keeneye.model.backbone import build_feature_extractor, build_tiled_extractor
+
+        extractor = build_feature_extractor(self.alpha, self.image_size, self.weights, self.features)
+        if self.n_tiles is not None:
+            extractor = build_tiled_extractor(extractor, self.n_tiles)
+        return make_feature_engine(extractor, engine=self.engine, cache_folder=self.cache_folder)

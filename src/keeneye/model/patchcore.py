@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,6 +49,7 @@ __all__ = [
     "greedy_coreset",
     "normalise_scores",
     "raw_threshold_from_normalised",
+    "reweighted_scores",
 ]
 
 DEFAULT_LAYERS = ("block_6_expand_relu", "block_13_expand_relu")
@@ -155,30 +159,88 @@ def greedy_coreset(
     rng = np.random.default_rng(seed)
     if projection_dim is not None and x.shape[1] > projection_dim:
         x = np.ascontiguousarray(x @ projection_matrix(x.shape[1], projection_dim, seed + 1))
-    if n <= chunk_size or count * 2 >= n:
-        return _greedy(x, count, rng)
-    kept = []
-    for start in range(0, n, chunk_size):
-        part = x[start : start + chunk_size]
-        share = min(len(part), math.ceil(2 * count * len(part) / n))
-        kept.append(start + _greedy(part, share, rng))
-    union = np.concatenate(kept)
-    return union[_greedy(np.ascontiguousarray(x[union]), count, rng)]
+    # Each greedy step is one small matrix-vector product: BLAS threads only add synchronisation
+    # (measured on the 2-core machine here, loaded: 5.5 ms per step on one thread, 19 ms on two).
+    with _one_blas_thread():
+        if n <= chunk_size or count * 2 >= n:
+            return _greedy(x, count, rng)
+        kept = []
+        for start in range(0, n, chunk_size):
+            part = x[start : start + chunk_size]
+            share = min(len(part), math.ceil(2 * count * len(part) / n))
+            kept.append(start + _greedy(part, share, rng))
+        union = np.concatenate(kept)
+        return union[_greedy(np.ascontiguousarray(x[union]), count, rng)]
 
 
 # --- the memory bank -------------------------------------------------------------------------
 
 
 #: Nearest-neighbour search backends: "blas" (blocked float32 GEMM through numpy's BLAS, exact) and
-#: "faiss" (faiss IndexFlatL2, exact). Measured on the 2-core CPU here (12k x 256 bank, 784 queries,
-#: machine loaded): faiss-cpu 1.15 2.5-2.7 s with 1 or 2 threads, numpy/OpenBLAS GEMM 0.56 s; hence "blas".
+#: "faiss" (faiss IndexFlatL2, exact). Measured on the 2-core CPU here (benchmarks/anomaly.py profile,
+#: 20k x 256 bank, 64 casting images of 196 patches, machine loaded): faiss-cpu IndexFlatL2 341 ms/image,
+#: 200 ms with 128 dimensions; numpy/OpenBLAS GEMM 109 ms. Hence "blas" by default.
 SEARCH_BACKENDS = ("blas", "faiss")
-_QUERY_BLOCK = 512
+_QUERY_BLOCK = 256
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_BLAS = None
+_BLAS_LIMIT = None
+_BLAS_USERS = 0
+_BLAS_LOCK = threading.Lock()
+
+
+def _search_pool() -> ThreadPoolExecutor:
+    """One thread per physical core, each running whole query blocks on a single-threaded BLAS.
+
+    Measured here (2 cores, machine loaded by other processes; 10k x 128 bank, 32 images of 196
+    patches): 53 ms per image with one GEMM on two BLAS threads, 40 ms on one thread: BLAS's threads
+    synchronise inside every GEMM and lose most when the CPU is shared. Independent blocks on
+    independent threads do not synchronise (the same reason the ONNX engine runs chunks in parallel).
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            import psutil
+
+            _POOL = ThreadPoolExecutor(max(1, psutil.cpu_count(logical=False) or 1), thread_name_prefix="keeneye-search")
+        return _POOL
+
+
+@contextmanager
+def _one_blas_thread():
+    """Context: BLAS on one thread (threadpoolctl; numpy's OpenBLAS or MKL), restored when the last user leaves.
+
+    Counted, so that overlapping searches from several threads (a server, tests) never restore a
+    limit another one set: the process's BLAS threads come back exactly once, at the end.
+    """
+    global _BLAS, _BLAS_LIMIT, _BLAS_USERS
+    with _BLAS_LOCK:
+        if _BLAS is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        if _BLAS_USERS == 0:
+            _BLAS_LIMIT = _BLAS.limit(limits=1, user_api="blas")
+        _BLAS_USERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_USERS -= 1
+            if _BLAS_USERS == 0 and _BLAS_LIMIT is not None:
+                _BLAS_LIMIT.restore_original_limits()
+                _BLAS_LIMIT = None
 
 
 @dataclass
 class PatchBank:
-    """The memory bank of good patch features (M, D) with exact L2 nearest-neighbour search."""
+    """The memory bank of good patch features (M, D) with exact L2 nearest-neighbour search.
+
+    The "blas" search is one GEMM per block of queries on an augmented bank ``[m, |m|^2]`` against
+    ``[-2q, 1]``: the product is ``|m|^2 - 2 q.m`` directly, so only an argmin pass follows it
+    (no separate scale and add passes over the (queries x bank) matrix, which are memory-bound).
+    """
 
     features: np.ndarray
     backend: str = "blas"
@@ -187,7 +249,8 @@ class PatchBank:
         if self.backend not in SEARCH_BACKENDS:
             raise ValueError(f"unknown search backend {self.backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
         self.features = np.ascontiguousarray(self.features, dtype=np.float32)
-        self._squared = np.einsum("ij,ij->i", self.features, self.features)
+        squared = np.einsum("ij,ij->i", self.features, self.features)
+        self._augmented_t = np.ascontiguousarray(np.c_[self.features, squared].T)  # (D + 1, M)
         self.index = None
         if self.backend == "faiss":
             import faiss
@@ -202,26 +265,41 @@ class PatchBank:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
-    def _nearest_squared(self, queries: np.ndarray) -> np.ndarray:
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries -> (squared distance to the nearest bank row (Q,), its index (Q,))."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.index is not None:
-            return self.index.search(queries, 1)[0][:, 0]
-        out = np.empty(len(queries), np.float32)
-        for start in range(0, len(queries), _QUERY_BLOCK):
-            block = queries[start : start + _QUERY_BLOCK]
-            products = block @ self.features.T  # (b, M): the GEMM is all the work
-            products *= -2.0
-            products += self._squared
-            out[start : start + len(block)] = products.min(axis=1) + np.einsum("ij,ij->i", block, block)
-        return out
+            found, index = self.index.search(queries, 1)
+            return np.maximum(found[:, 0], 0.0), index[:, 0].astype(np.int64)
+        squared = np.empty(len(queries), np.float32)
+        index = np.empty(len(queries), np.int64)
+        starts = range(0, len(queries), _QUERY_BLOCK)
+        with _one_blas_thread():  # the blocks run concurrently, one core each (see _search_pool)
+            list(_search_pool().map(lambda start: self._search_block(queries, start, squared, index), starts))
+        return np.maximum(squared, 0.0), index
+
+    def _search_block(self, queries: np.ndarray, start: int, squared: np.ndarray, index: np.ndarray) -> None:
+        block = queries[start : start + _QUERY_BLOCK]
+        augmented = np.empty((len(block), self.dim + 1), np.float32)
+        np.multiply(block, -2.0, out=augmented[:, :-1])
+        augmented[:, -1] = 1.0
+        products = augmented @ self._augmented_t  # (b, M) = |m|^2 - 2 q.m: the GEMM is all the work
+        best = products.argmin(axis=1)
+        index[start : start + len(block)] = best
+        squared[start : start + len(block)] = products[np.arange(len(block)), best] + np.einsum("ij,ij->i", block, block)
+
+    def nearest(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, D) patch features -> (distance (N, H, W) to the nearest bank patch, its index (N, H, W))."""
+        patches = np.asarray(patches, dtype=np.float32)
+        shape = patches.shape[:-1]
+        if int(np.prod(shape)) == 0:
+            return np.zeros(shape, np.float32), np.zeros(shape, np.int64)
+        squared, index = self.search(patches.reshape(-1, patches.shape[-1]))
+        return np.sqrt(squared).reshape(shape).astype(np.float32), index.reshape(shape)
 
     def distances(self, patches: np.ndarray) -> np.ndarray:
         """(N, H, W, D) patch features -> (N, H, W) Euclidean distance of each patch to its nearest bank patch."""
-        patches = np.asarray(patches, dtype=np.float32)
-        shape = patches.shape[:-1]
-        queries = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1]))
-        if len(queries) == 0:
-            return np.zeros(shape, np.float32)
-        return np.sqrt(np.maximum(self._nearest_squared(queries), 0.0)).reshape(shape).astype(np.float32)
+        return self.nearest(patches)[0]
 
     def save(self, path: str | os.PathLike) -> None:
         np.save(Path(path), self.features, allow_pickle=False)
@@ -238,6 +316,32 @@ def image_scores(distance_maps: np.ndarray) -> np.ndarray:
     """PatchCore's image score: the largest patch distance of each map (N, H, W) -> (N,)."""
     maps = np.asarray(distance_maps, dtype=np.float64)
     return maps.reshape(len(maps), -1).max(axis=1) if len(maps) else np.empty(0, np.float64)
+
+
+def reweighted_scores(bank: PatchBank, patches: np.ndarray, distances: np.ndarray, index: np.ndarray,
+                      neighbours: int) -> np.ndarray:
+    """PatchCore's re-weighted image score (Roth et al. 2022, eq. 7; anomalib's ``num_neighbors``).
+
+    For each image's most distant patch q (distance s* to its nearest bank patch m*), the score is
+    ``s* * (1 - softmax(-|q - m|)[m*])`` over m* and its ``neighbours - 1`` nearest bank patches:
+    close to s* when m* sits in a sparse part of the bank (q is really unusual), smaller when m*
+    has many close neighbours that are far from q. ``neighbours`` 1 gives the plain largest distance.
+    """
+    scores = image_scores(distances)
+    if neighbours <= 1 or len(bank) < 2 or not len(scores):
+        return scores
+    n = len(scores)
+    flat = distances.reshape(n, -1).argmax(axis=1)
+    worst = np.asarray(patches, np.float32).reshape(n, -1, patches.shape[-1])[np.arange(n), flat]  # (N, D)
+    centre = bank.features[index.reshape(n, -1)[np.arange(n), flat]]  # m* (N, D)
+    k = min(int(neighbours), len(bank))
+    around = np.c_[-2.0 * centre, np.ones(n, np.float32)] @ bank._augmented_t  # |m|^2 - 2 m*.m: ranks bank rows by distance to m*
+    support = np.argpartition(around, k - 1, axis=1)[:, :k]  # m* and its k - 1 nearest bank patches (any order)
+    gap = np.linalg.norm(worst[:, None, :] - bank.features[support], axis=2).astype(np.float64)  # (N, k)
+    nearest = gap.min(axis=1)  # |q - m*| = s*: m* is q's nearest bank patch, so it is the smallest of the support
+    shifted = np.exp(gap - gap.max(axis=1, keepdims=True))  # softmax is shift-invariant; no overflow
+    weights = 1.0 - np.exp(nearest - gap.max(axis=1)) / shifted.sum(axis=1)  # anomalib: 1 - softmax(distances)[..., 0]
+    return weights * scores
 
 
 def normalise_scores(raw: np.ndarray, threshold: float) -> np.ndarray:
@@ -270,33 +374,43 @@ def anomaly_maps(distance_maps: np.ndarray, size: int | tuple[int, int], sigma: 
 
 
 class AnomalyEngine:
-    """Feature engine + memory bank + normalisation: uint8 batch -> normalised anomaly scores (N, 1)."""
+    """Feature engine + memory bank + normalisation: uint8 batch -> normalised anomaly scores (N, 1).
+
+    ``neighbours`` > 1 re-weights each image's score as PatchCore does (:func:`reweighted_scores`);
+    1 keeps the largest patch distance. Maps are the patch distances either way.
+    """
 
     def __init__(self, features: Callable[[np.ndarray], np.ndarray], bank: PatchBank, raw_threshold: float,
-                 map_sigma: float = 4.0) -> None:
+                 map_sigma: float = 4.0, neighbours: int = 1) -> None:
         self.features = features
         self.bank = bank
         self.raw_threshold = float(raw_threshold)
         self.map_sigma = float(map_sigma)
+        self.neighbours = int(neighbours)
         self.name = getattr(features, "name", "keras")
         self.source = f"{getattr(features, 'source', 'model.keras')} + memory bank of {len(bank)} patches"
 
+    def distances_and_scores(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """((N, H, W) distance of each patch to its nearest good patch, raw image scores (N,))."""
+        patches = self.features(np.ascontiguousarray(batch, dtype=np.uint8))
+        distances, index = self.bank.nearest(patches)
+        return distances, reweighted_scores(self.bank, patches, distances, index, self.neighbours)
+
     def distance_maps(self, batch: np.ndarray) -> np.ndarray:
         """(N, H, W) distance of each patch to its nearest good patch."""
-        return self.bank.distances(self.features(np.ascontiguousarray(batch, dtype=np.uint8)))
+        return self.distances_and_scores(batch)[0]
 
     def raw_scores(self, batch: np.ndarray) -> np.ndarray:
-        return image_scores(self.distance_maps(batch))
+        return self.distances_and_scores(batch)[1]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return normalise_scores(self.raw_scores(batch), self.raw_threshold).astype(np.float32).reshape(-1, 1)
 
     def maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(anomaly maps (N, S, S) in raw distance units, normalised scores (N,)) for a batch at image_size."""
-        distances = self.distance_maps(batch)
+        distances, raw = self.distances_and_scores(batch)
         size = int(np.asarray(batch).shape[1])
-        scores = normalise_scores(image_scores(distances), self.raw_threshold)
-        return anomaly_maps(distances, size, self.map_sigma), scores
+        return anomaly_maps(distances, size, self.map_sigma), normalise_scores(raw, self.raw_threshold)
 
 
 def overlay_anomaly_map(image: np.ndarray, anomaly_map: np.ndarray, raw_threshold: float, alpha: float = 0.45) -> np.ndarray:

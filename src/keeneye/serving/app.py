@@ -56,8 +56,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import keeneye
+from keeneye.errors import KeeneyeError
+from keeneye.evaluation.metrics import predict_labels
 from keeneye.inference.predictor import Predictor
 from keeneye.serving.batcher import MicroBatcher, Unavailable
+from keeneye.serving.errors import error_response, keeneye_error_response
 from keeneye.serving.inputs import (
     ImageRejected,
     RequestRejected,
@@ -248,6 +251,10 @@ class AccessLogMiddleware:
 # --- the service --------------------------------------------------------------------------
 
 
+class ModelFailed(Exception):
+    """The forward pass itself failed on a batch: a server fault (500), not the client's."""
+
+
 class Service:
     """What one app instance holds: the predictor, its threads, the batcher and counters."""
 
@@ -389,36 +396,43 @@ class Service:
     async def predict(self, request: Request, threshold: float | None) -> JSONResponse:
         info = request.scope.get("keeneye.log", {"errors": []})
         try:
-            if not self.ready:
-                raise Unavailable("shutting_down" if self.draining else "not_ready", "the model is not ready")
-            async with self.body_budget.reserve(reservation(request, self.settings), self.settings.request_timeout_s):
-                uploads = await self.read_uploads(request)
-                info["n_images"] = len(uploads)
-                prepared = await self.prepare_all(uploads)
-            good = [item for item in prepared if isinstance(item, np.ndarray)]
-            probabilities = np.empty(0, np.float32)
-            if good:
-                try:
-                    probabilities = await asyncio.wait_for(self.batcher.predict(good), self.settings.request_timeout_s)
-                except (Unavailable, asyncio.TimeoutError):
-                    raise
-                except Exception as exc:  # the model itself failed: a server fault, said as such
-                    log.error("forward pass failed", exc_info=exc)
-                    info["errors"].append("inference_failed")
-                    return error_response(500, "inference_failed", f"the model failed on this batch ({type(exc).__name__}); see the server log")
-        except RequestRejected as exc:
-            info["errors"].append(exc.code)
-            return error_response(exc.status, exc.code, exc.message, exc.headers)
-        except Unavailable as exc:
-            info["errors"].append(exc.code)
-            return error_response(503, exc.code, exc.message, {"Retry-After": "1"})
-        except asyncio.TimeoutError:
-            info["errors"].append("inference_timeout")
-            return error_response(503, "inference_timeout", f"the model did not answer within {self.settings.request_timeout_s} s")
+            uploads, prepared, probabilities = await self.predict_uploads(request, info)
+        except KeeneyeError as exc:  # RequestRejected, Unavailable: answered as serving/errors.py says
+            return keeneye_error_response(exc, info)
+        except ModelFailed as exc:
+            info["errors"].append("inference_failed")
+            return error_response(500, "inference_failed", f"the model failed on this batch ({exc}); see the server log")
+        return self.predictions_response(uploads, prepared, probabilities, threshold, info)
 
+    async def predict_uploads(self, request: Request, info: dict) -> tuple[list[Upload], list, np.ndarray]:
+        """Read and decode the request's images (within the body budget), then run the model on the good ones."""
+        if not self.ready:
+            raise Unavailable("shutting_down" if self.draining else "not_ready", "the model is not ready")
+        async with self.body_budget.reserve(reservation(request, self.settings), self.settings.request_timeout_s):
+            uploads = await self.read_uploads(request)
+            info["n_images"] = len(uploads)
+            prepared = await self.prepare_all(uploads)
+        good = [item for item in prepared if isinstance(item, np.ndarray)]
+        probabilities = np.empty(0, np.float32)
+        if good:
+            try:
+                probabilities = await asyncio.wait_for(self.batcher.predict(good), self.settings.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise Unavailable("inference_timeout", f"the model did not answer within {self.settings.request_timeout_s} s") from None
+            except Unavailable:
+                raise
+            except Exception as exc:  # the model itself failed: a server fault, said as such
+                log.error("forward pass failed", exc_info=exc)
+                raise ModelFailed(type(exc).__name__) from exc
+        return uploads, prepared, probabilities
+
+    def predictions_response(self, uploads: list[Upload], prepared: list, probabilities: np.ndarray,
+                             threshold: float | None, info: dict) -> JSONResponse:
+        """One slot per image (probability and label, or the image's error); 422 when no image was usable."""
         bundle = self.predictor.bundle
         used = bundle.threshold if threshold is None else float(threshold)
         negative, positive = bundle.class_names
+        labels = predict_labels(probabilities, used)
         results, k = [], 0
         for upload, item in zip(uploads, prepared):
             if isinstance(item, ImageRejected):
@@ -426,17 +440,16 @@ class Service:
                                 "error": {"code": item.code, "message": item.message}})
                 info["errors"].append(item.code)
             else:
-                probability = float(probabilities[k])
+                results.append({"name": upload.name, "probability": float(probabilities[k]),
+                                "label": positive if labels[k] else negative, "threshold": used, "error": None})
                 k += 1
-                results.append({"name": upload.name, "probability": probability,
-                                "label": positive if probability >= used else negative, "threshold": used, "error": None})
-        n_failed = len(uploads) - len(good)
-        info["n_failed"] = n_failed
-        self.images_ok += len(good)
+        n_ok = len(probabilities)
+        info["n_failed"] = n_failed = len(uploads) - n_ok
+        self.images_ok += n_ok
         self.images_failed += n_failed
-        body = {"results": results, "n_images": len(uploads), "n_ok": len(good), "n_failed": n_failed,
+        body = {"results": results, "n_images": len(uploads), "n_ok": n_ok, "n_failed": n_failed,
                 "positive_class": positive, "model": self.bundle_name}
-        if not good:
+        if not n_ok:
             reasons = "; ".join(f"{r['name']}: {r['error']['message']}" for r in results[:5])
             more = f" (and {len(results) - 5} more)" if len(results) > 5 else ""
             body["error"] = {"code": "no_valid_images",
@@ -462,10 +475,6 @@ class Service:
 
 
 _ACCEPTED = "send multipart/form-data (image files), application/json ({\"images\": [{\"name\", \"data\": base64}]}) or an image/* body"
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def _replay(body: bytes | bytearray):
@@ -520,6 +529,18 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
     )
     app.state.service = service
     app.add_middleware(AccessLogMiddleware, service=service)
+    add_error_handlers(app)
+    add_service_routes(app, service)
+    add_ui_routes(app, service, _PREDICT_BODY)  # the page at /, offline /docs and /redoc, POST /explain
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error, expected or not, answers with the JSON error body; keeneye's own through serving/errors.py."""
+
+    @app.exception_handler(KeeneyeError)
+    async def keeneye_error(request: Request, exc: KeeneyeError):
+        return keeneye_error_response(exc, request.scope.get("keeneye.log"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -543,6 +564,10 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
+
+def add_service_routes(app: FastAPI, service: Service) -> None:
+    """/health, /ready, /metadata, /stats and POST /predict."""
+
     @app.get("/health", summary="Liveness")
     async def health() -> dict:
         return {"status": "ok"}
@@ -563,7 +588,7 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
         body["serving"] = {
             "bundle": service.bundle_name, "engine": predictor.engine_name,
             "image_size": predictor.bundle.image_size, "threshold": predictor.bundle.threshold, "batching": service.batching,
-            "settings": settings.model_dump(mode="json"),
+            "settings": service.settings.model_dump(mode="json"),
         }
         return body
 
@@ -571,26 +596,21 @@ def create_app(model: str | os.PathLike | Predictor, settings: ServeSettings | N
     async def stats():
         return service.stats()
 
-    @app.post(
-        "/predict",
-        summary="Predict one or several images",
-        response_model=None,
-        responses={
-            200: {"model": PredictResponse, "description": "At least one image predicted; failed images carry `error`."},
-            400: {"model": ErrorResponse, "description": "Empty body, malformed or too deeply nested JSON, malformed multipart, no images."},
-            408: {"model": ErrorResponse, "description": "The body did not arrive within body_timeout_s."},
-            413: {"model": ErrorResponse, "description": "Body too large or too many images."},
-            415: {"model": ErrorResponse, "description": "Unsupported Content-Type."},
-            422: {"model": ErrorResponse, "description": "No image could be used (per-image reasons in `results`), or JSON of the wrong shape."},
-            503: {"model": ErrorResponse, "description": "Shutting down, overloaded or model timeout; retry."},
-        },
-        openapi_extra={"requestBody": _PREDICT_BODY},
-    )
+    @app.post("/predict", summary="Predict one or several images", response_model=None, responses=_PREDICT_RESPONSES,
+              openapi_extra={"requestBody": _PREDICT_BODY})
     async def predict(
         request: Request,
         threshold: Optional[float] = Query(None, ge=0.0, le=1.0, description="Decision threshold for this request (default: the bundle's)."),
     ):
         return await service.predict(request, threshold)
 
-    add_ui_routes(app, service, _PREDICT_BODY)  # the page at /, offline /docs and /redoc, POST /explain
-    return app
+
+_PREDICT_RESPONSES = {
+    200: {"model": PredictResponse, "description": "At least one image predicted; failed images carry `error`."},
+    400: {"model": ErrorResponse, "description": "Empty body, malformed or too deeply nested JSON, malformed multipart, no images."},
+    408: {"model": ErrorResponse, "description": "The body did not arrive within body_timeout_s."},
+    413: {"model": ErrorResponse, "description": "Body too large or too many images."},
+    415: {"model": ErrorResponse, "description": "Unsupported Content-Type."},
+    422: {"model": ErrorResponse, "description": "No image could be used (per-image reasons in `results`), or JSON of the wrong shape."},
+    503: {"model": ErrorResponse, "description": "Shutting down, overloaded or model timeout; retry."},
+}

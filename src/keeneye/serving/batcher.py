@@ -23,18 +23,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from keeneye.errors import ServiceError
+
 log = logging.getLogger("keeneye.serving")
 
 PredictFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
 
-class Unavailable(Exception):
-    """The batcher cannot take the request now (shutting down, or too much work queued)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class Unavailable(ServiceError):
+    """The batcher cannot take the request now (shutting down, or too much work queued): `Unavailable(code, message)`."""
 
 
 @dataclass

@@ -23,30 +23,24 @@ import pydantic_core
 # The format sniffer and header readers live in the decoder (one place for magic bytes); the
 # server needs them *before* decoding, to enforce its own pixel limit and format list.
 from keeneye.data.decode import DecodeError, decode_image_bytes, probe
+from keeneye.errors import ServiceError
 from keeneye.data.preprocess import InputSpec
 from keeneye.serving.settings import ServeSettings
 
 MAX_NAME_LENGTH = 200
 
 
-class RequestRejected(Exception):
-    """The whole request is unusable: answered with `status` and a JSON error body."""
+class RequestRejected(ServiceError):
+    """The whole request is unusable: answered with `status` and a JSON error body (serving/errors.py)."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
-        super().__init__(message)
+        super().__init__(code, message)
         self.status = status
-        self.code = code
-        self.message = message
         self.headers = headers or {}
 
 
-class ImageRejected(Exception):
-    """One image is unusable; `code` is stable for programs, `message` is for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ImageRejected(ServiceError):
+    """One image is unusable: reported in its own slot of the answer, or 422 when no image was usable."""
 
 
 @dataclass

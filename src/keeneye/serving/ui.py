@@ -5,7 +5,8 @@
     GET  /docs      Swagger UI, GET /redoc ReDoc: their scripts come from the `fastapi-offline`
                     package (served under /docs-assets/), so the docs render without a network.
     POST /explain   like /predict (same bodies, limits and per-image errors), and each usable image
-                    also gets `heatmap`: a PNG data URL of its Grad-CAM overlay (keeneye.explain).
+                    also gets `heatmap`: a PNG data URL of its Grad-CAM overlay (keeneye.explain), or for
+                    a one-class bundle its anomaly-map overlay (keeneye.inference.anomaly).
                     Run on the model thread, one request at a time, like the forward passes.
 """
 
@@ -25,7 +26,10 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from keeneye.serving.inputs import ImageRejected, RequestRejected
+from keeneye.errors import KeeneyeError
+from keeneye.serving.batcher import Unavailable
+from keeneye.serving.errors import error_response, keeneye_error_response
+from keeneye.serving.inputs import ImageRejected
 from keeneye.serving.limits import reservation
 
 log = logging.getLogger("keeneye.serving")
@@ -39,10 +43,6 @@ DOCS_ASSETS_PACKAGE = "fastapi_offline"
 def docs_assets_dir() -> Path:
     """Folder of the packaged Swagger UI / ReDoc files."""
     return Path(str(importlib.resources.files(DOCS_ASSETS_PACKAGE) / "static"))
-
-
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -62,8 +62,12 @@ class Explainer:
 
     def __call__(self, images: list[np.ndarray], names: list[str], threshold: float) -> list[dict]:
         from keeneye.explain import GradCam, explain_decoded
+        from keeneye.inference.anomaly import anomaly_overlays, is_anomaly_bundle
 
         bundle = self.service.predictor.bundle
+        if is_anomaly_bundle(bundle):  # one-class bundle: the anomaly map (patch distances to the good ones)
+            explained = anomaly_overlays(self.service.predictor.engine, images, bundle.image_size, bundle.class_names, threshold)
+            return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
         if self.cam is None:
             self.cam = GradCam(bundle.model)
         explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names)
@@ -74,15 +78,14 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
     """POST /explain: per-image probability, label and Grad-CAM overlay, or the image's error."""
     info = request.scope.get("keeneye.log", {"errors": []})
     if not service.ready:
-        return _error(503, "shutting_down" if service.draining else "not_ready", "the model is not ready", {"Retry-After": "1"})
+        return keeneye_error_response(Unavailable("shutting_down" if service.draining else "not_ready", "the model is not ready"), info)
     try:  # the body is held within the server's shared memory budget until its images are decoded, as for /predict
         async with service.body_budget.reserve(reservation(request, service.settings), service.settings.request_timeout_s):
             uploads = await service.read_uploads(request)
             info["n_images"] = len(uploads)
             decoded = await service.prepare_all(uploads, full_size=True)
-    except RequestRejected as exc:
-        info["errors"].append(exc.code)
-        return _error(exc.status, exc.code, exc.message, exc.headers)
+    except KeeneyeError as exc:  # RequestRejected, Unavailable: answered as serving/errors.py says
+        return keeneye_error_response(exc, info)
     good = [(upload.name, item) for upload, item in zip(uploads, decoded) if isinstance(item, np.ndarray)]
     bundle = service.predictor.bundle
     used = bundle.threshold if threshold is None else float(threshold)
@@ -93,12 +96,12 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
         try:
             explained = await asyncio.wait_for(work, service.settings.request_timeout_s)
         except asyncio.TimeoutError:
-            info["errors"].append("inference_timeout")
-            return _error(503, "inference_timeout", f"the model did not answer within {service.settings.request_timeout_s} s")
+            timeout = Unavailable("inference_timeout", f"the model did not answer within {service.settings.request_timeout_s} s")
+            return keeneye_error_response(timeout, info)
         except Exception as exc:
             log.error("Grad-CAM failed", exc_info=exc)
             info["errors"].append("explain_failed")
-            return _error(500, "explain_failed", f"the heat map could not be computed ({type(exc).__name__}); see the server log")
+            return error_response(500, "explain_failed", f"the heat map could not be computed ({type(exc).__name__}); see the server log")
     results, k = [], 0
     for upload, item in zip(uploads, decoded):
         if isinstance(item, ImageRejected):

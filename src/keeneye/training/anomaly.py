@@ -36,7 +36,7 @@ from keeneye.evaluation.threshold import choose_threshold
 from keeneye.inference import engines as _engines
 from keeneye.model.backbone import resolve_weights
 from keeneye.model.patchcore import (
-    BANK_FILE, AnomalyEngine, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, greedy_coreset, image_scores,
+    BANK_FILE, AnomalyEngine, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, greedy_coreset,
     normalise_scores, overlay_anomaly_map, raw_threshold_from_normalised,
 )
 from keeneye.training.features import iter_batches
@@ -111,20 +111,22 @@ def collect_patches(
 def distance_maps_for(
     paths: Sequence[str], engine: AnomalyEngine, image_size: int, batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray | None, dict[int, str]]:
-    """(N, H, W) patch distance maps (NaN rows for unreadable files) and the failures by position."""
+) -> tuple[np.ndarray | None, np.ndarray, dict[int, str]]:
+    """(N, H, W) patch distance maps, raw image scores (N,) (NaN rows for unreadable files), failures by position."""
     maps = None
+    scores = np.full(len(paths), np.nan, np.float64)
     failures: dict[int, str] = {}
     for keys, batch, failed in iter_batches(enumerate(paths), image_size, batch_size):
         failures.update(failed)
         if keys:
-            found = engine.distance_maps(batch)
+            found, raw = engine.distances_and_scores(batch)
             if maps is None:
                 maps = np.full((len(paths), *found.shape[1:]), np.nan, np.float32)
             maps[keys] = found
+            scores[keys] = raw
         if progress:
             progress(len(keys) + len(failed))
-    return maps, failures
+    return maps, scores, failures
 
 
 def choose_anomaly_threshold(
@@ -173,7 +175,8 @@ def build_bank(patches: np.ndarray, share: float, max_size: int, seed: int) -> P
 # --- the bundle --------------------------------------------------------------------------------
 
 
-def write_feature_onnx(folder: Path, extractor, features, bank: PatchBank, raw_threshold: float, images: np.ndarray) -> str:
+def write_feature_onnx(folder: Path, extractor, features, bank: PatchBank, raw_threshold: float, images: np.ndarray,
+                       neighbours: int = 1) -> str:
     """`model.onnx` (the patch feature graph) + its verification record, when its scores agree with Keras.
 
     The check is on what a user sees, the normalised score (tolerance as for a classifier's
@@ -184,8 +187,8 @@ def write_feature_onnx(folder: Path, extractor, features, bank: PatchBank, raw_t
         started = time.perf_counter()
         data = data or _engines.convert_to_onnx(extractor, output_name="patches")
         seconds = time.perf_counter() - started
-        onnx = AnomalyEngine(_engines.OnnxEngine(data), bank, raw_threshold)(images)
-        keras = AnomalyEngine(_engines.KerasEngine(extractor), bank, raw_threshold)(images)
+        onnx = AnomalyEngine(_engines.OnnxEngine(data), bank, raw_threshold, neighbours=neighbours)(images)
+        keras = AnomalyEngine(_engines.KerasEngine(extractor), bank, raw_threshold, neighbours=neighbours)(images)
         difference = _engines.max_abs_difference(onnx, keras)
         record = _engines.onnx_verification_record(
             _engines.sha256_of_file(folder / MODEL_FILE), difference, len(images), "testing images (normalised scores)", seconds)
@@ -227,7 +230,9 @@ def _metadata(cfg: Config, class_names, weights, threshold: AnomalyThreshold, ba
         "preprocessing": PREPROCESSING,
         "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha,
                      "weights": weights.spec if weights.path is None else weights.path.name, "weights_sha256": weights.sha256},
-        "anomaly": {"raw_threshold": threshold.raw, "normalisation": NORMALISATION, "image_score": "largest patch distance",
+        "anomaly": {"raw_threshold": threshold.raw, "normalisation": NORMALISATION, "image_score": "largest patch distance" if anomaly.score_neighbours == 1 else
+                    f"largest patch distance, re-weighted over {anomaly.score_neighbours} bank neighbours (PatchCore eq. 7)",
+                    "score_neighbours": anomaly.score_neighbours,
                     "bank_file": BANK_FILE, "bank_size": len(bank), "feature_dim": bank.dim, "grid": list(grid),
                     "training_patches": n_patches, "coreset_share": anomaly.coreset_share, "max_bank_size": anomaly.max_bank_size,
                     "layers": list(anomaly.layers), "threshold_rule": anomaly.threshold_rule,
@@ -278,11 +283,9 @@ def _score_held_out(cfg: Config, manifest: pd.DataFrame, engine: AnomalyEngine, 
     rows = manifest[manifest["split"].isin(["validation", "testing"])]
     with _progress(console) as progress:
         task = progress.add_task("scoring validation and testing images", total=len(rows))
-        maps, failed = distance_maps_for(rows["path"].tolist(), engine, cfg.model.image_size,
-                                         progress=lambda n: progress.advance(task, n))
-    scores = pd.Series(np.nan, index=rows.index, dtype=np.float64)
-    if maps is not None:
-        scores[:] = image_scores(np.nan_to_num(maps, nan=0.0))
+        maps, raw, failed = distance_maps_for(rows["path"].tolist(), engine, cfg.model.image_size,
+                                              progress=lambda n: progress.advance(task, n))
+    scores = pd.Series(raw, index=rows.index, dtype=np.float64)
     failures = pd.Series({rows.index[k]: reason for k, reason in failed.items()}, dtype=object)
     scores[failures.index] = np.nan
     return scores, failures, (maps.shape[1:] if maps is not None else (0, 0))
@@ -304,7 +307,7 @@ def train_anomaly(cfg: Config, console: Console | None = None, versions: dict | 
     features = _engines.make_feature_engine(extractor)
     bank, n_patches, train_failures = _fit_bank(cfg, good_rows, features, console)
     timings["bank_s"] = time.perf_counter() - started
-    engine = AnomalyEngine(features, bank, raw_threshold=1.0, map_sigma=anomaly.map_sigma)
+    engine = AnomalyEngine(features, bank, raw_threshold=1.0, map_sigma=anomaly.map_sigma, neighbours=anomaly.score_neighbours)
     scores, failures, grid = _score_held_out(cfg, manifest, engine, console)
     ok = scores.notna()
     is_positive = manifest.loc[scores.index, "label"] == positive
@@ -343,7 +346,7 @@ def _publish(cfg: Config, scan, manifest, extractor, features, engine: AnomalyEn
         engine.bank.save(folder / BANK_FILE)
         images = np.stack([resize_square(load_image(p), cfg.model.image_size) for p in test_rows["path"].tolist()[:8]]) \
             if len(test_rows) else _engines.generated_images(4, cfg.model.image_size)
-        console.print(write_feature_onnx(folder, extractor, features, engine.bank, threshold.raw, images), highlight=False)
+        console.print(write_feature_onnx(folder, extractor, features, engine.bank, threshold.raw, images, engine.neighbours), highlight=False)
         save_config(cfg, folder / CONFIG_FILE)
         failures.rename("reason").rename_axis("row").reset_index().to_csv(folder / "dropped_files.csv", index=False)
         used = ~manifest.index.isin(failures.index)
