@@ -12,7 +12,7 @@ With --casting, the casting set too (training split -> training + validation, th
 the 64 byte-identical duplicates of training images): test F1 / AUC / AP per mode.
 
     python benchmarks/features.py [--modes gap gap+gmp multi multi/pad multi/tiles=auto] [--casting]
-        [--out benchmarks/results/features.json]
+        [--head dense|logistic] [--out benchmarks/results/features.json]
 
 A mode is FEATURES[/pad|/crop][/tiles=auto|RxC][/size=N].
 """
@@ -94,8 +94,8 @@ def embed(manifest: pd.DataFrame, model: dict, spec) -> tuple[np.ndarray, float]
     return result.features, result.seconds
 
 
-def fit_and_test(features: np.ndarray, labels: np.ndarray, split: np.ndarray, seed: int = 0) -> dict:
-    """keeneye's head + threshold on training/validation rows; metrics on the testing rows."""
+def fit_and_test(features: np.ndarray, labels: np.ndarray, split: np.ndarray, seed: int = 0, head_kind: str = "dense") -> dict:
+    """keeneye's head (head.kind) + threshold on training/validation rows; metrics on the testing rows."""
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
     from keeneye.config import config_from_dict
@@ -103,10 +103,14 @@ def fit_and_test(features: np.ndarray, labels: np.ndarray, split: np.ndarray, se
     from keeneye.evaluation.threshold import choose_threshold
     from keeneye.training.fit import fit_head
 
-    cfg = config_from_dict({"data_folder_path": str(REPO), "training": {"seed": seed, "class_weight": "balanced"}})
+    from keeneye.training.fit import fit_logistic_published
+
+    cfg = config_from_dict({"data_folder_path": str(REPO), "training": {"seed": seed, "class_weight": "balanced"},
+                            "head": {"kind": head_kind}})
     sets = {name: split == name for name in ("training", "validation", "testing")}
-    head, history = fit_head(features[sets["training"]], labels[sets["training"]], features[sets["validation"]],
-                             labels[sets["validation"]], cfg.head, cfg.training)
+    fit = fit_head if head_kind == "dense" else lambda *a: fit_logistic_published(*a)[:2]  # logistic: C by validation AP
+    head, history = fit(features[sets["training"]], labels[sets["training"]], features[sets["validation"]],
+                        labels[sets["validation"]], cfg.head, cfg.training)
 
     def probability(mask):
         return np.asarray(head.predict(features[mask], verbose=0, batch_size=512)).reshape(-1)
@@ -160,7 +164,7 @@ def timing(paths: list[str], models: dict[str, dict], specs: dict, repeats: int 
                    "input_shape": list(inputs[name][1:])} for name, v in seconds.items()}
 
 
-def magnetic_tile(modes: list[str], folds_path: Path) -> dict:
+def magnetic_tile(modes: list[str], folds_path: Path, head_kind: str = "dense") -> dict:
     folds = pd.read_csv(folds_path)
     folds["path"] = [str(MT / p) for p in folds["path"]]
     folds["label"] = np.where(folds["binary_label"] == 1, "defect", "good")
@@ -178,7 +182,7 @@ def magnetic_tile(modes: list[str], folds_path: Path) -> dict:
         for k in sorted(folds["fold"].unique()):
             frame = folds.assign(split=np.where(folds["fold"] == k, "testing", None))
             split = carve_validation(frame, seed=0)
-            per_fold.append(fit_and_test(features, labels, split) | {"fold": int(k)})
+            per_fold.append(fit_and_test(features, labels, split, head_kind=head_kind) | {"fold": int(k)})
             print(f"  fold {k}: F1 {per_fold[-1]['f1']:.3f} AUC {per_fold[-1]['auc']:.3f} AP {per_fold[-1]['ap']:.3f}", flush=True)
         results[mode] = {"model": model, "input": spec.to_dict(), "folds": per_fold, "summary": summarize(per_fold),
                          "embedding_seconds_this_run": seconds}
@@ -191,7 +195,7 @@ def magnetic_tile(modes: list[str], folds_path: Path) -> dict:
     return results
 
 
-def casting(modes: list[str]) -> dict:
+def casting(modes: list[str], head_kind: str = "dense") -> dict:
     duplicates = pd.read_csv(CASTING / "DUPLICATES_train_test.tsv", sep="\t", header=None)  # test path, train path
     leaked = {str(CASTING / p) for p in duplicates[0]}
     rows = []
@@ -213,7 +217,7 @@ def casting(modes: list[str]) -> dict:
         print(f"casting, mode {mode} (test without {int(frame['leaked'].sum())} leaked duplicates)", flush=True)
         spec = spec_for(model, frame.loc[~test, "path"].tolist())
         features, seconds = embed(frame, model, spec)
-        results[mode] = fit_and_test(features, frame["y"].to_numpy(), split) | {"embedding_seconds_this_run": seconds}
+        results[mode] = fit_and_test(features, frame["y"].to_numpy(), split, head_kind=head_kind) | {"embedding_seconds_this_run": seconds}
         print(f"  F1 {results[mode]['f1']:.4f} AUC {results[mode]['auc']:.4f} AP {results[mode]['ap']:.4f}", flush=True)
     return results
 
@@ -223,13 +227,15 @@ def main() -> int:
     parser.add_argument("--modes", nargs="*", default=DEFAULT_MODES, help="magnetic-tile modes (none: skip magnetic-tile)")
     parser.add_argument("--casting", nargs="*", default=None, help="also casting, for these modes (default: the --modes)")
     parser.add_argument("--folds", type=Path, default=MT / "folds_5.csv")
+    parser.add_argument("--head", choices=("dense", "logistic"), default="dense",
+                        help="head.kind: the default dense head, or the exact logistic regression (C by validation AP)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "features.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     started = time.time()
-    report = {"magnetic_tile": magnetic_tile(args.modes, args.folds) if args.modes else {}}
+    report = {"head": args.head, "magnetic_tile": magnetic_tile(args.modes, args.folds, args.head) if args.modes else {}}
     if args.casting is not None:
-        report["casting"] = casting(args.casting or args.modes or ["gap"])
+        report["casting"] = casting(args.casting or args.modes or ["gap"], args.head)
     report["seconds"] = time.time() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -79,6 +79,8 @@ def run_fold(manifest: Path, work: Path, name: str, weights: Path, overrides: li
         "f1": m["at_threshold"]["f1"], "f1_at_0.5": m["at_0.5"]["f1"], "precision": m["at_threshold"]["precision"],
         "recall": m["at_threshold"]["recall"], "roc_auc": m["roc_auc"], "average_precision": m["average_precision"],
         "cv_f1": estimate.get("f1_mean"), "cv_f1_sd": estimate.get("f1_sd"), "cv_head": cv.get("chosen"),
+        "cv_logistic_c": next((c.get("logistic_c") for c in cv.get("candidates", []) if c.get("name") == cv.get("chosen")
+                               and c.get("kind") == "logistic"), None),
         "cv_candidates": cv.get("candidates"), "automatic_groups": audit["groups"].get("automatic"),
         "seconds": round(seconds, 1),
     }
@@ -116,7 +118,8 @@ def main() -> int:
         auto = r["automatic_groups"] or {}
         cv = "n/a" if r["cv_f1"] is None else f"{r['cv_f1']:.3f} +- {r['cv_f1_sd']:.3f}"
         print(f"fold {fold}: CV estimate F1 {cv} -> test F1 {r['f1']:.3f} (at 0.5: {r['f1_at_0.5']:.3f}), ROC AUC {r['roc_auc']:.3f}, "
-              f"AP {r['average_precision']:.3f}, threshold {r['threshold']:.3f}, head {r['cv_head']}, automatic groups "
+              f"AP {r['average_precision']:.3f}, threshold {r['threshold']:.3f}, head {r['cv_head']}"
+              f"{'' if r['cv_logistic_c'] is None else ' (logistic, C %g)' % r['cv_logistic_c'][0]}, automatic groups "
               f"{auto.get('n_groups')} (largest {auto.get('largest')}), {r['seconds']:.0f} s", flush=True)
     summary = {key: mean_sd([r[key] for r in folds.values()]) for key in KEYS}
     summary["abs_cv_gap"] = mean_sd([abs(r["cv_gap"]) for r in folds.values() if r["cv_gap"] is not None])

@@ -115,12 +115,15 @@ def test_second_run_reuses_the_embedding_cache(tmp_path, demo_data, imagenet_wei
     cache = tmp_path / "cache"
     config = tiny_config(tmp_path, demo_data, cache_dir=str(cache), run_name="cached", training={"epochs": 3})
     first = api.train(config_from_dict(config, base_dir=tmp_path), console=QUIET)
+    stored = sorted((str(p.relative_to(cache)), p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file())
+    assert any(name.endswith(".npy") for name, _ in stored), "the first run leaves a consolidated matrix"
     console = Console(record=True, width=200)
     second = api.train(config_from_dict(config, base_dir=tmp_path), console=console)
     text = console.export_text()
     assert "embedding cache reused: 64 reused, 0 computed" in text
     assert first.run_dir.name == "cached" and second.run_dir.name == "cached-2", "a second run must not overwrite the first"
-    assert len(list(cache.rglob("*.npz"))) == 1, "nothing new to store on the second run"
+    after = sorted((str(p.relative_to(cache)), p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file())
+    assert after == stored, "nothing new to store (or rewrite) on the second run"
     assert second.metrics["at_threshold"]["f1"] == pytest.approx(first.metrics["at_threshold"]["f1"])
 
 

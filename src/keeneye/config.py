@@ -299,7 +299,8 @@ class HeadConfig(BaseModel):
         Field(
             description=(
                 "Choose the head by cross-validation (training.cv_folds group folds on the cached embeddings) from a "
-                "small fixed set of candidates (hidden width, dropout and L2, class weighting): the highest "
+                "small fixed set of candidates (the exact logistic head of kind \"logistic\", and dense heads of "
+                "several hidden widths, dropout and L2, class weighting): the highest "
                 "out-of-fold average precision wins, and a candidate within one standard error of it that is simpler "
                 "wins the tie. The candidates and their scores go into metrics.json and the report. false: the head "
                 "as configured here (dense_units, dropout, l2) and training.class_weight."
@@ -307,6 +308,45 @@ class HeadConfig(BaseModel):
         ),
         _Expect("true or false", ("boolean",)),
     ] = False
+    kind: Annotated[
+        Literal["dense", "logistic"],
+        Field(
+            description=(
+                '"dense": the dense_units / dropout / l2 head trained by Adam with early stopping. "logistic": '
+                "standardised features + L2 logistic regression (scikit-learn, lbfgs) fitted to convergence, its "
+                "strength C chosen from logistic_c by the out-of-fold average precision of the training.cv_folds "
+                "group folds, then folded into the same one-layer Keras head (bundles and exports unchanged); "
+                "deterministic, no epochs. dense_units, dropout and l2 do not apply (must be left unset or empty)."
+            )
+        ),
+        _Expect('"dense" or "logistic"', ("string",)),
+    ] = "dense"
+    logistic_c: Annotated[
+        List[Annotated[StrictFloat, Field(gt=0)]],
+        Field(
+            min_length=1,
+            description=(
+                "kind logistic (and the logistic candidate of head.auto): the inverse L2 strengths C to choose from "
+                "by cross-validation (smaller = stronger regularisation); one value pins C."
+            ),
+        ),
+        _Expect("a non-empty list of numbers > 0, e.g. [0.001, 0.01]", ("list",), item="a number > 0"),
+    ] = Field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _logistic_is_one_layer(cls, data):
+        """kind logistic is one linear layer: hidden layers, dropout or an Adam L2 penalty given with it are an error."""
+        if not isinstance(data, dict) or data.get("kind") != "logistic":
+            return data
+        given = [key for key in ("dense_units", "dropout", "l2") if data.get(key) not in (None, [], 0, 0.0)]
+        if given:
+            raise PydanticCustomError(
+                "logistic_one_layer",
+                'kind "logistic" is one linear layer (its strength is logistic_c): remove {given}',
+                {"given": ", ".join(given)},
+            )
+        return {**data, "dense_units": [], "dropout": 0.0, "l2": 0.0}
 
 
 class TrainingConfig(BaseModel):
@@ -1486,6 +1526,8 @@ def _format_error(err: Mapping[str, Any], data: Any, origins: Mapping[Tuple[str,
             "folder or from a CSV manifest (to drop the folder with --set, use --set data_folder_path=null)"
         )
 
+    if etype == "logistic_one_layer":  # raised by HeadConfig as a whole: name the key that decides
+        return f"{key}.kind", f"{key}.kind: {err['msg']}"
     value = _lookup(data, path)
     shown = _show(value) if value is not _MISSING else _show(err.get("input"))
 

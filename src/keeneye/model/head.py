@@ -47,3 +47,23 @@ def average_heads(heads: Sequence[keras.Model]) -> keras.Model:
         head.name = f"fold_head_{index}"
         outputs.append(head(features))
     return keras.Model(features, keras.layers.Average(name="probability_mean")(outputs), name="head")
+
+
+def linear_head(coef, intercept: float, mean=None, scale=None) -> keras.Model:
+    """A fitted linear model on (optionally standardised) features as the Keras head: Dense(1, sigmoid).
+
+    ``sigmoid(((x - mean) / scale) . coef + intercept)`` is folded into one Dense layer (kernel
+    ``coef / scale``, bias ``intercept - sum(mean * coef / scale)``, computed in float64), so a
+    scikit-learn StandardScaler + LogisticRegression becomes the same plain Keras head that
+    :func:`build_head` makes with ``dense_units=[]``: bundles, exports and ONNX need nothing new.
+    """
+    import numpy as np
+
+    coef = np.asarray(coef, np.float64).reshape(-1)
+    mean = np.zeros_like(coef) if mean is None else np.asarray(mean, np.float64).reshape(-1)
+    scale = np.ones_like(coef) if scale is None else np.asarray(scale, np.float64).reshape(-1)
+    kernel = coef / scale
+    bias = float(intercept) - float(np.dot(mean, kernel))
+    head = build_head(len(coef), (), 0.0)
+    head.get_layer("probability").set_weights([kernel.reshape(-1, 1).astype(np.float32), np.array([bias], np.float32)])
+    return head

@@ -20,6 +20,13 @@ cached and a head trains in seconds, so keeneye can afford what scikit-learn's
   sqrt(K)): differences smaller than what the folds disagree by are noise, and the simpler head
   is the safer bet (Breiman's one-standard-error rule). A candidate names its feature set
   (``features``; None = the run's embeddings), so feature sets can join the same competition.
+* **Exact logistic head** (``head.kind`` "logistic", and the first ``head.auto`` candidate):
+  standardised features + L2 logistic regression fitted to convergence by lbfgs
+  (:func:`keeneye.training.fit.logistic_path`), for every C of ``head.logistic_c`` in every fold;
+  the C with the highest pooled OOF AP is that candidate's, and its OOF probabilities compete with
+  the others. No epochs and no early stopping: nothing in it depends on the seed or on when a
+  held-out loss stopped falling, and on wide features (``model.features`` "multi", 3712 values)
+  it ranked magnetic-tile defects better than the Adam-trained heads (README).
 * **Threshold**: chosen on the OOF probabilities of the chosen candidate
   (:func:`keeneye.evaluation.threshold.choose_threshold`, ``source="out_of_fold"``).
 * **Estimate**: F1 and AP of each fold at that threshold, reported as mean +- sd: what the test
@@ -37,7 +44,7 @@ loss, optimiser, learning rate, batch size and class weights as the published he
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -45,10 +52,11 @@ import numpy as np
 from keeneye.config import EvaluationConfig, HeadConfig, TrainingConfig
 from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold
 from keeneye.model.head import build_head
-from keeneye.training.fit import sample_weights
+from keeneye.training.fit import LOGISTIC_C_GRID, logistic_head, logistic_path, sample_weights
 
 __all__ = [
     "AUTO_CANDIDATES", "CandidateResult", "CrossValidation", "HeadCandidate", "candidates_for", "cross_validate",
+    "cross_validate_logistic",
     "fold_scores", "group_folds", "select_candidate", "train_head",
 ]
 
@@ -63,16 +71,22 @@ class HeadCandidate:
     l2: float
     class_weight: str  # "none" | "balanced"
     features: str | None = None  # a named feature set of the run; None: the run's embeddings
+    kind: str = "dense"  # "dense": build_head trained by Adam; "logistic": exact L2 logistic regression
+    logistic_c: tuple[float, ...] = ()  # kind "logistic": the C grid (one value: pinned)
 
     def head_config(self, auto: bool = False) -> HeadConfig:
+        if self.kind == "logistic":
+            return HeadConfig(kind="logistic", logistic_c=list(self.logistic_c), dense_units=[], dropout=0.0, l2=0.0, auto=auto)
         return HeadConfig(dense_units=list(self.dense_units), dropout=self.dropout, l2=self.l2, auto=auto)
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"dense_units": list(self.dense_units)}
+        return asdict(self) | {"dense_units": list(self.dense_units), "logistic_c": list(self.logistic_c)}
 
 
-# Simplest first: ties (within one standard error) go to the earlier one.
+# Simplest first: ties (within one standard error) go to the earlier one. The exact logistic head
+# is the simplest (one linear layer, fitted to convergence, its one strength chosen by the folds).
 AUTO_CANDIDATES: tuple[HeadCandidate, ...] = (
+    HeadCandidate("logistic-balanced", (), 0.0, 0.0, "balanced", kind="logistic", logistic_c=LOGISTIC_C_GRID),
     HeadCandidate("linear", (), 0.0, 1e-4, "none"),
     HeadCandidate("linear-balanced", (), 0.0, 1e-4, "balanced"),
     HeadCandidate("mlp128", (128,), 0.2, 0.0, "none"),
@@ -86,6 +100,9 @@ def candidates_for(head: HeadConfig, training: TrainingConfig) -> list[HeadCandi
     """The configured head alone, or with ``head.auto`` the fixed candidate set."""
     if head.auto:
         return list(AUTO_CANDIDATES)
+    if head.kind == "logistic":
+        return [HeadCandidate("configured", (), 0.0, 0.0, training.class_weight, kind="logistic",
+                              logistic_c=tuple(head.logistic_c))]
     return [HeadCandidate("configured", tuple(head.dense_units), head.dropout, head.l2, training.class_weight)]
 
 
@@ -173,6 +190,7 @@ class CandidateResult:
     best_epochs: list[int]
     fold_ap: list[float]
     heads: list = field(default_factory=list, repr=False)
+    c_scores: dict = field(default_factory=dict)  # kind "logistic": pooled OOF AP of every C of the grid
 
     @property
     def ap(self) -> float:
@@ -185,7 +203,9 @@ class CandidateResult:
         return {**self.candidate.to_dict(), "oof_average_precision": round(self.ap, 4),
                 "fold_average_precision_mean": round(float(np.mean(self.fold_ap)), 4),
                 "fold_average_precision_sd": round(float(np.std(self.fold_ap, ddof=1)) if len(self.fold_ap) > 1 else 0.0, 4),
-                "best_epochs": self.best_epochs}
+                "best_epochs": self.best_epochs} | (
+                    {"logistic_c_oof_average_precision": {f"{c:g}": round(ap, 4) for c, ap in self.c_scores.items()}}
+                    if self.c_scores else {})
 
 
 def cross_validate(
@@ -194,6 +214,8 @@ def cross_validate(
     """Train the candidate in every fold; out-of-fold probabilities for every row."""
     from sklearn.metrics import average_precision_score
 
+    if candidate.kind == "logistic":
+        return cross_validate_logistic(x, y, folds, candidate, training.seed)
     oof = np.full(len(y), np.nan, np.float32)
     best_epochs, fold_ap, heads = [], [], []
     for k in range(int(folds.max()) + 1):
@@ -205,6 +227,38 @@ def cross_validate(
         fold_ap.append(float(average_precision_score(y[held], p)) if len(np.unique(y[held])) == 2 else float("nan"))
         heads.append(head)
     return CandidateResult(candidate, np.asarray(y), oof, best_epochs, fold_ap, heads)
+
+
+def cross_validate_logistic(x: np.ndarray, y: np.ndarray, folds: np.ndarray, candidate: HeadCandidate,
+                            seed: int = 0) -> CandidateResult:
+    """The exact logistic head in every fold, for every C of its grid; the C with the highest pooled
+    out-of-fold AP is kept (ties: the smaller C, the stronger regularisation), with its OOF probabilities.
+
+    The returned candidate carries that C alone (``logistic_c=(C,)``), so the refit uses it; the fold
+    heads are the Keras transplants of the fold models (for ``training.cv_publish`` "average").
+    """
+    from sklearn.metrics import average_precision_score
+
+    y = np.asarray(y).astype(int)
+    grid = sorted(candidate.logistic_c or LOGISTIC_C_GRID)
+    n_folds = int(folds.max()) + 1
+    paths = []  # per fold: one fitted model per C
+    for k in range(n_folds):
+        held = folds == k
+        paths.append(logistic_path(x[~held], y[~held], grid, candidate.class_weight, seed))
+    best, scores = None, {}  # best: (ap, c, oof, models)
+    for i, c in enumerate(grid):
+        oof = np.full(len(y), np.nan, np.float32)
+        for k in range(n_folds):
+            oof[folds == k] = paths[k][i].predict_proba(np.asarray(x[folds == k], np.float64))[:, 1]
+        scores[c] = float(average_precision_score(y, oof))
+        if best is None or scores[c] > best[0] + 1e-9:
+            best = (scores[c], c, oof, [path[i] for path in paths])
+    _, c, oof, models = best
+    fold_ap = [float(average_precision_score(y[folds == k], oof[folds == k])) if len(np.unique(y[folds == k])) == 2
+               else float("nan") for k in range(n_folds)]
+    chosen = replace(candidate, logistic_c=(c,))
+    return CandidateResult(chosen, y, oof, [], fold_ap, [logistic_head(m) for m in models], c_scores=scores)
 
 
 def select_candidate(results: Sequence[CandidateResult]) -> tuple[int, str]:
@@ -254,6 +308,8 @@ class CrossValidation:
 
     @property
     def refit_epochs(self) -> int:
+        if not self.best.best_epochs:  # the exact logistic head has no epochs
+            return 1
         return max(1, int(round(float(np.median(self.best.best_epochs)))))
 
     def to_dict(self) -> dict:

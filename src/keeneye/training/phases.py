@@ -312,7 +312,7 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter):
     With cv_folds 0 but too few validation images of a class for a threshold, cross-validation
     still runs (5 folds): out-of-fold choices beat a 0.5 default.
     """
-    from keeneye.training.crossval import run_cross_validation
+    from keeneye.training.crossval import AUTO_CANDIDATES, run_cross_validation
 
     features, y, sets, units = prepared.features, prepared.y, prepared.sets, prepared.splits.units
     pool = sets["training"] | sets["validation"]
@@ -324,7 +324,7 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter):
         reporter.note(f"validation holds fewer than {cfg.evaluation.min_validation_per_class} images of a class: "
                       "the threshold is chosen on out-of-fold predictions (5 group folds) instead.")
         training = training.model_copy(update={"cv_folds": 5})
-    n = 6 if cfg.head.auto else 1
+    n = len(AUTO_CANDIDATES) if cfg.head.auto else 1
     with reporter.task(f"cross-validating {n} head{'s' if n > 1 else ''}", n) as task:
         cv = run_cross_validation(features[pool], y[pool], units[pool], cfg.head, training, cfg.evaluation, progress=task.advance)
     if cv is None:
@@ -374,6 +374,13 @@ def fit_published_head(cfg: Config, extractor, prepared: Prepared, rows: Mask, v
         views_x, views_y, _ = embed_augmented_views(cfg, extractor, prepared.manifest[rows], train_y, cfg.augmentation.frozen_views)
         train_x, train_y = np.concatenate([train_x, views_x]), np.concatenate([train_y, views_y])
         reporter.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
+    if cfg.head.kind == "logistic":  # exact fit: no epochs, nothing to resume
+        from keeneye.training.fit import fit_logistic_published
+
+        head, history, how = fit_logistic_published(train_x, train_y, memory_mapped(features, rows=validation), y[validation],
+                                                    cfg.head, cfg.training)
+        reporter.line(f"head: logistic regression on standardised features fitted exactly ({how})")
+        return head, history
     with reporter.task("training the head", cfg.training.epochs) as task:
         head, history = fit(
             train_x, train_y, memory_mapped(features, rows=validation), y[validation], cfg.head, cfg.training,
