@@ -7,7 +7,8 @@
   implementations (Keras, ONNX Runtime, OpenVINO, TFLite, SavedModel);
 * :mod:`keeneye.runtime.convert`: Keras -> ONNX, convert-and-verify, the model-file validity check;
 * :mod:`keeneye.runtime.choice`: which engine runs ('auto': the fastest on this machine that agrees
-  with Keras, with a fallback chain), for a bundle's classifier and for the embedding pass.
+  with Keras, with a fallback chain), for a bundle's classifier and for the embedding pass;
+* :mod:`keeneye.runtime.ray_pool`: Ray Data actor pools for the distributed jobs.
 
 Nothing here imports training, inference, api, cli or serving (tests/test_layering.py).
 """
