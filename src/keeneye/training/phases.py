@@ -312,6 +312,7 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter):
     With cv_folds 0 but too few validation images of a class for a threshold, cross-validation
     still runs (5 folds): out-of-fold choices beat a 0.5 default.
     """
+    from keeneye.data.cache import memory_mapped
     from keeneye.training.crossval import AUTO_CANDIDATES, run_cross_validation
 
     features, y, sets, units = prepared.features, prepared.y, prepared.sets, prepared.splits.units
@@ -326,7 +327,8 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter):
         training = training.model_copy(update={"cv_folds": 5})
     n = len(AUTO_CANDIDATES) if cfg.head.auto else 1
     with reporter.task(f"cross-validating {n} head{'s' if n > 1 else ''}", n) as task:
-        cv = run_cross_validation(features[pool], y[pool], units[pool], cfg.head, training, cfg.evaluation, progress=task.advance)
+        pooled = memory_mapped(features, rows=pool)  # mapped like the head's rows: the folds copy it once, into the fit
+        cv = run_cross_validation(pooled, y[pool], units[pool], cfg.head, training, cfg.evaluation, progress=task.advance)
     if cv is None:
         n_pos = len(np.unique(units[pool][y[pool] == 1]))
         reporter.warning(f"only {n_pos} positive group(s) in training and validation: too few for "
