@@ -167,6 +167,10 @@ def test_feature_engine_uses_onnx_after_a_parity_check(imagenet_weights, tmp_pat
         np.testing.assert_allclose(explicit(images[:4]), reference[:4], atol=engines.FEATURE_TOLERANCE)
         assert explicit.name == name and explicit.parity <= engines.FEATURE_TOLERANCE
 
+    keras_only = make_feature_engine(extractor, engine="keras", cache_folder=tmp_path)  # asked for: no conversion tried
+    np.testing.assert_allclose(keras_only(images[:4]), reference[:4], atol=1e-6)
+    assert keras_only.name == "keras"
+
     # a damaged cached conversion: warned, Keras used, the bad file removed
     (tmp_path / FEATURE_ENGINE_FILE).write_bytes(b"not an onnx model")
     fallback = make_feature_engine(extractor, cache_folder=tmp_path)

@@ -237,7 +237,7 @@ class FeatureEngine:
         cached = self._cached_file()
         if reasons and cached is not None:  # a bad cached conversion must not stay
             cached.unlink(missing_ok=True)
-        if self.requested != "auto":
+        if reasons and self.requested != "auto":  # the engine asked for failed (engine "keras" tries nothing)
             raise EngineError(f"engine '{self.requested}' cannot compute the embeddings: {'; '.join(reasons)}")
         if reasons:
             warnings.warn(f"embeddings on Keras/TensorFlow ({'; '.join(reasons)}).", EngineFallbackWarning, stacklevel=3)
