@@ -8,13 +8,21 @@ import uuid
 from pathlib import Path
 
 
-def sha256_of_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MB chunks (model files are tens of MB): the one file hash of keeneye."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MB chunks (model files and videos are large): the one file hash of keeneye.
+
+    sha256 for model files; sha1 where it keys existing caches (image contents, videos), so old caches stay valid.
+    """
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (model files, weights)."""
+    return file_digest(path, "sha256")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -8,7 +8,6 @@ separately with the reason they were skipped, so every entry on disk is accounte
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from keeneye.data.decode import IMAGE_EXTENSIONS
+from keeneye.data.files import file_digest
 from keeneye.data.video import VIDEO_EXTENSIONS
 from keeneye.data.split import split_validation  # noqa: F401  (moved to keeneye.data.split; kept importable here)
 from keeneye.errors import DataError
@@ -105,7 +105,7 @@ def walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
 def file_sha1(path: Path) -> str | None:
     """Content hash (None when the file cannot be read; the decoder then reports why)."""
     try:
-        return hashlib.sha1(path.read_bytes()).hexdigest()
+        return file_digest(path, "sha1")
     except OSError:
         return None
 

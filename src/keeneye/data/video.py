@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from keeneye.data.files import file_digest
 from keeneye.errors import DataError
 
 __all__ = [
@@ -50,7 +51,6 @@ SEQUENCE_COLUMNS = ["video", "frame", "time"]
 #: MonReader-style frame names: digits, underscore, digits (video 0001, frame 12 in 0001_000000012.jpg).
 DEFAULT_FRAME_NAME = re.compile(r"^(\d+)_(\d+)\.[A-Za-z0-9]+$")
 FRAME_CACHE_VERSION = 1
-_HASH_CHUNK = 1 << 20
 
 
 class VideoError(Exception):
@@ -192,12 +192,8 @@ def _ffmpeg_reason(exc: BaseException) -> str:
 
 
 def file_hash(path: str | os.PathLike) -> str:
-    """sha1 of a file read in chunks (videos can be large)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha1 of a video file (keys its cached frames)."""
+    return file_digest(path, "sha1")
 
 
 def pixel_hash(image: np.ndarray) -> str:

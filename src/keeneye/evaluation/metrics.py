@@ -30,6 +30,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from keeneye.model.decision import predict_labels  # noqa: F401  (the one rule; importable from here too)
+
 __all__ = [
     "as_binary_arrays",
     "binary_metrics",
@@ -102,12 +104,6 @@ def check_threshold(threshold: Any, name: str = "threshold") -> float:
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1], got {threshold!r}")
     return value
-
-
-def predict_labels(probabilities: Any, threshold: float) -> np.ndarray:
-    """The keeneye decision rule: 1 (positive) iff ``probability >= threshold``, else 0."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    return (p >= float(threshold)).astype(np.int64)
 
 
 def _to_builtin(value: Any) -> Any:

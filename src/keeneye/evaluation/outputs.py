@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from keeneye.evaluation.metrics import binary_metrics
+from keeneye.evaluation.metrics import binary_metrics, predict_labels
 from keeneye.evaluation.plots import plot_confusion_matrix, plot_precision_recall, plot_roc, plot_threshold_curves
 
 
@@ -35,7 +35,7 @@ def write_evaluation(
             "path": paths,
             "label": labels,
             "probability": probabilities,
-            "predicted": np.where(probabilities >= threshold, positive, negative),
+            "predicted": np.where(predict_labels(probabilities, threshold) == 1, positive, negative),
         }
     ).to_csv(folder / "predictions.csv", index=False)
     if len(y_true):

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from keeneye.data.decode import DecodeError, load_image
+from keeneye.evaluation.metrics import predict_labels
 
 __all__ = ["REPORT_FILE", "PLOTS", "GalleryItem", "mistake_gallery", "write_report", "data_uri"]
 
@@ -83,7 +84,7 @@ def mistake_gallery(
     if predictions is None or not len(predictions):
         return []
     frame = predictions.dropna(subset=["probability"]).copy()
-    predicted = np.where(frame["probability"].to_numpy() >= threshold, positive, negative)
+    predicted = np.where(predict_labels(frame["probability"].to_numpy(), threshold) == 1, positive, negative)
     frame["predicted"] = predicted
     fp = frame[(frame["label"] == negative) & (frame["predicted"] == positive)].sort_values("probability", ascending=False)
     fn = frame[(frame["label"] == positive) & (frame["predicted"] == negative)].sort_values("probability", ascending=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from keeneye.data.decode import resize_square
 from keeneye.errors import BundleError
+from keeneye.model.decision import predict_labels
 from keeneye.runtime.choice import make_engine
 from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, PatchBank, overlay_anomaly_map
 
@@ -76,9 +77,10 @@ def anomaly_overlays(
         return []
     negative, positive = class_names
     maps, scores = engine.maps(np.stack([resize_square(image, image_size) for image in images]))
+    labels = predict_labels(scores, threshold)
     return [
-        AnomalyOverlay(float(score), positive if score >= threshold else negative,
+        AnomalyOverlay(float(score), positive if label == 1 else negative,
                        np.clip(heat / (2.0 * engine.raw_threshold), 0.0, 1.0).astype(np.float32),
                        overlay_anomaly_map(_shrunk(image, max_side), heat, engine.raw_threshold))
-        for image, heat, score in zip(images, maps, scores)
+        for image, heat, score, label in zip(images, maps, scores, labels)
     ]

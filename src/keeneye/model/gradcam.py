@@ -29,6 +29,7 @@ import numpy as np
 from keeneye.data.decode import DecodeError, decode_image_bytes
 from keeneye.data.preprocess import InputSpec
 from keeneye.errors import BundleError
+from keeneye.model.decision import predict_labels
 
 MAX_OVERLAY_SIDE = 512
 
@@ -100,7 +101,7 @@ class GradCam:
             hidden = self.hidden(self.pool(features), training=False)
             logit = tf.reshape(tf.matmul(hidden, tf.cast(self.kernel, hidden.dtype)) + tf.cast(self.bias, hidden.dtype), [-1])
             probability = tf.sigmoid(logit)
-            sign = tf.stop_gradient(tf.where(probability >= threshold, 1.0, -1.0))
+            sign = tf.stop_gradient(tf.where(probability >= threshold, 1.0, -1.0))  # predict_labels' rule, inside the graph
             score = tf.reduce_sum(logit * sign)
         gradients = tape.gradient(score, features)
         return self._maps(features.numpy(), gradients.numpy()), probability.numpy().astype(np.float64)
@@ -134,10 +135,11 @@ def explain_batch(
     """Grad-CAM for model inputs (`prepared`), drawn over the images in `displays` (any size)."""
     negative, positive = class_names
     maps, probabilities = cam.explain(prepared, threshold)
+    labels = predict_labels(probabilities, threshold)
     return [
-        Explanation(path=name, probability=float(probability), label=positive if probability >= threshold else negative,
+        Explanation(path=name, probability=float(probability), label=positive if label == 1 else negative,
                     heatmap=heat, overlay=overlay_heatmap(display, heat))
-        for name, display, heat, probability in zip(names, displays, maps, probabilities)
+        for name, display, heat, probability, label in zip(names, displays, maps, probabilities, labels)
     ]
 
 
