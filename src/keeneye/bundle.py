@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from keeneye.config import save_config
 from keeneye.data import preprocess
+from keeneye.data.files import write_atomic
 from keeneye.data.manifest import MANIFEST_FILE  # noqa: F401  (defined in the data layer, which reads run folders too)
 from keeneye.errors import BundleError
 
@@ -437,8 +438,8 @@ class BundleWriter:
 
     def write_onnx(self, data: bytes, record: dict) -> Path:
         """model.onnx and its verification record (model.onnx.verification.json), each written atomically."""
-        _write_atomic(self.folder / ONNX_FILE, data)
-        _write_atomic(self.folder / (ONNX_FILE + VERIFICATION_SUFFIX), json.dumps(record, indent=2).encode())
+        write_atomic(self.folder / ONNX_FILE, data)
+        write_atomic(self.folder / (ONNX_FILE + VERIFICATION_SUFFIX), json.dumps(record, indent=2).encode())
         return self.folder / ONNX_FILE
 
     def write_metadata(self, metadata: BundleMetadata | dict) -> Path:
@@ -448,7 +449,7 @@ class BundleWriter:
         else:  # a plain dict (one-class bundles): checked, written as given
             check_metadata(metadata, self.folder / METADATA_FILE)
             text = json.dumps(metadata, indent=2, allow_nan=False)
-        _write_atomic(self.folder / METADATA_FILE, text.encode())
+        write_atomic(self.folder / METADATA_FILE, text.encode())
         return self.folder / METADATA_FILE
 
     def publish(self) -> Path:
@@ -457,16 +458,6 @@ class BundleWriter:
             raise BundleError(f"{self.folder} is not a staged bundle: nothing to publish.")
         self.folder = self.run.publish()
         return self.folder
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_metadata(folder: Path, metadata: BundleMetadata | dict) -> None:
