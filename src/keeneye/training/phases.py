@@ -389,6 +389,7 @@ def fit_published_head(cfg: Config, extractor, prepared: Prepared, rows: Mask, v
             checkpoint_dir=partial.phase_dir("head"),
             callbacks=(*callbacks, task.keras_callback()),
             strategy=devices.strategy,
+            whole_epochs=not callbacks,  # per-step callbacks (the caller's, TensorBoard's) keep per-step calls
         )
     reporter.head_trained(len(history), history.attrs["best_epoch"], history.attrs["monitor"], history.attrs.get("resumed_from", 0))
     return head, history
