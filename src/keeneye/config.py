@@ -911,6 +911,28 @@ class AnomalyConfig(BaseModel):
         ),
         _Expect("an integer from 8 to 4096, e.g. 128", ("integer",)),
     ] = 128
+    projection: Annotated[
+        Literal["random", "pca"],
+        Field(
+            description=(
+                'How the concatenated patch features are reduced to feature_dim: "random" (a fixed seeded random '
+                'projection) or "pca" (the principal axes of the good training patches, fitted on a sample of them); '
+                "either way a 1x1 convolution inside the feature graph."
+            )
+        ),
+        _Expect('"random" or "pca"', ("string",)),
+    ] = "random"
+    standardise: Annotated[
+        bool,
+        Strict(),
+        Field(
+            description=(
+                "Divide every feature channel by its spread among the good training patches before the reduction "
+                "(PaDiM's diagonal Mahalanobis idea), so channels that vary a lot on good parts do not dominate."
+            )
+        ),
+        _Expect("true or false", ("boolean",)),
+    ] = False
     coreset_share: Annotated[
         StrictFloat,
         Field(
@@ -968,6 +990,18 @@ class AnomalyConfig(BaseModel):
             ),
         ),
         _Expect("an integer from 1 to 64, e.g. 9", ("integer",)),
+    ] = 1
+    score_top_k: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=64,
+            description=(
+                "Image score: the mean of the k largest patch distances (1 = PatchCore's largest one). A defect covers "
+                "several neighbouring patches; one odd patch of a good part then no longer decides alone."
+            ),
+        ),
+        _Expect("an integer from 1 to 64, e.g. 10", ("integer",)),
     ] = 1
     map_sigma: Annotated[
         StrictFloat,
