@@ -194,10 +194,13 @@ def test_rest_explain_returns_the_anomaly_map_of_a_one_class_bundle(anomaly_run)
     overlays = [cv2.cvtColor(cv2.imdecode(np.frombuffer(base64.b64decode(r["heatmap"].split(",", 1)[1]), np.uint8),
                                           cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(float) for r in explained]
     assert overlays[1].shape == (96, 96, 3)
-    warmth = overlays[1][..., 0] - overlays[1][..., 2]  # JET: red where the distance is high, blue where low
+    # Undo the blend (overlay = 0.55 image + 0.45 colour) and read each colour back as its place on the JET scale.
+    colours = (overlays[1] - 0.55 * defect.astype(float)) / 0.45
+    jet = cv2.cvtColor(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    level = np.linalg.norm(colours.reshape(-1, 1, 3) - jet.reshape(1, 256, 3).astype(float), axis=2).argmin(axis=1).reshape(96, 96)
     inside = np.zeros((96, 96), bool)
     inside[52:73, 52:73] = True
-    assert warmth[inside].mean() > warmth[~inside].mean() + 20
+    assert level[inside].mean() > level[~inside].mean() + 40
 
 
 def test_reweighted_score_follows_patchcore_and_keeps_the_order_of_clear_outliers() -> None:

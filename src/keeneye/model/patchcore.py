@@ -5,7 +5,7 @@ anomaly score is the distance of its most distant patch to its nearest neighbour
 and the per-patch distances, upsampled and smoothed, are its anomaly map.
 
 * **Patch features** (:func:`build_patch_extractor`): the outputs of a few mid-level MobileNetV2
-  blocks (default ``block_6_expand_relu`` at stride 8 and ``block_13_expand_relu`` at stride 16),
+  blocks (default ``block_6_expand_relu`` at stride 8 and ``block_12_add``, the residual stream, at stride 16),
   each locally averaged over 3 x 3 neighbours (PatchCore's local neighbourhood aggregation),
   resized to the finest layer's grid and concatenated, then reduced by a fixed, seeded random
   projection (Johnson-Lindenstrauss: distances are kept within a small factor) so the bank and
@@ -56,7 +56,7 @@ __all__ = [
     "set_patch_transform",
 ]
 
-DEFAULT_LAYERS = ("block_6_expand_relu", "block_13_expand_relu")
+DEFAULT_LAYERS = ("block_6_expand_relu", "block_12_add")
 #: The memory bank inside an anomaly bundle, beside model.keras (the patch feature graph).
 BANK_FILE = "memory_bank.npy"
 PATCH_OUTPUT_NAME = "patches"
