@@ -152,7 +152,7 @@ def train_head(
     def run_epoch(order):
         # The whole epoch is one graph (the loop becomes a tf.while_loop): same batches in the same
         # order as a Python loop of steps, without a Python dispatch per step, which dominated for
-        # these tiny heads (benchmarks/train_casting.py: 1.5x faster folds, identical best epochs and AP).
+        # these tiny heads (5 casting folds, loaded 2-core machine: 189 -> 127 s, identical best epochs and OOF AP).
         n = tf.shape(order)[0]
         for start in tf.range(0, n, size):
             index = order[start : tf.minimum(start + size, n)]
