@@ -102,7 +102,8 @@ def run_one(name: str, settings: dict, work: Path, seed: int) -> dict:
         "model": {"weights": str(WEIGHTS), "image_size": settings["image_size"]},
         "training": {"seed": seed, "batch_size": settings["batch_size"]},
         "fine_tune": {"enabled": True, "unfreeze": settings["unfreeze"], "epochs": settings["epochs"],
-                      "patience": settings["patience"], "learning_rate": settings["learning_rate"]},
+                      "patience": settings["patience"], "learning_rate": settings["learning_rate"],
+                      **{k: settings[k] for k in ("method", "views", "schedule") if k in settings}},
     }
     if name == "casting":
         section |= {"data_folder_path": str(SHARED / "data" / "casting" / "casting_data"), "positive_class": "def_front"}

@@ -696,7 +696,7 @@ ISSUE4_CASES = [
     ({"fine_tune": {"epochs": 0}}, "fine_tune.epochs: expected an integer >= 1, got 0"),
     ({"fine_tune": {"patience": -1}}, "fine_tune.patience: expected an integer >= 0, got -1"),
     ({"fine_tune": {"augment": "no"}}, 'fine_tune.augment: expected true or false, got "no" (a string)'),
-    ({"fine_tune": True}, "fine_tune: expected an object with any of the keys enabled, unfreeze, learning_rate, epochs, patience, augment, got true (a boolean)"),
+    ({"fine_tune": True}, "fine_tune: expected an object with any of the keys enabled, unfreeze, learning_rate, epochs, patience, augment, method, views, schedule, got true (a boolean)"),
     ({"fine_tune": {"unfreez": 3}}, "fine_tune.unfreez: unknown key; did you mean 'fine_tune.unfreeze'?"),
     ({"augment": {}}, "augment: unknown key; did you mean 'augmentation'?"),
 ]
