@@ -36,8 +36,8 @@ WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_
 
 # Chosen after timing one fine-tuning epoch on this 2-core machine (numbers in the results file).
 DEFAULTS = {
-    "casting": {"image_size": 224, "unfreeze": 30, "epochs": 5, "patience": 2, "learning_rate": 1e-4, "batch_size": 32, "seeds": [0]},
-    "magnetic-tile": {"image_size": 224, "unfreeze": 30, "epochs": 8, "patience": 3, "learning_rate": 1e-4, "batch_size": 32,
+    "casting": {"method": "images", "image_size": 224, "unfreeze": 30, "epochs": 5, "patience": 2, "learning_rate": 1e-4, "batch_size": 32, "seeds": [0]},
+    "magnetic-tile": {"method": "images", "image_size": 224, "unfreeze": 30, "epochs": 8, "patience": 3, "learning_rate": 1e-4, "batch_size": 32,
                       "seeds": [0, 1, 2]},
 }
 

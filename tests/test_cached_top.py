@@ -79,6 +79,7 @@ def test_cached_top_trains_the_top_and_exports_one_graph_with_the_training_proba
     assert np.ptp(exported) > 1e-3  # not a constant: the comparison means something
 
 
+@pytest.mark.slow  # a whole train (~25 s quiet); fine_tune() dispatching to cached_top is covered by the test above
 def test_train_with_cached_top_records_the_method_and_judges_it(tmp_path, demo_data, imagenet_weights) -> None:
     """keeneye train with method cached_top: the phase is run, described, recorded and judged like the images method."""
     import json
