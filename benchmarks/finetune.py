@@ -36,8 +36,8 @@ WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_
 
 # Chosen after timing one fine-tuning epoch on this 2-core machine (numbers in the results file).
 DEFAULTS = {
-    "casting": {"image_size": 224, "unfreeze": 30, "epochs": 5, "patience": 2, "learning_rate": 1e-4, "batch_size": 32, "seeds": [0]},
-    "magnetic-tile": {"image_size": 224, "unfreeze": 30, "epochs": 8, "patience": 3, "learning_rate": 1e-4, "batch_size": 32,
+    "casting": {"method": "images", "image_size": 224, "unfreeze": 30, "epochs": 5, "patience": 2, "learning_rate": 1e-4, "batch_size": 32, "seeds": [0]},
+    "magnetic-tile": {"method": "images", "image_size": 224, "unfreeze": 30, "epochs": 8, "patience": 3, "learning_rate": 1e-4, "batch_size": 32,
                       "seeds": [0, 1, 2]},
 }
 
@@ -102,7 +102,8 @@ def run_one(name: str, settings: dict, work: Path, seed: int) -> dict:
         "model": {"weights": str(WEIGHTS), "image_size": settings["image_size"]},
         "training": {"seed": seed, "batch_size": settings["batch_size"]},
         "fine_tune": {"enabled": True, "unfreeze": settings["unfreeze"], "epochs": settings["epochs"],
-                      "patience": settings["patience"], "learning_rate": settings["learning_rate"]},
+                      "patience": settings["patience"], "learning_rate": settings["learning_rate"],
+                      **{k: settings[k] for k in ("method", "views", "schedule") if k in settings}},
     }
     if name == "casting":
         section |= {"data_folder_path": str(SHARED / "data" / "casting" / "casting_data"), "positive_class": "def_front"}

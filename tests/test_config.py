@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 15 + 2 + 9 + 6 + 16 + 5 + 8 + 7 + 6 + 5 + 5 + 12  # "$schema" + every field (mode, anomaly: 2; model: 9 with features, resize, reduced_decode, tiles, tile_overlap; head: 6 with kind, logistic_c; training: 16 with embed_on, ray_address, ray_actors; video: 5, tracking: 5; anomaly section: 12 with score_neighbours, projection, standardise, score_top_k)
+    assert count == 1 + 15 + 2 + 9 + 6 + 16 + 5 + 8 + 7 + 9 + 5 + 5 + 12  # "$schema" + every field (mode, anomaly: 2; model: 9 with features, resize, reduced_decode, tiles, tile_overlap; head: 6 with kind, logistic_c; training: 16 with embed_on, ray_address, ray_actors; fine_tune: 9 with method, views, schedule; video: 5, tracking: 5; anomaly section: 12 with score_neighbours, projection, standardise, score_top_k)
 
 
 def test_schema_required_and_excluded_fields() -> None:
@@ -653,7 +653,8 @@ def test_training_sections_defaults(project: Path) -> None:
     assert (t.oversample, t.deterministic, t.mixed_precision, t.distribute) == (False, False, False, "auto")
     assert (a.flip, a.rotation, a.brightness, a.contrast, a.zoom, a.crop, a.frozen_views) == (
         "horizontal_and_vertical", 0.05, 0.1, 0.1, 0.1, 0.0, 0)
-    assert (f.enabled, f.unfreeze, f.learning_rate, f.epochs, f.patience, f.augment) == (False, 30, 1e-5, 10, 3, True)
+    assert (f.enabled, f.unfreeze, f.learning_rate, f.epochs, f.patience, f.augment) == (False, "block_16_expand", 3e-5, 10, 3, True)
+    assert (f.method, f.views, f.schedule) == ("cached_top", 8, "cosine")
 
 
 def test_fine_tune_unfreeze_takes_a_count_or_a_layer_name(project: Path) -> None:
@@ -696,7 +697,7 @@ ISSUE4_CASES = [
     ({"fine_tune": {"epochs": 0}}, "fine_tune.epochs: expected an integer >= 1, got 0"),
     ({"fine_tune": {"patience": -1}}, "fine_tune.patience: expected an integer >= 0, got -1"),
     ({"fine_tune": {"augment": "no"}}, 'fine_tune.augment: expected true or false, got "no" (a string)'),
-    ({"fine_tune": True}, "fine_tune: expected an object with any of the keys enabled, unfreeze, learning_rate, epochs, patience, augment, got true (a boolean)"),
+    ({"fine_tune": True}, "fine_tune: expected an object with any of the keys enabled, unfreeze, learning_rate, epochs, patience, augment, method, views, schedule, got true (a boolean)"),
     ({"fine_tune": {"unfreez": 3}}, "fine_tune.unfreez: unknown key; did you mean 'fine_tune.unfreeze'?"),
     ({"augment": {}}, "augment: unknown key; did you mean 'augmentation'?"),
 ]

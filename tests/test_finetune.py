@@ -81,7 +81,7 @@ def test_fine_tuning_trains_only_the_top_and_never_moves_batchnorm_statistics(tm
     from keeneye.training.distribute import choose_devices
     from keeneye.training.finetune import find_backbone, fine_tune
 
-    cfg = config_from_dict(tiny_config(tmp_path, demo_data, fine_tune={"enabled": True, "unfreeze": 12, "epochs": 2,
+    cfg = config_from_dict(tiny_config(tmp_path, demo_data, fine_tune={"enabled": True, "method": "images", "unfreeze": 12, "epochs": 2,
                                                                        "patience": 0, "learning_rate": 1e-3}), base_dir=tmp_path)
     extractor = _extractor(96, imagenet_weights)
     head = build_head(extractor.output_shape[-1], [32], 0.1, seed=0)
@@ -141,7 +141,7 @@ def test_train_with_fine_tuning_reports_both_phases_and_keeps_the_bundle_contrac
             victim.write_bytes(victim.read_bytes()[:40])
 
     config = tiny_config(tmp_path, data, run_name="ft", training={"epochs": 8},
-                         fine_tune={"enabled": True, "unfreeze": "block_16_expand", "epochs": 2, "patience": 2})
+                         fine_tune={"enabled": True, "method": "images", "unfreeze": "block_16_expand", "epochs": 2, "patience": 2})
     console = Console(record=True, width=250)
     result = api.train(config_from_dict(config, base_dir=tmp_path), console=console, callbacks=[Corrupt()])
     text = console.export_text()

@@ -613,8 +613,9 @@ class FineTuneConfig(BaseModel):
         Strict(),
         Field(
             description=(
-                "Run the fine-tuning phase after the head is trained. The model with the better validation F1 "
-                "(head only, or fine-tuned) is kept."
+                "Run the fine-tuning phase after the head is trained. The fine-tuned model is kept only when it beats "
+                "the head-only model on validation (by more than the cross-validation folds' AP spread when "
+                "training.cv_folds is on, else by validation F1); otherwise the simpler head-only model is published."
             )
         ),
         _Expect("true or false", ("boolean",)),
@@ -629,12 +630,15 @@ class FineTuneConfig(BaseModel):
             )
         ),
         _Expect('an integer >= 1 or a MobileNetV2 layer name such as "block_13_expand"', ("integer", "string")),
-    ] = 30
+    ] = "block_16_expand"
     learning_rate: Annotated[
         StrictFloat,
-        Field(gt=0, description="Learning rate of the optimizer (Adam) while fine-tuning: much lower than the head's."),
+        Field(gt=0, description=(
+            "Learning rate of the optimizer (Adam) while fine-tuning: much lower than the head's. Default 3e-5: on "
+            "magnetic-tile validation (cached_top from block_16_expand) it beat 1e-5, 1e-4 and 3e-4 "
+            "(benchmarks/finetune_probe.py).")),
         _Expect("a number > 0, e.g. 0.00001", ("integer", "number")),
-    ] = 1e-5
+    ] = 3e-5
     epochs: Annotated[
         StrictInt,
         Field(ge=1, description="Maximum number of fine-tuning passes over the training images."),
@@ -654,9 +658,47 @@ class FineTuneConfig(BaseModel):
     augment: Annotated[
         bool,
         Strict(),
-        Field(description="Apply the augmentation section's random transformations to the images while fine-tuning."),
+        Field(description=(
+            "method images: apply the augmentation section's random transformations to the images while fine-tuning "
+            "(cached_top augments with fine_tune.views instead).")),
         _Expect("true or false", ("boolean",)),
     ] = True
+    method: Annotated[
+        Literal["images", "cached_top"],
+        Field(
+            description=(
+                '"images": every epoch streams the images through the whole network (augmentation section online). '
+                '"cached_top": the frozen bottom (below the first unfrozen layer) runs once per image and per view, '
+                "and the epochs train only the top blocks and the head on those cached activations (much cheaper "
+                "epochs on a CPU; augmentation = fine_tune.views symmetries of the square). Needs unfreeze at the "
+                'first layer of a block, e.g. "block_16_expand".'
+            )
+        ),
+        _Expect('"images" or "cached_top"', ("string",)),
+    ] = "cached_top"
+    views: Annotated[
+        StrictInt,
+        Field(
+            ge=1,
+            le=8,
+            description=(
+                "cached_top: how many of the 8 flips / quarter turns of each training image are cached (1 = the image "
+                "only); each epoch shows every image in one of them, drawn at random. Suits textures and parts without "
+                "an orientation."
+            ),
+        ),
+        _Expect("an integer from 1 to 8", ("integer",)),
+    ] = 8
+    schedule: Annotated[
+        Literal["constant", "cosine"],
+        Field(
+            description=(
+                '"cosine": one epoch of linear warm-up to learning_rate, then cosine decay to 0 over the remaining '
+                'epochs; "constant": learning_rate throughout.'
+            )
+        ),
+        _Expect('"constant" or "cosine"', ("string",)),
+    ] = "cosine"
 
     @field_validator("unfreeze")
     @classmethod

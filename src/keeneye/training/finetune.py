@@ -40,6 +40,7 @@ from keeneye.model.head import build_classifier, build_head
 from keeneye.runtime.batches import first_column, run_engine
 from keeneye.runtime.engines import KerasEngine
 from keeneye.training.augment import build_augmenter
+from keeneye.training.cached_top import learning_rate
 from keeneye.training.distribute import Devices, dtype_policy
 from keeneye.training.fit import run_phase, sample_weights, seed_state_variables
 from keeneye.training.pipeline import DecodeFailures, EpochPlan, ImagePipeline
@@ -62,6 +63,19 @@ def unfreeze_top(base: keras.Model, unfreeze: int | str) -> list[str]:
     ``base.layers``), or the name of the first layer to unfreeze. Everything below stays frozen.
     """
     layers = base.layers
+    start = first_unfrozen(base, unfreeze)
+    base.trainable = True
+    unfrozen = []
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+def first_unfrozen(base: keras.Model, unfreeze: int | str) -> int:
+    """Index in ``base.layers`` of the lowest layer `unfreeze` (a count from the top or a layer name) makes trainable."""
+    layers = base.layers
     names = [layer.name for layer in layers]
     if isinstance(unfreeze, str):
         if unfreeze not in names:
@@ -74,13 +88,7 @@ def unfreeze_top(base: keras.Model, unfreeze: int | str) -> list[str]:
         if not 1 <= unfreeze <= len(layers):
             raise ConfigError(f"fine_tune.unfreeze: {unfreeze} layers asked for; {base.name} has {len(layers)}.")
         start = len(layers) - unfreeze
-    base.trainable = True
-    unfrozen = []
-    for index, layer in enumerate(layers):
-        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
-        if layer.trainable:
-            unfrozen.append(layer.name)
-    return unfrozen
+    return start
 
 
 def build_finetune_model(extractor: keras.Model, head: keras.Model, augmenter: keras.Model | None) -> keras.Model:
@@ -120,6 +128,8 @@ class FineTuneResult:
     policy: str = "float32"
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # cached_top only: the training-time model's probabilities of the validation rows that decoded (in order)
+    validation_probabilities: np.ndarray | None = None
 
 
 def fine_tune(
@@ -143,6 +153,9 @@ def fine_tune(
     """
     import tensorflow as tf
 
+    if cfg.fine_tune.method == "cached_top":
+        return fine_tune_cached_top(cfg, extractor, head, train_rows, train_labels, val_rows, val_labels, devices, policy,
+                                    checkpoint_dir, callbacks, verbose)
     started = time.perf_counter()
     ft, training = cfg.fine_tune, cfg.training
     size = cfg.model.image_size
@@ -155,8 +168,9 @@ def fine_tune(
         unfrozen = unfreeze_top(find_backbone(ext_copy), ft.unfreeze)
         augmenter = build_augmenter(cfg.augmentation, size, seed=training.seed + 1000) if ft.augment else None
         model = build_finetune_model(ext_copy, head_copy, augmenter)
+        steps = EpochPlan(train_labels, training.batch_size, training.seed, oversample=training.oversample).steps_per_epoch
         model.compile(
-            optimizer=keras.optimizers.Adam(ft.learning_rate),
+            optimizer=keras.optimizers.Adam(learning_rate(ft.learning_rate, ft.schedule, steps, ft.epochs)),
             loss="binary_crossentropy",
             metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
         )
@@ -186,6 +200,40 @@ def fine_tune(
     return FineTuneResult(
         final_extractor, final_head, history, unfrozen, dropped, policy, time.perf_counter() - started,
     )
+
+
+def fine_tune_cached_top(
+    cfg: Config, extractor: keras.Model, head: keras.Model, train_rows: pd.DataFrame, train_labels: np.ndarray,
+    val_rows: pd.DataFrame, val_labels: np.ndarray, devices: Devices, policy: str = "float32",
+    checkpoint_dir: Path | None = None, callbacks: Sequence = (), verbose: int = 0,
+) -> FineTuneResult:
+    """fine_tune with ``method: cached_top`` (:mod:`keeneye.training.cached_top`): the frozen bottom runs once per image
+    and view, the epochs train the top blocks + head on the cached activations. float32 on one device (the top is small)."""
+    from keeneye.training.cached_top import cache_views, dropped_frame, split_backbone, train_top
+
+    started = time.perf_counter()
+    ft = cfg.fine_tune
+    keras.utils.set_random_seed(cfg.training.seed)
+    ext_copy, head_copy = plain_copy(cfg, extractor, head)
+    base = find_backbone(ext_copy)
+    unfrozen = unfreeze_top(base, ft.unfreeze)
+    bottom, top = split_backbone(ext_copy, base.layers[first_unfrozen(base, ft.unfreeze)].name)
+    spec = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)
+    train_acts, train_failed = cache_views(bottom, train_rows["path"].tolist(), spec, ft.views, cfg.training.batch_size)
+    val_acts, val_failed = cache_views(bottom, val_rows["path"].tolist(), spec, 1, cfg.training.batch_size)
+    train_ok = np.setdiff1d(np.arange(len(train_rows)), list(train_failed))
+    val_ok = np.setdiff1d(np.arange(len(val_rows)), list(val_failed))
+    model, outcome = train_top(cfg, top, head_copy, (train_acts[:, train_ok], np.asarray(train_labels)[train_ok]),
+                               (val_acts[0, val_ok], np.asarray(val_labels)[val_ok]), checkpoint_dir, callbacks, verbose)
+    validation_p = (np.asarray(model.predict(val_acts[0, val_ok], batch_size=cfg.training.batch_size, verbose=0))[:, 0]
+                    if len(val_ok) else np.empty(0, np.float32))
+    final_extractor, final_head = plain_copy(cfg, ext_copy, head_copy)
+    dropped = pd.concat([dropped_frame(train_rows.index, train_failed), dropped_frame(val_rows.index, val_failed)])
+    history = outcome.history
+    del model, outcome, train_acts, val_acts, bottom, top, ext_copy, head_copy
+    gc.collect()
+    return FineTuneResult(final_extractor, final_head, history, unfrozen, dropped, "float32", time.perf_counter() - started,
+                          validation_probabilities=validation_p)
 
 
 def embed_augmented_views(
@@ -311,6 +359,8 @@ def both_phases(head_history: pd.DataFrame, fine_history: pd.DataFrame) -> pd.Da
 def fine_tune_line(unfreeze: int | str, result: FineTuneResult) -> str:
     """One console line about a fine-tuning run."""
     what = f"{unfreeze} layers" if isinstance(unfreeze, int) else f"from {unfreeze}"
+    if result.validation_probabilities is not None:
+        what += ", top trained on cached activations"
     resumed = result.history.attrs.get("resumed_from", 0)
     return (f"fine-tuned ({what}: {len(result.unfrozen)} layers trained, BatchNorm frozen, {result.policy}): "
             f"{len(result.history)} epochs, best epoch {result.history.attrs['best_epoch']}"
@@ -383,7 +433,8 @@ def fine_tune_and_choose(
         "head": phase_summary(head_history, head_choice.validation_f1, head_choice.threshold, head_seconds),
         "fine_tune": phase_summary(result.history, fine_choice.validation_f1, fine_choice.threshold, result.seconds)
         | {"unfreeze": ft.unfreeze, "layers_trained": len(result.unfrozen), "learning_rate": ft.learning_rate,
-           "augment": ft.augment, "precision": policy},
+           "augment": ft.augment, "precision": policy, "method": ft.method, "schedule": ft.schedule}
+        | ({"views": ft.views} if ft.method == "cached_top" else {}),
     }
     frames = [f for f in dropped if len(f)]
     all_dropped = pd.concat(frames) if frames else pd.DataFrame({"reason": pd.Series(dtype=object)})
