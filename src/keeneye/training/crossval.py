@@ -19,7 +19,9 @@ cached and a head trains in seconds, so keeneye can afford what scikit-learn's
   simpler one is within one standard error of it (the fold-to-fold sd of the winner's AP over
   sqrt(K)): differences smaller than what the folds disagree by are noise, and the simpler head
   is the safer bet (Breiman's one-standard-error rule). A candidate names its feature set
-  (``features``; None = the run's embeddings), so feature sets can join the same competition.
+  (``features``; None = the run's embeddings): with a "multi" or "gap+gmp" embedding the smaller
+  modes are column subsets of it (model/backbone.feature_subsets), and the logistic head on each
+  enters first (:func:`candidates_for`); a chosen subset is published by model/head.widen_head.
 * **Exact logistic head** (``head.kind`` "logistic", and the first ``head.auto`` candidate):
   standardised features + L2 logistic regression fitted to convergence by lbfgs
   (:func:`keeneye.training.fit.logistic_path`), for every C of ``head.logistic_c`` in every fold;
