@@ -10,7 +10,7 @@ keeneye's choose_threshold); the refit at that C on all four scores the test fol
 on a test fold. Printed and saved: mean +- sd of test F1, ROC AUC, AP, and the signed and absolute gap
 between the cross-validated F1 estimate and the test F1.
 
-    python benchmarks/feature_layers.py [--sizes 224 320] [--sets multi deep ...] [--out FILE]
+    python benchmarks/feature_layers.py [--sizes 224 320] [--sets multi multi+b6 ...] [--cached KEY:DIM ...] [--out FILE]
 
 The pooled features of a size are stored under ~/.cache/keeneye/feature-layers (not keeneye's
 embedding cache: these are many more columns than any model.features mode).
@@ -88,6 +88,20 @@ def pooled_features(paths: list[str], size: int, resize: str) -> dict[str, np.nd
     return features
 
 
+def cached_embeddings(paths: list[str], key: str, dim: int) -> np.ndarray:
+    """The magnetic-tile rows of one keeneye embedding cache (~/.cache/keeneye/embeddings/KEY), by content hash."""
+    import hashlib
+
+    from keeneye.data.cache import EmbeddingCache, default_cache_dir
+
+    sha1s = np.array([hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in paths])
+    out = np.full((len(paths), dim), np.nan, np.float32)
+    found = EmbeddingCache(default_cache_dir(), key).fill(sha1s, out)
+    if not found.all():
+        raise SystemExit(f"cache {key}: {int((~found).sum())} of {len(paths)} images missing")
+    return out
+
+
 def judge(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds: np.ndarray, class_weight: str) -> dict:
     """Per test fold: C and threshold from 5 inner group folds of the other four, refit, test scores."""
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
@@ -120,12 +134,19 @@ def judge(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds: np.
     return {"folds": rows, "summary": summary}
 
 
+def summary_line(s: dict) -> str:
+    return (f"F1 {s['f1']['mean']:.3f} +- {s['f1']['sd']:.3f}  (0.5: {s['f1_at_0.5']['mean']:.3f})  AUC {s['auc']['mean']:.3f}  "
+            f"AP {s['ap']['mean']:.3f}  OOF AP {s['oof_ap']['mean']:.3f}  CV gap {s['cv_gap']['mean']:+.3f} (|.| {s['abs_cv_gap']['mean']:.3f})")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="*", type=int, default=[224])
     parser.add_argument("--resize", default="squash", choices=("squash", "pad", "crop"))
     parser.add_argument("--sets", nargs="*", default=list(SETS))
     parser.add_argument("--class-weight", default="balanced", choices=("balanced", "none"))
+    parser.add_argument("--cached", nargs="*", default=[], metavar="KEY:DIM",
+                        help="also judge keeneye embedding caches (e.g. an earlier multi run at 320 px, pad or tiles)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "feature_layers.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
@@ -134,15 +155,16 @@ def main() -> int:
     paths = [str(MT / p) for p in frame["path"]]
     labels, groups, folds = frame["binary_label"].to_numpy().astype(int), frame["group"].to_numpy(), frame["fold"].to_numpy()
     report = {}
+    for entry in args.cached:
+        key, dim = entry.rsplit(":", 1)
+        row = report[key] = judge(cached_embeddings(paths, key, int(dim)), labels, groups, folds, args.class_weight)
+        print(f"{key}: {summary_line(row['summary'])}", flush=True)
     for size in args.sizes:
         features = pooled_features(paths, size, args.resize)
         for name in args.sets:
             x = np.concatenate([features[column] for column in SETS[name]], axis=1)
             row = report[f"{name}@{size}"] = judge(x, labels, groups, folds, args.class_weight) | {"dim": int(x.shape[1])}
-            s = row["summary"]
-            print(f"{name + '@' + str(size):18} dim {x.shape[1]:5d}  F1 {s['f1']['mean']:.3f} +- {s['f1']['sd']:.3f}  "
-                  f"(0.5: {s['f1_at_0.5']['mean']:.3f})  AUC {s['auc']['mean']:.3f}  AP {s['ap']['mean']:.3f}  "
-                  f"OOF AP {s['oof_ap']['mean']:.3f}  CV gap {s['cv_gap']['mean']:+.3f} (|.| {s['abs_cv_gap']['mean']:.3f})", flush=True)
+            print(f"{name + '@' + str(size):18} dim {x.shape[1]:5d}  {summary_line(row['summary'])}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"resize": args.resize, "class_weight": args.class_weight, "results": report}, indent=2))
     print(f"written to {args.out}")
