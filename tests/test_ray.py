@@ -182,3 +182,20 @@ def test_embedding_pass_on_ray_gives_the_local_vectors_shards_and_reasons(local_
     found = EmbeddingCache(tmp_path / "ray", "key").fill(manifest["sha1"].to_numpy(), again)
     assert (found == local.ok).all()
     np.testing.assert_allclose(again[found], local.features[local.ok], atol=1e-5)
+
+
+def test_each_actor_gets_the_cores_it_can_hold_whole_and_blocks_hold_whole_batches():
+    """Threads per actor = cores/actors without oversubscribing any node; blocks = whole batches, ~8 per actor."""
+    from keeneye.runtime.ray_pool import cpus_per_actor, rows_per_block
+
+    assert cpus_per_actor(1, [2.0]) == 2  # a lone actor uses both cores
+    assert cpus_per_actor(2, [2.0]) == 1  # two actors on 2 cores: one thread each, not 2 x 2
+    assert cpus_per_actor(3, [2.0]) == 1  # more actors than cores: 1, Ray queues the rest
+    assert cpus_per_actor(4, [16.0, 16.0]) == 8
+    assert cpus_per_actor(3, [3.0, 3.0]) == 1  # 2 CPUs each would fit only 2 actors (one per node)
+    assert cpus_per_actor(3, [4.0, 2.0]) == 2
+    assert cpus_per_actor(2, []) == 1
+    assert rows_per_block(715, 2, 32) == 64 and rows_per_block(715, 1, 32) == 96
+    assert rows_per_block(10, 2, 32) == 32 and rows_per_block(0, 2, 32) == 32
+    big = rows_per_block(1_000_000, 16, 32)
+    assert big % 32 == 0 and 100 <= -(-1_000_000 // big) <= 8 * 16

@@ -24,7 +24,9 @@ from keeneye.bundle import load_bundle
 from keeneye.runtime.choice import bundle_onnx_engine, make_feature_engine
 from keeneye.runtime.engines import EngineError, onnxruntime_available
 from keeneye.inference.predictor import PREDICTION_COLUMNS, Predictor, expand_inputs
-from keeneye.runtime.ray_pool import RayError, connect, gpus_per_actor, map_on_actor_pool, require_ray
+from keeneye.runtime.ray_pool import (
+    RayError, connect, cpus_per_actor, gpus_per_actor, map_on_actor_pool, node_cpus, require_ray,
+)
 
 
 class BundleScorer:
@@ -34,6 +36,8 @@ class BundleScorer:
     extra stage and the Arrow blocks that travel hold only paths and results, not pixels. On CPU the
     actor runs ONNX Runtime on the bundle's verified model.onnx (or the cached conversion) without
     loading the Keras model: TensorFlow is not even imported, so an actor starts in about a second.
+    `threads` is the CPUs the actor reserved: its ONNX Runtime threads, and one more decode thread
+    (the rule of `decode_workers`, for the actor's share of the cores rather than the machine's).
     """
 
     def __init__(self, run_dir: str, engine: str = "auto", batch_size: int = 32, threads: int | None = None, gpu: bool = False) -> None:
@@ -44,9 +48,9 @@ class BundleScorer:
             except EngineError:  # no usable ONNX file yet: the full load below converts (and caches) it
                 pass
             else:
-                self.predictor = Predictor(bundle, engine=onnx, batch_size=batch_size)
+                self.predictor = Predictor(bundle, engine=onnx, batch_size=batch_size, workers=threads and threads + 1)
                 return
-        self.predictor = Predictor.from_bundle(run_dir, engine=engine, batch_size=batch_size, threads=threads)
+        self.predictor = Predictor(load_bundle(run_dir), engine=engine, batch_size=batch_size, threads=threads, workers=threads and threads + 1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         frame = self.predictor.predict_paths([str(path) for path in batch["path"]])
@@ -109,8 +113,10 @@ def _score(
     """Run the actor pool over `paths`; each finished batch is saved to `parts` as it arrives."""
     ray = require_ray()
     gpus = gpus_per_actor(actors)
-    kwargs = {"run_dir": run_dir, "engine": engine, "batch_size": batch_size, "threads": None if gpus else 1, "gpu": bool(gpus)}
-    scored = map_on_actor_pool(BundleScorer, [{"path": path} for path in paths], actors, batch_size, kwargs, gpus=gpus)
+    cpus = cpus_per_actor(actors, node_cpus())
+    kwargs = {"run_dir": run_dir, "engine": engine, "batch_size": batch_size, "threads": None if gpus else cpus, "gpu": bool(gpus)}
+    rows = [{"path": path} for path in paths]
+    scored = map_on_actor_pool(BundleScorer, rows, actors, batch_size, kwargs, gpus=gpus, cpus=1 if gpus else cpus, whole_blocks=True)
     results: list[pd.DataFrame] = []
     try:
         for batch in scored:

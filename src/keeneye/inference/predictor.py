@@ -13,7 +13,7 @@ import pandas as pd
 from keeneye.bundle import Bundle, load_bundle
 from keeneye.data.scan import entry_problem, skip_reason, walk_files
 from keeneye.data.video import is_video
-from keeneye.evaluation.metrics import predict_labels
+from keeneye.model.decision import predict_labels
 from keeneye.inference.anomaly import is_anomaly_bundle, make_anomaly_engine
 from keeneye.runtime import choice
 from keeneye.runtime.batches import decode_workers, first_column, run_engine
