@@ -88,7 +88,7 @@ def pooled_features(paths: list[str], size: int, resize: str) -> dict[str, np.nd
     return features
 
 
-def cached_embeddings(paths: list[str], key: str, dim: int) -> np.ndarray:
+def cached_embeddings(paths: list[str], key: str, dim: int) -> np.ndarray | None:
     """The magnetic-tile rows of one keeneye embedding cache (~/.cache/keeneye/embeddings/KEY), by content hash."""
     import hashlib
 
@@ -98,7 +98,8 @@ def cached_embeddings(paths: list[str], key: str, dim: int) -> np.ndarray:
     out = np.full((len(paths), dim), np.nan, np.float32)
     found = EmbeddingCache(default_cache_dir(), key).fill(sha1s, out)
     if not found.all():
-        raise SystemExit(f"cache {key}: {int((~found).sum())} of {len(paths)} images missing")
+        print(f"cache {key}: {int((~found).sum())} of {len(paths)} images missing, skipped", flush=True)
+        return None
     return out
 
 
@@ -157,7 +158,10 @@ def main() -> int:
     report = {}
     for entry in args.cached:
         key, dim = entry.rsplit(":", 1)
-        row = report[key] = judge(cached_embeddings(paths, key, int(dim)), labels, groups, folds, args.class_weight)
+        x = cached_embeddings(paths, key, int(dim))
+        if x is None:
+            continue
+        row = report[key] = judge(x, labels, groups, folds, args.class_weight)
         print(f"{key}: {summary_line(row['summary'])}", flush=True)
     for size in args.sizes:
         features = pooled_features(paths, size, args.resize)
