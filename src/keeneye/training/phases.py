@@ -291,8 +291,9 @@ def fit_head(cfg: Config, prepared: Prepared, extractor: Any, partial: PartialRu
     sets = prepared.sets
     feature_sets = auto_feature_sets(cfg, extractor)
     cv = cross_validate_head(cfg, prepared, reporter, feature_sets)
-    run_cfg = cfg if cv is None else cv_config(cfg, cv)
-    columns = feature_sets.get(cv.best.candidate.features) if cv is not None and cv.best.candidate.features else None  # the chosen head (head.auto) and the refit's epochs
+    run_cfg = cfg if cv is None else cv_config(cfg, cv)  # the chosen head (head.auto) and the refit's epochs
+    # head.auto may have chosen a feature subset: the published head trains on its columns only
+    columns = feature_sets.get(cv.best.candidate.features) if cv is not None and cv.best.candidate.features else None
     # With cross-validation the head is refit on training + validation, except when fine-tuning: then validation
     # stays unseen, for the honest comparison of the fine-tuned model with the frozen one.
     pool = sets["training"] | sets["validation"] if cv is not None and not cfg.fine_tune.enabled else sets["training"]
@@ -395,6 +396,7 @@ def fit_published_head(cfg: Config, extractor, prepared: Prepared, rows: Mask, v
 
 def _fit_published(cfg: Config, extractor, prepared: Prepared, rows: Mask, validation: Mask, partial: PartialRun,
                    callbacks: tuple, devices, reporter: Reporter, columns: np.ndarray | None):
+    """fit_published_head's fit, on `columns` of the features when given (the head it returns is that narrow)."""
     from keeneye.data.cache import memory_mapped
     from keeneye.training.fit import fit_head as fit
 
