@@ -105,7 +105,7 @@ def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5) -> 
         patches = timed("features", lambda: np.concatenate([engine.features(batch[i : i + 32]) for i in range(0, len(batch), 32)]))
         distances, index = timed("search", lambda: engine.bank.nearest(patches))
         timed("search_faiss", lambda: faiss_bank.nearest(patches))
-        timed("reweight", lambda: reweighted_scores(engine.bank, patches, distances, index, engine.neighbours))
+        timed("reweight", lambda: reweighted_scores(engine.bank, patches, distances, index, engine.neighbours, engine.top_k))
         timed("search_uncapped_bank", lambda: big_bank.nearest(patches))
     return {"predict": {name: {"median_img_per_s": statistics.median(r), "runs": r, "engine": predictors[name].engine_name}
                         for name, r in rates.items()},
@@ -157,16 +157,18 @@ def casting(overrides: list[str], also: list[str]) -> dict:
 
 
 def magnetic_features(cfg, frame: pd.DataFrame, root: Path) -> np.ndarray:
-    from keeneye.inference import engines
     from keeneye.model.backbone import resolve_weights
-    from keeneye.model.patchcore import build_patch_extractor
-    from keeneye.training.features import iter_batches
+    from keeneye.runtime import choice as engines
+    from keeneye.model.patchcore import build_patch_extractor, raw_patch_model
+    from keeneye.runtime.batches import iter_batches
 
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
     a = cfg.anomaly
+    fitted = a.standardise or a.projection == "pca"
     extractor = build_patch_extractor(cfg.model.alpha, cfg.model.image_size, weights.path, a.layers,
-                                      projection_dim=a.feature_dim, seed=cfg.training.seed, grid=a.grid)
-    engine = engines.make_feature_engine(extractor)
+                                      projection_dim=a.feature_dim, seed=cfg.training.seed, grid=a.grid, fitted=fitted)
+    # With a fitted transform the unreduced patches are kept: each fold fits it on its own good bank images.
+    engine = engines.make_feature_engine(raw_patch_model(extractor) if fitted else extractor)
     features = None
     for keys, batch, failures in iter_batches(enumerate(str(root / p) for p in frame["path"]), cfg.model.image_size, 16):
         assert not failures, failures
@@ -175,6 +177,22 @@ def magnetic_features(cfg, frame: pd.DataFrame, root: Path) -> np.ndarray:
             features = np.zeros((len(frame), *out.shape[1:]), np.float32)
         features[keys] = out
     return features
+
+
+def fitted_features(cfg, features: np.ndarray, bank_rows: np.ndarray) -> np.ndarray:
+    """The features as the bundle's graph would give them: the transform fitted as train fits it, on bank images only."""
+    from keeneye.model.patchcore import fit_patch_transform
+    from keeneye.training.anomaly import TRANSFORM_FIT_IMAGES, TRANSFORM_FIT_PATCHES
+
+    a = cfg.anomaly
+    if not (a.standardise or a.projection == "pca"):
+        return features
+    rng = np.random.default_rng(cfg.training.seed)
+    chosen = np.sort(rng.choice(bank_rows, min(len(bank_rows), TRANSFORM_FIT_IMAGES), replace=False))
+    patches = features[chosen].reshape(-1, features.shape[-1])
+    patches = patches[rng.choice(len(patches), min(len(patches), TRANSFORM_FIT_PATCHES), replace=False)]
+    kernel, bias = fit_patch_transform(patches, a.feature_dim, a.projection, a.standardise, cfg.training.seed)
+    return (features @ kernel + bias).astype(np.float32)
 
 
 def magnetic(overrides: list[str]) -> dict:
@@ -200,9 +218,13 @@ def magnetic(overrides: list[str]) -> dict:
         in_val = np.array([g in val_groups for g in group])
         bank_rows, val_rows, test_rows = good & ~in_val, good & in_val, fold == k
         a = cfg.anomaly
-        bank = build_bank(features[bank_rows].reshape(-1, features.shape[-1]), a.coreset_share, a.max_bank_size, cfg.training.seed)
+        fold_features = fitted_features(cfg, features, np.flatnonzero(bank_rows))
+        bank = build_bank(fold_features[bank_rows].reshape(-1, fold_features.shape[-1]), a.coreset_share, a.max_bank_size,
+                          cfg.training.seed)
+
         def score(rows):
-            return reweighted_scores(bank, features[rows], *bank.nearest(features[rows]), a.score_neighbours)
+            return reweighted_scores(bank, fold_features[rows], *bank.nearest(fold_features[rows]), a.score_neighbours,
+                                     a.score_top_k)
 
         threshold = choose_anomaly_threshold(score(val_rows), np.empty(0), "false_alarm_rate", a.false_alarm_rate, 5)
         scores = score(test_rows)

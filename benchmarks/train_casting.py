@@ -5,6 +5,8 @@ Measured in one process, side by side (timings on shared machines are noisy; rat
     cold: a fresh embedding cache, so every image goes through the backbone;
   - one bare batched forward pass (Keras, batch 32) over the same training images, images decoded
     beforehand per batch and only the forward calls timed: the floor any frozen-backbone trainer pays;
+  - the same forward pass in ONNX Runtime and OpenVINO (float32, train's feature_extractor.onnx), taking
+    turns with Keras batch by batch: the floor of the embedding pass, over all the images train embeds;
   - peak RSS of the train (read before the bare pass runs);
   - test F1 on the whole test split and without the 64 test images that are byte-identical
     copies of training images (DUPLICATES_train_test.tsv).
@@ -33,21 +35,35 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def bare_forward_seconds(paths: list[str], weights: Path, batch_size: int = 32) -> float:
-    """Sum of the forward-call times of a plain Keras MobileNetV2 (+ GAP) over all images."""
+def bare_forward_seconds(paths: list[str], weights: Path, onnx_model: Path | None, batch_size: int = 32) -> dict[str, float]:
+    """Sum of the forward-call times over all images of a plain Keras MobileNetV2 (+ GAP), and of the
+    same network in ONNX Runtime and OpenVINO (float32, from the feature_extractor.onnx train wrote):
+    the engines take turns batch by batch, on the same decoded batch, so load hits them alike.
+
+    Keras is the issue's reference; the fastest bare engine is the floor of any embedding pass, and
+    so shows what ratio float32 inference on this CPU allows at all (train also embeds the test split).
+    """
     import numpy as np
 
     from keeneye.data.decode import load_image
     from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
+    from keeneye.runtime.choice import onnx_engine
 
     model = build_feature_extractor(1.0, 224, ResolvedWeights(str(weights), weights, None))
-    model.predict_on_batch(np.zeros((batch_size, 224, 224, 3), np.uint8))  # trace once, like any real run
-    total = 0.0
-    for start in range(0, len(paths), batch_size):
+    engines = {"keras": model.predict_on_batch}
+    if onnx_model is not None:
+        engines |= {kind: onnx_engine(kind, onnx_model) for kind in ("onnx", "openvino")}
+    warm = np.zeros((batch_size, 224, 224, 3), np.uint8)
+    for engine in engines.values():  # trace / compile once, like any real run
+        engine(warm)
+    total = dict.fromkeys(engines, 0.0)
+    for number, start in enumerate(range(0, len(paths), batch_size)):
         batch = np.stack([load_image(p, 224) for p in paths[start : start + batch_size]])
-        begin = time.perf_counter()
-        model.predict_on_batch(batch)
-        total += time.perf_counter() - begin
+        names = list(engines)
+        for name in names[number % len(names):] + names[: number % len(names)]:
+            begin = time.perf_counter()
+            engines[name](batch)
+            total[name] += time.perf_counter() - begin
     return total
 
 
@@ -100,10 +116,13 @@ def main() -> None:
 
     rss_before = peak_rss_mb()
     load_before = os.getloadavg()
-    result, train_seconds, train_peak_rss, text = train(args, Path(tempfile.mkdtemp(prefix="keeneye-bench-casting-")))
+    work = Path(tempfile.mkdtemp(prefix="keeneye-bench-casting-"))
+    result, train_seconds, train_peak_rss, text = train(args, work)
     manifest = pd.read_csv(result.run_dir / "manifest.csv")
     train_paths = manifest.loc[manifest["split"].isin(["training", "validation"]), "path"].tolist()
-    bare = bare_forward_seconds(train_paths, args.weights)
+    onnx_files = sorted((work / "cache").glob("embeddings/*/feature_extractor.onnx"))
+    bare_all = bare_forward_seconds(train_paths, args.weights, onnx_files[0] if onnx_files else None)
+    bare = bare_all["keras"]
     clean_metrics, copies_in_validation = test_scores(args, result, manifest)
     engine_lines = [line.strip() for line in text.splitlines() if line.startswith("embedding engine")]
     rows = {
@@ -120,6 +139,10 @@ def main() -> None:
         "bare Keras forward pass, training images (s)": round(bare, 1),
         "train / bare forward pass": round(train_seconds / bare, 3),
         "bare forward throughput (images/s)": round(len(train_paths) / bare, 1),
+        **{f"bare {name} forward pass, training images (s)": round(value, 1) for name, value in bare_all.items() if name != "keras"},
+        **{f"bare {name} / bare Keras": round(value / bare, 3) for name, value in bare_all.items() if name != "keras"},
+        "floor: fastest bare engine over all embedded images / bare Keras": round(
+            min(bare_all.values()) * len(manifest) / len(train_paths) / bare, 3),
         "peak RSS during train (MB)": round(train_peak_rss, 0),
         "peak RSS before train (MB)": round(rss_before, 0),
         "load average before / after (1 min)": f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",

@@ -194,10 +194,13 @@ def test_rest_explain_returns_the_anomaly_map_of_a_one_class_bundle(anomaly_run)
     overlays = [cv2.cvtColor(cv2.imdecode(np.frombuffer(base64.b64decode(r["heatmap"].split(",", 1)[1]), np.uint8),
                                           cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(float) for r in explained]
     assert overlays[1].shape == (96, 96, 3)
-    warmth = overlays[1][..., 0] - overlays[1][..., 2]  # JET: red where the distance is high, blue where low
+    # Undo the blend (overlay = 0.55 image + 0.45 colour) and read each colour back as its place on the JET scale.
+    colours = (overlays[1] - 0.55 * defect.astype(float)) / 0.45
+    jet = cv2.cvtColor(cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    level = np.linalg.norm(colours.reshape(-1, 1, 3) - jet.reshape(1, 256, 3).astype(float), axis=2).argmin(axis=1).reshape(96, 96)
     inside = np.zeros((96, 96), bool)
     inside[52:73, 52:73] = True
-    assert warmth[inside].mean() > warmth[~inside].mean() + 20
+    assert level[inside].mean() > level[~inside].mean() + 40
 
 
 def test_reweighted_score_follows_patchcore_and_keeps_the_order_of_clear_outliers() -> None:
@@ -219,3 +222,48 @@ def test_reweighted_score_follows_patchcore_and_keeps_the_order_of_clear_outlier
     expected = (1 - np.exp(gaps[0]) / np.exp(gaps).sum()) * gaps[0]
     assert weighted[2] == pytest.approx(expected, rel=1e-5)
     assert np.all(weighted <= plain + 1e-9) and np.argmax(weighted) == 2
+
+
+def test_fitted_feature_transform_standardises_and_keeps_the_principal_axes() -> None:
+    from keeneye.model.patchcore import fit_patch_transform
+
+    rng = np.random.default_rng(2)
+    good = rng.normal(0, 1, (4000, 7)) * np.array([10.0, 1, 1, 1, 1, 0.1, 0])  # loud, quiet and dead channels
+    kernel, bias = fit_patch_transform(good, None, "random", standardise=True)
+    z = good @ kernel + bias
+    assert np.isfinite(kernel).all() and np.allclose(z[:, :6].std(axis=0), 1, atol=1e-3) and np.allclose(z.mean(axis=0), 0, atol=1e-6)
+    # A defect moving the quiet channel by 10 of its spreads is now far from every good patch; unstandardised it is not.
+    defect = good[:1] + np.array([[0, 0, 0, 0, 0, 1.0, 0]])
+    assert np.linalg.norm((defect @ kernel + bias) - z, axis=1).min() > 5
+    assert np.linalg.norm(defect - good, axis=1).min() <= 1.0 + 1e-9
+    # PCA keeps the directions good patches vary along: 2 of them carry everything here.
+    plane = rng.normal(0, 1, (3000, 2)) @ rng.normal(0, 1, (2, 8))
+    kernel, bias = fit_patch_transform(plane, 2, "pca", standardise=False)
+    assert kernel.shape == (8, 2) and bias.shape == (2,)
+    pairs = rng.integers(len(plane), size=(200, 2))
+    before = np.linalg.norm(plane[pairs[:, 0]] - plane[pairs[:, 1]], axis=1)
+    after = np.linalg.norm((plane[pairs[:, 0]] - plane[pairs[:, 1]]) @ kernel, axis=1)
+    assert np.allclose(before, after, rtol=1e-3, atol=1e-6)  # distances within the good subspace are kept exactly
+
+
+def test_the_fitted_transform_is_part_of_the_feature_graph() -> None:
+    from keeneye.model.patchcore import build_patch_extractor, fit_patch_transform, raw_patch_model, set_patch_transform
+
+    extractor = build_patch_extractor(0.35, 64, None, ["block_3_expand_relu", "block_6_expand_relu"], projection_dim=16,
+                                      fitted=True)
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    raw = np.asarray(raw_patch_model(extractor)(images, training=False))
+    kernel, bias = fit_patch_transform(raw.reshape(-1, raw.shape[-1]), 16, "pca", standardise=True)
+    set_patch_transform(extractor, kernel, bias)
+    assert np.allclose(np.asarray(extractor(images, training=False)), raw @ kernel + bias, atol=1e-3)
+
+
+def test_top_k_image_score_is_the_mean_of_the_largest_patch_distances() -> None:
+    from keeneye.model.patchcore import image_scores
+
+    maps = np.zeros((2, 4, 4))
+    maps[0, 0, 0] = 9.0  # one odd patch
+    maps[1, 1:3, 1:3] = 4.0  # a defect over 4 neighbouring patches
+    assert image_scores(maps, 1).tolist() == [9.0, 4.0]  # the largest distance ranks the lone patch first
+    assert image_scores(maps, 4).tolist() == [2.25, 4.0]  # the mean of the 4 largest ranks the extended defect first
+    assert image_scores(maps, 100).tolist() == [9 / 16, 1.0] and image_scores(np.empty((0, 4, 4)), 3).shape == (0,)

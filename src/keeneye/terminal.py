@@ -232,15 +232,21 @@ def keras_progress(progress: Progress | PlainProgress, task_id: int, label: str)
     class KerasProgress(keras.callbacks.Callback):
         def on_train_begin(self, logs=None) -> None:
             self.steps = int(self.params.get("steps") or 0)
+            self.epoch = 0
             self.epochs = int(self.params.get("epochs") or 0)
             if self.steps and self.epochs:
                 progress.update(task_id, total=self.steps * self.epochs)
 
         def on_epoch_begin(self, epoch: int, logs=None) -> None:
+            self.epoch = epoch
             progress.update(task_id, completed=epoch * self.steps, description=f"{label}, epoch {epoch + 1}/{self.epochs}")
 
         def on_train_batch_end(self, batch: int, logs=None) -> None:
-            progress.advance(task_id, 1)
+            # `batch` is the last step done: with steps_per_execution > 1 Keras calls this once per execution
+            if self.steps:
+                progress.update(task_id, completed=self.epoch * self.steps + batch + 1)
+            else:
+                progress.advance(task_id, 1)
 
         def on_train_end(self, logs=None) -> None:  # what follows (scoring the validation images) is part of the phase
             progress.update(task_id, description=f"{label}: epochs done, scoring images")

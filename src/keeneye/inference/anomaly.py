@@ -52,7 +52,7 @@ def make_anomaly_engine(bundle, engine: str = "auto") -> AnomalyEngine:
         raise BundleError(f"{bundle.path} is an anomaly bundle without its {BANK_FILE} or its anomaly metadata.")
     features = make_engine(bundle.model, engine, bundle=bundle)
     return AnomalyEngine(features, PatchBank.load(bank_path), info["raw_threshold"], info.get("map_sigma", 4.0),
-                         neighbours=info.get("score_neighbours", 1))
+                         neighbours=info.get("score_neighbours", 1), top_k=info.get("score_top_k", 1))
 
 
 def _shrunk(image: np.ndarray, max_side: int) -> np.ndarray:

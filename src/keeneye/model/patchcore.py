@@ -5,7 +5,7 @@ anomaly score is the distance of its most distant patch to its nearest neighbour
 and the per-patch distances, upsampled and smoothed, are its anomaly map.
 
 * **Patch features** (:func:`build_patch_extractor`): the outputs of a few mid-level MobileNetV2
-  blocks (default ``block_6_expand_relu`` at stride 8 and ``block_13_expand_relu`` at stride 16),
+  blocks (default ``block_6_expand_relu`` at stride 8 and ``block_12_add``, the residual stream, at stride 16),
   each locally averaged over 3 x 3 neighbours (PatchCore's local neighbourhood aggregation),
   resized to the finest layer's grid and concatenated, then reduced by a fixed, seeded random
   projection (Johnson-Lindenstrauss: distances are kept within a small factor) so the bank and
@@ -46,18 +46,22 @@ __all__ = [
     "anomaly_maps",
     "build_patch_extractor",
     "coreset_size",
+    "fit_patch_transform",
     "greedy_coreset",
+    "image_scores",
     "normalise_scores",
     "raw_threshold_from_normalised",
+    "raw_patch_model",
     "reweighted_scores",
+    "set_patch_transform",
 ]
 
-DEFAULT_LAYERS = ("block_6_expand_relu", "block_13_expand_relu")
+DEFAULT_LAYERS = ("block_6_expand_relu", "block_12_add")
 #: The memory bank inside an anomaly bundle, beside model.keras (the patch feature graph).
 BANK_FILE = "memory_bank.npy"
 PATCH_OUTPUT_NAME = "patches"
 #: Normalised scores are s / (s + t): 0.5 at the threshold. Recorded in the bundle's metadata.
-NORMALISATION = "s / (s + t), s = raw score (largest patch distance), t = raw threshold"
+NORMALISATION = "s / (s + t), s = raw score (mean of the top_k largest patch distances), t = raw threshold"
 
 
 # --- patch features --------------------------------------------------------------------------
@@ -71,7 +75,7 @@ def projection_matrix(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
 
 def build_patch_extractor(
     alpha: float, image_size: int, weights_path: str | os.PathLike | None, layers: Sequence[str] = DEFAULT_LAYERS,
-    local_size: int = 3, projection_dim: int | None = 256, seed: int = 0, grid: str = "coarsest",
+    local_size: int = 3, projection_dim: int | None = 256, seed: int = 0, grid: str = "coarsest", fitted: bool = False,
 ):
     """Raw RGB uint8 images (N, S, S, 3) -> patch features (N, H, W, D), frozen.
 
@@ -79,7 +83,10 @@ def build_patch_extractor(
     (4x the patches for one stride step: finer maps, 4x the bank and search cost); the other
     layers are resized to it bilinearly (a 2x bilinear reduction is a 2 x 2 average).
     With ``projection_dim`` smaller than the concatenated depth, a fixed 1x1 convolution holding
-    :func:`projection_matrix` reduces it (saved in the model; no custom objects needed).
+    :func:`projection_matrix` reduces it (saved in the model; no custom objects needed). With
+    ``fitted``, that last 1x1 convolution has a bias and is meant to receive an affine map fitted on
+    good patches (:func:`fit_patch_transform`, :func:`set_patch_transform`); until then it holds the
+    random projection (or the identity).
     """
     import keras
 
@@ -102,13 +109,61 @@ def build_patch_extractor(
         parts.append(part)
     merged = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="concatenated")(parts)
     depth = int(merged.shape[-1])
-    if projection_dim is not None and projection_dim < depth:
+    if fitted:
+        out_dim = depth if projection_dim is None else min(projection_dim, depth)
+        conv = keras.layers.Conv2D(out_dim, 1, use_bias=True, trainable=False, name=PATCH_OUTPUT_NAME)
+        merged = conv(merged)
+        start = projection_matrix(depth, out_dim, seed) if out_dim < depth else np.eye(depth, dtype=np.float32)
+        conv.set_weights([start[None, None], np.zeros(out_dim, np.float32)])
+    elif projection_dim is not None and projection_dim < depth:
         conv = keras.layers.Conv2D(projection_dim, 1, use_bias=False, trainable=False, name=PATCH_OUTPUT_NAME)
         merged = conv(merged)
         conv.set_weights([projection_matrix(depth, projection_dim, seed)[None, None]])
     else:
         merged = keras.layers.Identity(name=PATCH_OUTPUT_NAME)(merged)
     return keras.Model(inputs, merged, name="patch_extractor")
+
+
+def fit_patch_transform(raw: np.ndarray, out_dim: int | None, projection: str = "random", standardise: bool = False,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The affine map ``((x - mean) / scale) @ P`` fitted on good patches ``raw`` (P, C), as (kernel (C, D), bias (D,)).
+
+    * ``standardise``: every channel divided by its spread among the good patches (PaDiM's insight, a
+      diagonal Mahalanobis distance): a channel that varies a lot on good parts no longer dominates the
+      distance, and a quiet channel that a defect moves counts. A small floor (1% of the mean spread)
+      keeps dead channels from being blown up.
+    * ``projection``: ``"random"`` keeps the seeded random projection (distances kept on average);
+      ``"pca"`` the ``out_dim`` principal axes of the (standardised) good patches: the directions good
+      parts vary along, i.e. what the nearest-neighbour search has to tell apart.
+    Centring changes no distance; it only keeps the bias small.
+    """
+    x = np.asarray(raw, dtype=np.float64)
+    depth = x.shape[1]
+    out = depth if out_dim is None else min(int(out_dim), depth)
+    mean = x.mean(axis=0)
+    spread = x.std(axis=0)
+    scale = np.maximum(spread, 0.01 * spread.mean() + 1e-12) if standardise else np.ones(depth)
+    if out >= depth:
+        matrix = np.eye(depth)
+    elif projection == "pca":
+        _, _, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
+        matrix = vt[:out].T
+    else:
+        matrix = projection_matrix(depth, out, seed).astype(np.float64)
+    kernel = matrix / scale[:, None]
+    return kernel.astype(np.float32), (-(mean / scale) @ matrix).astype(np.float32)
+
+
+def set_patch_transform(extractor, kernel: np.ndarray, bias: np.ndarray) -> None:
+    """Put a fitted affine map into the last 1x1 convolution of an extractor built with ``fitted=True``."""
+    extractor.get_layer(PATCH_OUTPUT_NAME).set_weights([np.asarray(kernel, np.float32)[None, None], np.asarray(bias, np.float32)])
+
+
+def raw_patch_model(extractor):
+    """The extractor without its last 1x1 convolution: uint8 images -> concatenated, unreduced patch features."""
+    import keras
+
+    return keras.Model(extractor.input, extractor.get_layer(PATCH_OUTPUT_NAME).input, name="raw_patches")
 
 
 # --- coreset ---------------------------------------------------------------------------------
@@ -312,22 +367,34 @@ class PatchBank:
 # --- scores and maps -------------------------------------------------------------------------
 
 
-def image_scores(distance_maps: np.ndarray) -> np.ndarray:
-    """PatchCore's image score: the largest patch distance of each map (N, H, W) -> (N,)."""
+def image_scores(distance_maps: np.ndarray, top_k: int = 1) -> np.ndarray:
+    """Image scores from patch distance maps (N, H, W) -> (N,): the mean of each map's ``top_k`` largest distances.
+
+    ``top_k`` 1 is PatchCore's largest patch distance. A few more (measured on the training parts of
+    casting and magnetic tile, benchmarks/anomaly_layers.py) are steadier: one harmless outlier patch of a
+    good part no longer decides alone, while a defect covers several neighbouring patches.
+    """
     maps = np.asarray(distance_maps, dtype=np.float64)
-    return maps.reshape(len(maps), -1).max(axis=1) if len(maps) else np.empty(0, np.float64)
+    if not len(maps):
+        return np.empty(0, np.float64)
+    flat = maps.reshape(len(maps), -1)
+    k = int(min(max(top_k, 1), flat.shape[1]))
+    if k == 1:
+        return flat.max(axis=1)
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(axis=1)
 
 
 def reweighted_scores(bank: PatchBank, patches: np.ndarray, distances: np.ndarray, index: np.ndarray,
-                      neighbours: int) -> np.ndarray:
+                      neighbours: int, top_k: int = 1) -> np.ndarray:
     """PatchCore's re-weighted image score (Roth et al. 2022, eq. 7; anomalib's ``num_neighbors``).
 
     For each image's most distant patch q (distance s* to its nearest bank patch m*), the score is
     ``s* * (1 - softmax(-|q - m|)[m*])`` over m* and its ``neighbours - 1`` nearest bank patches:
     close to s* when m* sits in a sparse part of the bank (q is really unusual), smaller when m*
     has many close neighbours that are far from q. ``neighbours`` 1 gives the plain largest distance.
+    With ``top_k`` > 1 the weight multiplies the mean of the ``top_k`` largest distances instead of s*.
     """
-    scores = image_scores(distances)
+    scores = image_scores(distances, top_k)
     if neighbours <= 1 or len(bank) < 2 or not len(scores):
         return scores
     n = len(scores)
@@ -376,17 +443,19 @@ def anomaly_maps(distance_maps: np.ndarray, size: int | tuple[int, int], sigma: 
 class AnomalyEngine:
     """Feature engine + memory bank + normalisation: uint8 batch -> normalised anomaly scores (N, 1).
 
-    ``neighbours`` > 1 re-weights each image's score as PatchCore does (:func:`reweighted_scores`);
-    1 keeps the largest patch distance. Maps are the patch distances either way.
+    The raw image score is the mean of the ``top_k`` largest patch distances (1: PatchCore's largest);
+    ``neighbours`` > 1 re-weights it as PatchCore does (:func:`reweighted_scores`). Maps are the patch
+    distances either way.
     """
 
     def __init__(self, features: Callable[[np.ndarray], np.ndarray], bank: PatchBank, raw_threshold: float,
-                 map_sigma: float = 4.0, neighbours: int = 1) -> None:
+                 map_sigma: float = 4.0, neighbours: int = 1, top_k: int = 1) -> None:
         self.features = features
         self.bank = bank
         self.raw_threshold = float(raw_threshold)
         self.map_sigma = float(map_sigma)
         self.neighbours = int(neighbours)
+        self.top_k = int(top_k)
         self.name = getattr(features, "name", "keras")
         self.source = f"{getattr(features, 'source', 'model.keras')} + memory bank of {len(bank)} patches"
 
@@ -394,7 +463,7 @@ class AnomalyEngine:
         """((N, H, W) distance of each patch to its nearest good patch, raw image scores (N,))."""
         patches = self.features(np.ascontiguousarray(batch, dtype=np.uint8))
         distances, index = self.bank.nearest(patches)
-        return distances, reweighted_scores(self.bank, patches, distances, index, self.neighbours)
+        return distances, reweighted_scores(self.bank, patches, distances, index, self.neighbours, self.top_k)
 
     def distance_maps(self, batch: np.ndarray) -> np.ndarray:
         """(N, H, W) distance of each patch to its nearest good patch."""

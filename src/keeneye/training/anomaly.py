@@ -36,8 +36,8 @@ from keeneye.evaluation.threshold import choose_threshold
 from keeneye.data.files import sha256_of_file, write_atomic
 from keeneye.model.backbone import resolve_weights
 from keeneye.model.patchcore import (
-    BANK_FILE, AnomalyEngine, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, greedy_coreset,
-    normalise_scores, overlay_anomaly_map, raw_threshold_from_normalised,
+    BANK_FILE, AnomalyEngine, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, fit_patch_transform, greedy_coreset,
+    normalise_scores, overlay_anomaly_map, raw_patch_model, raw_threshold_from_normalised, set_patch_transform,
 )
 from keeneye.runtime.batches import iter_batches
 from keeneye.runtime.choice import make_feature_engine
@@ -178,7 +178,7 @@ def build_bank(patches: np.ndarray, share: float, max_size: int, seed: int) -> P
 
 
 def write_feature_onnx(folder: Path, extractor, features, bank: PatchBank, raw_threshold: float, images: np.ndarray,
-                       neighbours: int = 1) -> str:
+                       neighbours: int = 1, top_k: int = 1) -> str:
     """`model.onnx` (the patch feature graph) + its verification record, when its scores agree with Keras.
 
     The check is on what a user sees, the normalised score (tolerance as for a classifier's
@@ -187,7 +187,7 @@ def write_feature_onnx(folder: Path, extractor, features, bank: PatchBank, raw_t
     try:
         data = features.onnx_model() if hasattr(features, "onnx_model") else None
         check = convert_and_verify(extractor, images, convert=lambda: data or convert_to_onnx(extractor, output_name="patches"),
-                                   wrap=lambda engine: AnomalyEngine(engine, bank, raw_threshold, neighbours=neighbours))
+                                   wrap=lambda engine: AnomalyEngine(engine, bank, raw_threshold, neighbours=neighbours, top_k=top_k))
         difference = check.max_diff
         record = onnx_verification_record(
             sha256_of_file(folder / MODEL_FILE), difference, len(images), "testing images (normalised scores)", check.seconds)
@@ -218,6 +218,13 @@ def _gallery_explainer(engine: AnomalyEngine, size: int):
     return explain
 
 
+def _score_name(anomaly) -> str:
+    name = "largest patch distance" if anomaly.score_top_k == 1 else f"mean of the {anomaly.score_top_k} largest patch distances"
+    if anomaly.score_neighbours > 1:
+        name += f", re-weighted over {anomaly.score_neighbours} bank neighbours (PatchCore eq. 7)"
+    return name
+
+
 def _metadata(cfg: Config, class_names, weights, threshold: AnomalyThreshold, bank: PatchBank, grid, n_patches: int,
               metrics: dict, counts: pd.DataFrame, timings: dict, versions: dict) -> dict:
     anomaly = cfg.anomaly
@@ -229,12 +236,12 @@ def _metadata(cfg: Config, class_names, weights, threshold: AnomalyThreshold, ba
         "preprocessing": PREPROCESSING,
         "backbone": {"name": cfg.model.backbone, "alpha": cfg.model.alpha,
                      "weights": weights.spec if weights.path is None else weights.path.name, "weights_sha256": weights.sha256},
-        "anomaly": {"raw_threshold": threshold.raw, "normalisation": NORMALISATION, "image_score": "largest patch distance" if anomaly.score_neighbours == 1 else
-                    f"largest patch distance, re-weighted over {anomaly.score_neighbours} bank neighbours (PatchCore eq. 7)",
-                    "score_neighbours": anomaly.score_neighbours,
+        "anomaly": {"raw_threshold": threshold.raw, "normalisation": NORMALISATION, "image_score": _score_name(anomaly),
+                    "score_neighbours": anomaly.score_neighbours, "score_top_k": anomaly.score_top_k,
                     "bank_file": BANK_FILE, "bank_size": len(bank), "feature_dim": bank.dim, "grid": list(grid),
                     "training_patches": n_patches, "coreset_share": anomaly.coreset_share, "max_bank_size": anomaly.max_bank_size,
-                    "layers": list(anomaly.layers), "threshold_rule": anomaly.threshold_rule,
+                    "layers": list(anomaly.layers), "projection": anomaly.projection, "standardise": anomaly.standardise,
+                    "threshold_rule": anomaly.threshold_rule,
                     "false_alarm_rate": anomaly.false_alarm_rate, "map_sigma": anomaly.map_sigma},
         "metrics": {"testing": {k: metrics[k] for k in ("n", "n_positive", "roc_auc", "average_precision")}
                     | {"at_threshold": {k: metrics["at_threshold"][k] for k in ("f1", "precision", "recall", "accuracy")}}},
@@ -261,6 +268,30 @@ def _good_training_rows(manifest: pd.DataFrame, negative: str) -> pd.DataFrame:
             f"'{negative}' in the manifest), or set positive_class so that the good class is the negative one."
         )
     return rows
+
+
+#: Good images whose raw patches fit the feature transform (standardisation, PCA): a bounded sample, so the
+#: wide unreduced features of the whole good set never have to be held in memory at once.
+TRANSFORM_FIT_IMAGES = 256
+TRANSFORM_FIT_PATCHES = 50_000
+
+
+def fit_feature_transform(cfg: Config, extractor, paths: Sequence[str]) -> None:
+    """Fit the extractor's last 1x1 convolution (anomaly.standardise, anomaly.projection) on a seeded sample of good images."""
+    rng = np.random.default_rng(cfg.training.seed)
+    chosen = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths), TRANSFORM_FIT_IMAGES), replace=False))]
+    raw = raw_patch_model(extractor)
+    parts = []
+    for keys, batch, _ in iter_batches(enumerate(chosen), cfg.model.image_size, 16):
+        if keys:
+            found = np.asarray(raw(batch, training=False), dtype=np.float32)
+            parts.append(found.reshape(-1, found.shape[-1]))
+    if not parts:
+        return  # nothing readable: the bank phase reports it
+    patches = np.concatenate(parts)
+    patches = patches[rng.choice(len(patches), min(len(patches), TRANSFORM_FIT_PATCHES), replace=False)]
+    a = cfg.anomaly
+    set_patch_transform(extractor, *fit_patch_transform(patches, a.feature_dim, a.projection, a.standardise, cfg.training.seed))
 
 
 def _fit_bank(cfg: Config, rows: pd.DataFrame, features, console: Console) -> tuple[PatchBank, int, pd.Series]:
@@ -301,12 +332,16 @@ def train_anomaly(cfg: Config, console: Console | None = None, versions: dict | 
     good_rows = _good_training_rows(manifest, negative)
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
     anomaly = cfg.anomaly
+    fitted = anomaly.standardise or anomaly.projection == "pca"
     extractor = build_patch_extractor(cfg.model.alpha, cfg.model.image_size, weights.path, anomaly.layers,
-                                      projection_dim=anomaly.feature_dim, seed=cfg.training.seed, grid=anomaly.grid)
+                                      projection_dim=anomaly.feature_dim, seed=cfg.training.seed, grid=anomaly.grid, fitted=fitted)
+    if fitted:
+        fit_feature_transform(cfg, extractor, good_rows["path"].tolist())
     features = make_feature_engine(extractor)
     bank, n_patches, train_failures = _fit_bank(cfg, good_rows, features, console)
     timings["bank_s"] = time.perf_counter() - started
-    engine = AnomalyEngine(features, bank, raw_threshold=1.0, map_sigma=anomaly.map_sigma, neighbours=anomaly.score_neighbours)
+    engine = AnomalyEngine(features, bank, raw_threshold=1.0, map_sigma=anomaly.map_sigma, neighbours=anomaly.score_neighbours,
+                           top_k=anomaly.score_top_k)
     scores, failures, grid = _score_held_out(cfg, manifest, engine, console)
     ok = scores.notna()
     is_positive = manifest.loc[scores.index, "label"] == positive
@@ -345,7 +380,8 @@ def _publish(cfg: Config, scan, manifest, extractor, features, engine: AnomalyEn
         engine.bank.save(folder / BANK_FILE)
         images = np.stack([resize_square(load_image(p), cfg.model.image_size) for p in test_rows["path"].tolist()[:8]]) \
             if len(test_rows) else generated_images(4, cfg.model.image_size)
-        console.print(write_feature_onnx(folder, extractor, features, engine.bank, threshold.raw, images, engine.neighbours), highlight=False)
+        console.print(write_feature_onnx(folder, extractor, features, engine.bank, threshold.raw, images, engine.neighbours, engine.top_k),
+                      highlight=False)
         save_config(cfg, folder / CONFIG_FILE)
         failures.rename("reason").rename_axis("row").reset_index().to_csv(folder / "dropped_files.csv", index=False)
         used = ~manifest.index.isin(failures.index)

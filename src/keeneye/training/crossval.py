@@ -158,21 +158,27 @@ def train_head(
     targets = tf.constant(np.asarray(y, np.float32).reshape(-1, 1))
     weights = tf.constant(sample_weights(y, candidate.class_weight))
 
-    @tf.function(reduce_retracing=True)
-    def step(index):
-        with tf.GradientTape() as tape:
-            p = head(tf.gather(features, index), training=True)
-            loss = bce(tf.gather(targets, index), p, sample_weight=tf.gather(weights, index))
-            loss = loss + tf.add_n(head.losses) if head.losses else loss
-        optimizer.apply(tape.gradient(loss, head.trainable_variables), head.trainable_variables)
+    size = training.batch_size
+
+    @tf.function
+    def run_epoch(order):
+        # The whole epoch is one graph (the loop becomes a tf.while_loop): same batches in the same
+        # order as a Python loop of steps, without a Python dispatch per step, which dominated for
+        # these tiny heads (5 casting folds, loaded 2-core machine: 189 -> 127 s, identical best epochs and OOF AP).
+        n = tf.shape(order)[0]
+        for start in tf.range(0, n, size):
+            index = order[start : tf.minimum(start + size, n)]
+            with tf.GradientTape() as tape:
+                p = head(tf.gather(features, index), training=True)
+                loss = bce(tf.gather(targets, index), p, sample_weight=tf.gather(weights, index))
+                loss = loss + tf.add_n(head.losses) if head.losses else loss
+            optimizer.apply(tape.gradient(loss, head.trainable_variables), head.trainable_variables)
 
     rng = np.random.default_rng(seed)
     best = (np.inf, 0, None, None)  # loss, epoch, weights, probabilities
-    wait, size = 0, training.batch_size
+    wait = 0
     for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(y))
-        for start in range(0, len(order), size):
-            step(tf.constant(order[start : start + size]))
+        run_epoch(tf.constant(rng.permutation(len(y))))
         if x_eval is None:
             continue
         p = np.asarray(head(x_eval, training=False)).reshape(-1)

@@ -423,6 +423,7 @@ def _fit_published(cfg: Config, extractor, prepared: Prepared, rows: Mask, valid
             checkpoint_dir=partial.phase_dir("head"),
             callbacks=(*callbacks, task.keras_callback()),
             strategy=devices.strategy,
+            whole_epochs=not callbacks,  # per-step callbacks (the caller's, TensorBoard's) keep per-step calls
         )
     reporter.head_trained(len(history), history.attrs["best_epoch"], history.attrs["monitor"], history.attrs.get("resumed_from", 0))
     return head, history
