@@ -302,7 +302,9 @@ class HeadConfig(BaseModel):
                 "small fixed set of candidates (the exact logistic head of kind \"logistic\", and dense heads of "
                 "several hidden widths, dropout and L2, class weighting): the highest "
                 "out-of-fold average precision wins, and a candidate within one standard error of it that is simpler "
-                "wins the tie. The candidates and their scores go into metrics.json and the report. false: the head "
+                "wins the tie. With model.features \"gap+gmp\" or \"multi\" the smaller feature sets inside the "
+                "embedding (\"gap\", \"gap+gmp\": column subsets, no second backbone pass) enter too, with the "
+                "logistic head, as simpler candidates; a chosen subset is exported as zero weights on the other columns. The candidates and their scores go into metrics.json and the report. false: the head "
                 "as configured here (dense_units, dropout, l2) and training.class_weight."
             )
         ),

@@ -91,6 +91,37 @@ FEATURE_MODES: tuple[str, ...] = ("gap", "gap+gmp", "multi")
 MID_LEVEL_LAYER = "block_13_expand_relu"
 
 
+#: The pooled parts of each mode's embedding, in column order (the Concatenate order below). "gap" and
+#: "gap+gmp" are column subsets of "multi", so one "multi" embedding holds all three feature sets.
+FEATURE_PARTS: dict[str, tuple[str, ...]] = {
+    "gap": ("last_avg",),
+    "gap+gmp": ("last_avg", "last_max"),
+    "multi": ("mid_avg", "mid_max", "last_avg", "last_max"),
+}
+
+
+def feature_subsets(extractor: keras.Model, features: str) -> dict[str, "np.ndarray"]:
+    """The column indices of every feature mode that is a subset of the `features` embedding `extractor` makes.
+
+    Why: head.auto compares feature sets on one cached embedding of the richest mode (no second
+    backbone pass); a head trained on a subset is exported by zero weights outside its columns
+    (model/head.widen_head). Widths are read from the model (they depend on alpha), tiled or not.
+    """
+    import numpy as np
+
+    names = [layer.name for layer in extractor.layers]
+    if "tile_features" in names:
+        extractor = extractor.get_layer("tile_features").layer
+    parts = FEATURE_PARTS[features]
+    layer = extractor.get_layer(FEATURE_LAYER_NAME)
+    widths = [int(t.shape[-1]) for t in layer.input] if len(parts) > 1 else [int(layer.output.shape[-1])]
+    if len(widths) != len(parts):
+        raise ValueError(f"feature layer of {features!r} has {len(widths)} parts, expected {len(parts)}")
+    starts = dict(zip(parts, np.cumsum([0] + widths[:-1]).tolist()))
+    ranges = {part: np.arange(starts[part], starts[part] + width) for part, width in zip(parts, widths)}
+    return {mode: np.concatenate([ranges[p] for p in sub]) for mode, sub in FEATURE_PARTS.items() if set(sub) <= set(parts)}
+
+
 def _pool(tensor, name: str, with_max: bool) -> list:
     pooled = [keras.layers.GlobalAveragePooling2D(name=f"{name}_avg")(tensor)]
     if with_max:

@@ -67,3 +67,31 @@ def linear_head(coef, intercept: float, mean=None, scale=None) -> keras.Model:
     head = build_head(len(coef), (), 0.0)
     head.get_layer("probability").set_weights([kernel.reshape(-1, 1).astype(np.float32), np.array([bias], np.float32)])
     return head
+
+
+def widen_head(head: keras.Model, columns, input_dim: int) -> keras.Model:
+    """A head trained on the feature columns `columns` as the same head on all `input_dim` features.
+
+    The first Dense layer's kernel gets zero rows outside `columns` (every other weight copied), so
+    its output is exactly the narrow head's: the chosen feature subset of head.auto needs no slicing
+    layer, and bundles, ONNX and the other exports are plain Dense layers as before. The zero rows
+    cost one multiply-add per extra feature, nothing next to the backbone.
+    """
+    import numpy as np
+
+    columns = np.asarray(columns)
+    if len(columns) == input_dim and np.array_equal(columns, np.arange(input_dim)):
+        return head
+    dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
+    units = tuple(int(layer.units) for layer in dense[:-1])
+    dropouts = [layer for layer in head.layers if isinstance(layer, keras.layers.Dropout)]
+    wide = build_head(input_dim, units, float(dropouts[0].rate) if dropouts else 0.0)
+    for index, layer in enumerate(dense):
+        weights = layer.get_weights()
+        if index == 0:
+            kernel = np.zeros((input_dim, weights[0].shape[1]), weights[0].dtype)
+            kernel[columns] = weights[0]
+            weights = [kernel, *weights[1:]]
+        wide.get_layer(layer.name).set_weights(weights)
+    wide.name = head.name
+    return wide

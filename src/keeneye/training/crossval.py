@@ -19,7 +19,9 @@ cached and a head trains in seconds, so keeneye can afford what scikit-learn's
   simpler one is within one standard error of it (the fold-to-fold sd of the winner's AP over
   sqrt(K)): differences smaller than what the folds disagree by are noise, and the simpler head
   is the safer bet (Breiman's one-standard-error rule). A candidate names its feature set
-  (``features``; None = the run's embeddings), so feature sets can join the same competition.
+  (``features``; None = the run's embeddings): with a "multi" or "gap+gmp" embedding the smaller
+  modes are column subsets of it (model/backbone.feature_subsets), and the logistic head on each
+  enters first (:func:`candidates_for`); a chosen subset is published by model/head.widen_head.
 * **Exact logistic head** (``head.kind`` "logistic", and the first ``head.auto`` candidate):
   standardised features + L2 logistic regression fitted to convergence by lbfgs
   (:func:`keeneye.training.fit.logistic_path`), for every C of ``head.logistic_c`` in every fold;
@@ -96,10 +98,20 @@ AUTO_CANDIDATES: tuple[HeadCandidate, ...] = (
 )
 
 
-def candidates_for(head: HeadConfig, training: TrainingConfig) -> list[HeadCandidate]:
-    """The configured head alone, or with ``head.auto`` the fixed candidate set."""
+def candidates_for(head: HeadConfig, training: TrainingConfig, feature_sets: Sequence[str] = ()) -> list[HeadCandidate]:
+    """The configured head alone, or with ``head.auto`` the fixed candidate set.
+
+    feature_sets: with ``head.auto``, the named column subsets of the run's embedding to compare
+    (model/backbone.feature_subsets, smallest first, the last = all columns). The smaller sets
+    enter with the exact logistic candidate only, placed first (fewer features: simpler, so the
+    one-standard-error rule prefers them): it is deterministic and seconds per set, while the
+    Adam-trained heads would multiply the cross-validation time, and on the wide sets they did not
+    rank better (README).
+    """
     if head.auto:
-        return list(AUTO_CANDIDATES)
+        *subsets, _ = feature_sets or [None]
+        logistic = AUTO_CANDIDATES[0]
+        return [replace(logistic, name=f"{logistic.name}@{s}", features=s) for s in subsets] + list(AUTO_CANDIDATES)
     if head.kind == "logistic":
         return [HeadCandidate("configured", (), 0.0, 0.0, training.class_weight, kind="logistic",
                               logistic_c=tuple(head.logistic_c))]
@@ -332,15 +344,21 @@ class CrossValidation:
 
 def run_cross_validation(
     x: np.ndarray, y: np.ndarray, units: np.ndarray, head: HeadConfig, training: TrainingConfig,
-    evaluation: EvaluationConfig, progress=None,
+    evaluation: EvaluationConfig, progress=None, feature_sets: dict[str, np.ndarray] | None = None,
 ) -> CrossValidation | None:
-    """Folds, candidates, the chosen head and the OOF threshold; None when fewer than two folds fit."""
+    """Folds, candidates, the chosen head and the OOF threshold; None when fewer than two folds fit.
+
+    feature_sets: name -> column indices of `x` (smallest first, the last all columns); a candidate
+    with ``features`` set trains on those columns only (its fold heads are that narrow).
+    """
     folds = group_folds(y, units, training.cv_folds, training.seed)
     if folds is None:
         return None
+    feature_sets = feature_sets or {}
     results = []
-    for candidate in candidates_for(head, training):
-        results.append(cross_validate(x, y, folds, candidate, training))
+    for candidate in candidates_for(head, training, list(feature_sets)):
+        columns = feature_sets.get(candidate.features) if candidate.features else None
+        results.append(cross_validate(x if columns is None else np.asarray(x)[:, columns], y, folds, candidate, training))
         if progress:
             progress(1)
     chosen, reason = select_candidate(results)

@@ -289,31 +289,47 @@ def fit_head(cfg: Config, prepared: Prepared, extractor: Any, partial: PartialRu
     """
     started = time.perf_counter()
     sets = prepared.sets
-    cv = cross_validate_head(cfg, prepared, reporter)
+    feature_sets = auto_feature_sets(cfg, extractor)
+    cv = cross_validate_head(cfg, prepared, reporter, feature_sets)
     run_cfg = cfg if cv is None else cv_config(cfg, cv)  # the chosen head (head.auto) and the refit's epochs
+    # head.auto may have chosen a feature subset: the published head trains on its columns only
+    columns = feature_sets.get(cv.best.candidate.features) if cv is not None and cv.best.candidate.features else None
     # With cross-validation the head is refit on training + validation, except when fine-tuning: then validation
     # stays unseen, for the honest comparison of the fine-tuned model with the frozen one.
     pool = sets["training"] | sets["validation"] if cv is not None and not cfg.fine_tune.enabled else sets["training"]
     validation = sets["validation"] if cv is None else np.zeros_like(pool)
     publish = cfg.training.cv_publish if cv is not None and not cfg.fine_tune.enabled else "refit"
     if publish == "average":
-        from keeneye.model.head import average_heads
+        from keeneye.model.head import average_heads, widen_head
 
-        head, history = average_heads(cv.best.heads), fold_history(cv)
+        dim = prepared.features.shape[1]
+        heads = cv.best.heads if columns is None else [widen_head(h, columns, dim) for h in cv.best.heads]
+        head, history = average_heads(heads), fold_history(cv)
         reporter.print(f"head: the mean of the {len(cv.best.heads)} fold heads (training.cv_publish average)")
     else:
-        head, history = fit_published_head(run_cfg, extractor, prepared, pool, validation, partial, callbacks, devices, reporter)
+        head, history = fit_published_head(run_cfg, extractor, prepared, pool, validation, partial, callbacks, devices, reporter,
+                                           columns)
     return HeadFit(head, history, cv, run_cfg, publish, time.perf_counter() - started, prepared.features)
 
 
-def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter):
+def auto_feature_sets(cfg: Config, extractor: Any) -> dict[str, np.ndarray]:
+    """With head.auto: the feature modes inside the run's embedding (model.features "multi" holds "gap" and
+    "gap+gmp" as column subsets), name -> columns, smallest first; else none (the embedding as it is)."""
+    if not cfg.head.auto or cfg.model.features == "gap":
+        return {}
+    from keeneye.model.backbone import feature_subsets
+
+    return feature_subsets(extractor, cfg.model.features)
+
+
+def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter, feature_sets: dict | None = None):
     """K group folds over training + validation (training.cv_folds); None when off or impossible (said why).
 
     With cv_folds 0 but too few validation images of a class for a threshold, cross-validation
     still runs (5 folds): out-of-fold choices beat a 0.5 default.
     """
     from keeneye.data.cache import memory_mapped
-    from keeneye.training.crossval import AUTO_CANDIDATES, run_cross_validation
+    from keeneye.training.crossval import candidates_for, run_cross_validation
 
     features, y, sets, units = prepared.features, prepared.y, prepared.sets, prepared.splits.units
     pool = sets["training"] | sets["validation"]
@@ -325,10 +341,11 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter):
         reporter.note(f"validation holds fewer than {cfg.evaluation.min_validation_per_class} images of a class: "
                       "the threshold is chosen on out-of-fold predictions (5 group folds) instead.")
         training = training.model_copy(update={"cv_folds": 5})
-    n = len(AUTO_CANDIDATES) if cfg.head.auto else 1
+    n = len(candidates_for(cfg.head, training, list(feature_sets or {})))
     with reporter.task(f"cross-validating {n} head{'s' if n > 1 else ''}", n) as task:
         pooled = memory_mapped(features, rows=pool)  # mapped like the head's rows: the folds copy it once, into the fit
-        cv = run_cross_validation(pooled, y[pool], units[pool], cfg.head, training, cfg.evaluation, progress=task.advance)
+        cv = run_cross_validation(pooled, y[pool], units[pool], cfg.head, training, cfg.evaluation, progress=task.advance,
+                                  feature_sets=feature_sets)
     if cv is None:
         n_pos = len(np.unique(units[pool][y[pool] == 1]))
         reporter.warning(f"only {n_pos} positive group(s) in training and validation: too few for "
@@ -363,29 +380,46 @@ def fold_history(cv) -> pd.DataFrame:
 
 
 def fit_published_head(cfg: Config, extractor, prepared: Prepared, rows: Mask, validation: Mask, partial: PartialRun,
-                       callbacks: tuple, devices, reporter: Reporter):
-    """The head that goes into the bundle: fit_head (resumable, callbacks, strategies) on `rows`."""
+                       callbacks: tuple, devices, reporter: Reporter, columns: np.ndarray | None = None):
+    """The head that goes into the bundle: fit_head (resumable, callbacks, strategies) on `rows`.
+
+    columns: the feature subset head.auto chose; the head trains on those columns and is widened
+    (zero weights elsewhere, model/head.widen_head) to take the whole embedding, exactly.
+    """
+    head, history = _fit_published(cfg, extractor, prepared, rows, validation, partial, callbacks, devices, reporter, columns)
+    if columns is not None:
+        from keeneye.model.head import widen_head
+
+        head = widen_head(head, columns, prepared.features.shape[1])
+    return head, history
+
+
+def _fit_published(cfg: Config, extractor, prepared: Prepared, rows: Mask, validation: Mask, partial: PartialRun,
+                   callbacks: tuple, devices, reporter: Reporter, columns: np.ndarray | None):
+    """fit_published_head's fit, on `columns` of the features when given (the head it returns is that narrow)."""
     from keeneye.data.cache import memory_mapped
     from keeneye.training.fit import fit_head as fit
 
     features, y = prepared.features, prepared.y
     train_x, train_y = memory_mapped(features, rows=rows), y[rows]  # mapped, copied a chunk at a time: head batches read it
+    val_x = memory_mapped(features, rows=validation)
     if cfg.augmentation.frozen_views:  # K augmented copies per training image, embedded now (not cached)
         from keeneye.training.finetune import embed_augmented_views
 
         views_x, views_y, _ = embed_augmented_views(cfg, extractor, prepared.manifest[rows], train_y, cfg.augmentation.frozen_views)
         train_x, train_y = np.concatenate([train_x, views_x]), np.concatenate([train_y, views_y])
         reporter.print(f"head trains on {len(train_y)} feature rows: the originals + {cfg.augmentation.frozen_views} augmented views each")
+    if columns is not None:  # head.auto chose a feature subset: a copy of those columns only
+        train_x, val_x = np.asarray(train_x)[:, columns], np.asarray(val_x)[:, columns]
     if cfg.head.kind == "logistic":  # exact fit: no epochs, nothing to resume
         from keeneye.training.fit import fit_logistic_published
 
-        head, history, how = fit_logistic_published(train_x, train_y, memory_mapped(features, rows=validation), y[validation],
-                                                    cfg.head, cfg.training)
+        head, history, how = fit_logistic_published(train_x, train_y, val_x, y[validation], cfg.head, cfg.training)
         reporter.line(f"head: logistic regression on standardised features fitted exactly ({how})")
         return head, history
     with reporter.task("training the head", cfg.training.epochs) as task:
         head, history = fit(
-            train_x, train_y, memory_mapped(features, rows=validation), y[validation], cfg.head, cfg.training,
+            train_x, train_y, val_x, y[validation], cfg.head, cfg.training,
             checkpoint_dir=partial.phase_dir("head"),
             callbacks=(*callbacks, task.keras_callback()),
             strategy=devices.strategy,
