@@ -25,6 +25,26 @@ def test_dihedral_views_are_the_8_distinct_symmetries_of_the_square() -> None:
     assert np.array_equal(views[4][0, :, :, 0], image[0, :, ::-1, 0])
 
 
+def test_large_activations_are_memory_mapped_and_read_by_position() -> None:
+    """Beyond the in-memory limit the activations live in an unlinked file; batches read only the decoded columns."""
+    from keeneye.training.cached_top import activation_array, views_dataset
+    from keeneye.training.pipeline import EpochPlan
+
+    small = activation_array((2, 3, 4), limit=1 << 20)
+    assert not isinstance(small, np.memmap) and np.isnan(small).all()
+    big = activation_array((2, 5, 3), limit=16)
+    assert isinstance(big, np.memmap) and np.isnan(big).all()
+    big[:] = np.arange(30, dtype=np.float32).reshape(2, 5, 3)
+    positions = np.array([0, 2, 4])  # column 1 and 3 failed to decode
+    labels = np.array([0, 1, 1])
+    plan = EpochPlan(labels, 8, 0, shuffle=False)
+    rows = [row for acts, _, _ in views_dataset(big, labels, np.ones(3), plan, [0], 0, positions).as_numpy_iterator()
+            for row in acts]
+    assert len(rows) == 3
+    for row, column in zip(rows, positions):  # each row is one view of its own column, never a failed one
+        assert any(np.array_equal(row, big[view, column]) for view in range(2))
+
+
 def test_split_needs_a_cut_at_the_start_of_a_block() -> None:
     from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
     from keeneye.training.cached_top import split_backbone

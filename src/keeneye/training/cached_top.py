@@ -3,7 +3,8 @@
 Why: on a CPU a full fine-tuning epoch pushes every image through all of MobileNetV2 forwards and
 through the top backwards, and the frozen bottom (most of the multiply-adds) computes the same
 thing every epoch. Here the frozen bottom (everything below the first unfrozen layer) runs once per
-image and per view, the activations stay in memory, and the epochs train only the top blocks and the
+image and per view, the activations are kept (in memory, or in an unlinked temporary file when they
+would take more than ``IN_MEMORY_BYTES``), and the epochs train only the top blocks and the
 head on them: an epoch costs a fraction of a pass. Augmentation is the 8 symmetries of the square
 (flips and quarter turns, ``fine_tune.views``), which suit textures and parts without an orientation:
 each epoch sees every training image in one randomly drawn view. BatchNorm stays in inference mode
@@ -16,6 +17,8 @@ giving the probabilities the top computed while training (tests check within 1e-
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +33,9 @@ from keeneye.training.pipeline import EpochPlan, epoch_rng
 
 VIEWS = 8  # the dihedral group of the square: 4 quarter turns, each also mirrored
 VIEW_STREAM = 2  # epoch_rng stream that draws each epoch's views (0: head, 1: fine-tuning order)
+#: Activations larger than this go to a memory-mapped temporary file (block_15's output is ~31 KB per
+#: image and view: 10,000 images x 8 views would otherwise hold 2.5 GB of RAM).
+IN_MEMORY_BYTES = 1 << 30
 
 
 def dihedral(images: np.ndarray, view: int) -> np.ndarray:
@@ -88,7 +94,7 @@ def cache_views(bottom: keras.Model, paths: Sequence[str], spec: InputSpec, view
     Each file is decoded once; its `views` dihedral views go through the bottom together.
     """
     shape = tuple(bottom.output_shape[1:])
-    out = np.full((views, len(paths), *shape), np.nan, np.float32)
+    out = activation_array((views, len(paths), *shape))
 
     def all_views(batch: np.ndarray) -> np.ndarray:
         stacked = np.concatenate([dihedral(batch, v) for v in range(views)])
@@ -102,19 +108,43 @@ def cache_views(bottom: keras.Model, paths: Sequence[str], spec: InputSpec, view
     return out, run.failures
 
 
-def views_dataset(activations: np.ndarray, labels: np.ndarray, weights: np.ndarray, plan: EpochPlan, epochs, seed: int):
-    """tf.data batches (activations, label, weight) following `plan`; every image in a random view drawn per (seed, epoch)."""
+def activation_array(shape: tuple[int, ...], limit: int = IN_MEMORY_BYTES) -> np.ndarray:
+    """A float32 array of `shape` filled with NaN: in RAM up to `limit` bytes, beyond that memory-mapped.
+
+    The file is unlinked as soon as it is mapped, so it takes disk space only while the array lives and
+    nothing is left behind after a crash; the page cache keeps what fits in RAM.
+    """
+    if int(np.prod(shape)) * 4 <= limit:
+        return np.full(shape, np.nan, np.float32)
+    handle, path = tempfile.mkstemp(prefix="keeneye-activations-", suffix=".npy")
+    os.close(handle)
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    finally:
+        os.unlink(path)
+    array[:] = np.nan
+    return array
+
+
+def views_dataset(activations: np.ndarray, labels: np.ndarray, weights: np.ndarray, plan: EpochPlan, epochs, seed: int,
+                  positions: np.ndarray | None = None):
+    """tf.data batches (activations, label, weight) following `plan`; every image in a random view drawn per (seed, epoch).
+
+    `positions`: the columns of `activations` that the labels belong to (the files that decoded), so the
+    array (possibly memory-mapped) is read batch by batch instead of being copied without its failures.
+    """
     import tensorflow as tf
 
     epochs = list(epochs)
     views, shape = activations.shape[0], activations.shape[2:]
     labels, weights = np.asarray(labels, np.float32), np.asarray(weights, np.float32)
+    columns = np.arange(len(labels)) if positions is None else np.asarray(positions)
 
     def batches():
         for epoch in epochs:
             drawn = epoch_rng(seed, epoch, VIEW_STREAM).integers(0, views, len(labels))
             for rows in plan.batches(epoch):
-                yield activations[drawn[rows], rows], labels[rows], weights[rows]
+                yield activations[drawn[rows], columns[rows]], labels[rows], weights[rows]
 
     signature = (tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.float32))
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
@@ -130,8 +160,9 @@ def learning_rate(rate: float, schedule: str, steps_per_epoch: int, epochs: int)
 
 
 def train_top(cfg, top: keras.Model, head: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-              checkpoint_dir: Path | None, callbacks: Sequence = (), verbose: int = 0):
-    """Train top + head on cached views (train: (views, N, ...) activations, labels; val: view 0 only). Returns PhaseOutcome."""
+              checkpoint_dir: Path | None, callbacks: Sequence = (), verbose: int = 0, positions: np.ndarray | None = None):
+    """Train top + head on cached views (train: (views, N, ...) activations, labels of the `positions` columns (default
+    all); val: view 0 only). Returns PhaseOutcome."""
     import tensorflow as tf
 
     from keeneye.training.fit import run_phase, sample_weights
@@ -147,7 +178,7 @@ def train_top(cfg, top: keras.Model, head: keras.Model, train: tuple[np.ndarray,
     if len(val[1]):
         validation = tf.data.Dataset.from_tensor_slices((val[0], np.asarray(val[1], np.float32))).batch(training.batch_size)
     return model, run_phase(
-        model, lambda first: views_dataset(train[0], train[1], weights, plan, range(first, ft.epochs), training.seed),
+        model, lambda first: views_dataset(train[0], train[1], weights, plan, range(first, ft.epochs), training.seed, positions),
         plan.steps_per_epoch, ft.epochs, validation, "val_loss" if validation is not None else "loss", ft.patience,
         checkpoint_dir, callbacks, verbose,
     )

@@ -223,8 +223,9 @@ def fine_tune_cached_top(
     val_acts, val_failed = cache_views(bottom, val_rows["path"].tolist(), spec, 1, cfg.training.batch_size)
     train_ok = np.setdiff1d(np.arange(len(train_rows)), list(train_failed))
     val_ok = np.setdiff1d(np.arange(len(val_rows)), list(val_failed))
-    model, outcome = train_top(cfg, top, head_copy, (train_acts[:, train_ok], np.asarray(train_labels)[train_ok]),
-                               (val_acts[0, val_ok], np.asarray(val_labels)[val_ok]), checkpoint_dir, callbacks, verbose)
+    model, outcome = train_top(cfg, top, head_copy, (train_acts, np.asarray(train_labels)[train_ok]),
+                               (val_acts[0, val_ok], np.asarray(val_labels)[val_ok]), checkpoint_dir, callbacks, verbose,
+                               positions=train_ok)
     validation_p = (np.asarray(model.predict(val_acts[0, val_ok], batch_size=cfg.training.batch_size, verbose=0))[:, 0]
                     if len(val_ok) else np.empty(0, np.float32))
     final_extractor, final_head = plain_copy(cfg, ext_copy, head_copy)
