@@ -73,6 +73,7 @@ def test_unfreeze_from_a_layer_name_and_clear_errors() -> None:
         unfreeze_top(base, 155)
 
 
+@pytest.mark.slow  # 20 s; the images method is no longer the default (test_cached_top checks the same for cached_top)
 def test_fine_tuning_trains_only_the_top_and_never_moves_batchnorm_statistics(tmp_path, demo_data, imagenet_weights) -> None:
     """One real fine-tuning run: unfrozen kernels change, everything below and every BN statistic does not."""
     import keras
