@@ -60,27 +60,11 @@ CORESET_POOL = 40000
 
 def extract(name: str, paths: list[str], size: int) -> np.ndarray:
     """(N, H, W, sum of LAYERS channels) float16: each layer locally averaged and on the coarsest grid; cached."""
+    from anomaly_tune import cached_features  # the sibling script: one cached extraction for both
     from keeneye.model.patchcore import build_patch_extractor
-    from keeneye.runtime.choice import make_feature_engine
-    from keeneye.training.features import iter_batches
 
-    target = CACHE / f"layers_{name}_{size}.npy"
-    if target.is_file():
-        return np.load(target, mmap_mode="r")
-    extractor = build_patch_extractor(1.0, size, WEIGHTS, list(LAYERS), projection_dim=None, seed=0)
-    engine = make_feature_engine(extractor)
-    out = None
-    started = time.perf_counter()
-    for keys, batch, failures in iter_batches(enumerate(paths), size, 16):
-        assert not failures, failures
-        found = engine(batch)
-        if out is None:
-            out = np.zeros((len(paths), *found.shape[1:]), np.float16)
-        out[keys] = found
-    print(f"  features {name} {size}: {out.shape} in {time.perf_counter() - started:.0f} s", flush=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.save(target, out)
-    return out
+    build = lambda: build_patch_extractor(1.0, size, WEIGHTS, list(LAYERS), projection_dim=None, seed=0)  # noqa: E731
+    return cached_features(CACHE / f"layers_{name}_{size}.npy", build, paths, size, f"{name} {size}")
 
 
 def columns(layer_set: list[str]) -> np.ndarray:

@@ -52,25 +52,32 @@ MAGNETIC_CAPS = (2500, 5000)
 
 def features_for(name: str, paths: list[str], size: int) -> np.ndarray:
     """(N, H, W, 256) float16 patch features of the default layers at `size`, cached on disk."""
-    from keeneye.inference import engines
     from keeneye.model.patchcore import build_patch_extractor
-    from keeneye.training.features import iter_batches
 
-    target = CACHE / f"{name}_{size}.npy"
+    build = lambda: build_patch_extractor(1.0, size, WEIGHTS, TUNED_LAYERS, projection_dim=256, seed=0)  # noqa: E731
+    return np.asarray(cached_features(CACHE / f"{name}_{size}.npy", build, paths, size, f"{name} {size}"))
+
+
+def cached_features(target: Path, build, paths: list[str], size: int, label: str) -> np.ndarray:
+    """`build()`'s extractor over `paths` as float16 (N, ...), memory-mapped from `target` when it exists (the
+    extractor is then never built), else computed and saved there.
+
+    The batch loop is keeneye's own (runtime.batches.run_engine), with the fastest verified engine;
+    float16 halves the cache (these are ranking features, not the product's).
+    """
+    from keeneye.runtime.batches import run_engine
+    from keeneye.runtime.choice import make_feature_engine
+
     if target.is_file():
-        return np.load(target)
-    extractor = build_patch_extractor(1.0, size, WEIGHTS, TUNED_LAYERS, projection_dim=256, seed=0)
-    engine = engines.make_feature_engine(extractor)
-    out = None
+        return np.load(target, mmap_mode="r")
+    extractor = build()
+    engine = make_feature_engine(extractor)
+    out = np.zeros((len(paths), *extractor.output_shape[1:]), np.float16)
     started = time.perf_counter()
-    for keys, batch, failures in iter_batches(enumerate(paths), size, 16):
-        assert not failures, failures
-        found = engine(batch)
-        if out is None:
-            out = np.zeros((len(paths), *found.shape[1:]), np.float16)
-        out[keys] = found
-    print(f"  features {name} {size}: {out.shape} in {time.perf_counter() - started:.0f} s", flush=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
+    run = run_engine(engine, paths, size, 16, sink=lambda keys, found: out.__setitem__(keys, found))
+    assert not run.failures, run.failures
+    print(f"  features {label}: {out.shape} in {time.perf_counter() - started:.0f} s", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     np.save(target, out)
     return out
 
