@@ -71,7 +71,8 @@ def run_fold(manifest: Path, work: Path, name: str, weights: Path, overrides: li
     seconds = time.perf_counter() - started
     m = result.metrics
     cv = m.get("cross_validation") or {}
-    estimate = cv.get("estimate", {})
+    # with head.anomaly_feature the published model is the stacked one: its own cross-validated estimate
+    estimate = ((m.get("anomaly_feature") or {}).get("cross_validation") or cv).get("estimate", {})
     audit = json.loads((result.run_dir / "audit.json").read_text())
     entry = {
         "run_dir": str(result.run_dir), "n": m["n"], "n_positive": m["n_positive"], "threshold": result.threshold,

@@ -457,6 +457,17 @@ def _convert(bundle: Bundle, fmt: str, quantize: str | None, calibration: ImageS
         raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
+def check_exportable(bundle: Bundle) -> None:
+    """Only a classifier whose model.keras gives the whole probability exports as one graph."""
+    if bundle.metadata.get("mode") == "anomaly":
+        raise ExportError(f"{bundle.path.name} is a one-class (anomaly) bundle: its deployable parts are already in it, "
+                          "model.onnx (the patch feature graph) and memory_bank.npy; export supports classifiers only.")
+    if bundle.metadata.get("anomaly_feature") is not None:
+        raise ExportError(f"{bundle.path.name} was trained with head.anomaly_feature: its probability also needs the one-class "
+                          "score (anomaly_features.keras + anomaly_feature_bank.npy), which a single exported graph does not hold; "
+                          "use keeneye predict / serve, or retrain without head.anomaly_feature to export.")
+
+
 def export_bundle(
     run_dir: str | os.PathLike | Bundle,
     format: str = "onnx",
@@ -475,9 +486,7 @@ def export_bundle(
     """
     fmt, quantize = _checked_request(format, quantize)
     bundle = run_dir if isinstance(run_dir, Bundle) else load_bundle(run_dir)
-    if bundle.metadata.get("mode") == "anomaly":
-        raise ExportError(f"{bundle.path.name} is a one-class (anomaly) bundle: its deployable parts are already in it, "
-                          "model.onnx (the patch feature graph) and memory_bank.npy; export supports classifiers only.")
+    check_exportable(bundle)
     target = resolve_output(bundle, fmt, quantize, output)
     tolerance = tolerance or TOLERANCES[quantize]
     say = console.print if console is not None else (lambda *a, **k: None)
