@@ -135,7 +135,7 @@ def test_anomaly_config_is_checked(tmp_path, demo_data) -> None:
         config_from_dict(tiny_config(tmp_path, demo_data, anomaly={"layers": ["conv_pw_3"]}), base_dir=tmp_path)
 
 
-def test_explain_predict_maps_and_export_on_an_anomaly_bundle(anomaly_run, demo_data, tmp_path) -> None:
+def test_explain_and_predict_maps_on_an_anomaly_bundle(anomaly_run, demo_data, tmp_path) -> None:
     from keeneye import api
     from keeneye.explain import explain
 
