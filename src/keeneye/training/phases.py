@@ -354,7 +354,7 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter, fea
     if len(cv.results) > 1:
         paired = paired_differences(cv.results)
         reporter.head_candidates([(r.candidate.name, r.ap, r is cv.best,
-                                   f"per fold {d.mean:+.4f} +- {d.standard_error:.4f} (paired SE) vs the best")
+                                   f"per fold {d.mean:+.3g} +- {d.standard_error:.3g} (paired SE) vs the best")
                                   for r, d in zip(cv.results, paired)], cv.reason)
     return cv
 
