@@ -57,7 +57,7 @@ def test_stacked_bundle_predicts_the_probabilities_training_scored(tmp_path, dem
     from keeneye.config import config_from_dict
     from keeneye.inference.predictor import Predictor
 
-    head = {"kind": "logistic", "dense_units": [], "dropout": 0.0, "anomaly_feature": True}
+    head = {"kind": "logistic", "dense_units": [], "dropout": 0.0, "anomaly_feature": True}  # pinned: kept whatever the paired rule says
     config = config_from_dict(tiny_config(tmp_path, demo_data, run_name="stacked", head=head,
                                           anomaly={"max_bank_size": 500}), base_dir=tmp_path)
     result = api.train(config, console=Console(quiet=True))
@@ -101,3 +101,39 @@ def test_refused_with_fine_tuning(tmp_path, demo_data):
                               base_dir=tmp_path)
     with pytest.raises(ConfigError, match="head.anomaly_feature: fine_tune.enabled must be false"):
         api.train(config, console=Console(quiet=True))
+
+
+def test_the_stacked_model_is_kept_only_when_it_beats_the_head_by_more_than_a_paired_standard_error():
+    from keeneye.training.phases import anomaly_feature_verdict
+
+    head = [0.70, 0.85, 0.80, 0.75, 0.90]  # folds of very different difficulty
+    steady = anomaly_feature_verdict([a + g for a, g in zip(head, [0.03, 0.02, 0.04, 0.03, 0.02])], head)
+    assert steady["kept"] and steady["mean"] > steady["se"] > 0
+    noisy = anomaly_feature_verdict([a + g for a, g in zip(head, [0.10, -0.06, 0.08, -0.07, 0.00])], head)
+    assert not noisy["kept"] and "simpler head" in noisy["reason"]
+    worse = anomaly_feature_verdict([a - 0.02 for a in head], head)
+    assert not worse["kept"]
+    assert not anomaly_feature_verdict([0.9], [0.8])["kept"]  # one fold: no spread, no evidence
+
+
+@pytest.mark.slow  # a full train with two backbone graphs: ~20 s on a quiet machine
+def test_auto_publishes_what_the_paired_rule_decides_and_says_why(tmp_path, demo_data, imagenet_weights):
+    """head.anomaly_feature "auto": the verdict in metadata decides what the bundle holds, and predict agrees."""
+    from keeneye import api
+    from keeneye.bundle import ANOMALY_FEATURE_MODEL_FILE
+    from keeneye.config import config_from_dict
+    from keeneye.inference.predictor import Predictor
+
+    head = {"kind": "logistic", "dense_units": [], "dropout": 0.0, "anomaly_feature": "auto"}
+    config = config_from_dict(tiny_config(tmp_path, demo_data, run_name="auto", head=head, anomaly={"max_bank_size": 500}),
+                              base_dir=tmp_path)
+    run = api.train(config, console=Console(quiet=True)).run_dir
+    metadata = json.loads((run / "metadata.json").read_text())
+    training = metadata["training"]
+    verdict = training["anomaly_feature"]["verdict"] if "anomaly_feature" in training else training["anomaly_feature_dropped"]
+    assert verdict["kept"] == (verdict["mean"] > verdict["se"]) == ("anomaly_feature" in metadata)
+    assert (run / ANOMALY_FEATURE_MODEL_FILE).is_file() == verdict["kept"]
+    assert "standard error" in verdict["reason"] and len(verdict["ap_differences"]) == config.training.cv_folds
+    trained = pd.read_csv(run / "predictions.csv")
+    predicted = Predictor.from_bundle(run).predict_paths(trained["path"].tolist())
+    np.testing.assert_allclose(predicted["probability"], trained["probability"], atol=1e-4)

@@ -94,6 +94,7 @@ def _reject_empty_path(value: Any) -> Any:
 
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict()]  # strict float still accepts int, rejects bool and str
+StrictBool = Annotated[bool, Strict()]
 StrictStr = Annotated[str, Strict()]
 Alpha = Annotated[Literal[0.35, 0.5, 0.75, 1.0, 1.3, 1.4], BeforeValidator(_reject_bool)]
 
@@ -335,8 +336,7 @@ class HeadConfig(BaseModel):
         _Expect("a non-empty list of numbers > 0, e.g. [0.001, 0.01]", ("list",), item="a number > 0"),
     ] = Field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
     anomaly_feature: Annotated[
-        bool,
-        Strict(),
+        Union[Literal["auto"], StrictBool],
         Field(
             description=(
                 "Add the one-class patch score (the anomaly section's PatchCore settings: patch features, coreset "
@@ -346,11 +346,13 @@ class HeadConfig(BaseModel):
                 "its threshold chosen on cross-fitted out-of-fold probabilities. The bundle then holds the patch "
                 "feature graph and the bank too (predict, evaluate, serve use them; export refuses). Small local "
                 "defects that pooled embeddings miss: on magnetic tile it raised the test AP in every group fold and F1 in 4 of 5 "
-                "(README). Needs cv_folds >= 2, no fine-tuning, no tiles. Costs a second, shallower backbone pass "
-                "and a nearest-neighbour search per image."
+                "(README). \"auto\": keep the stacked model only when its out-of-fold AP beats the head's by more than "
+                "one paired standard error over the folds, else publish the head alone and say why; true: always keep "
+                "it. Needs cv_folds >= 2, no fine-tuning, no tiles. Costs a second, shallower backbone pass and a "
+                "nearest-neighbour search per image."
             )
         ),
-        _Expect("true or false", ("boolean",)),
+        _Expect('false, true or "auto"', ("boolean", "string")),
     ] = False
 
     @model_validator(mode="before")

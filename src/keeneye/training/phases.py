@@ -515,12 +515,37 @@ def add_anomaly_feature(cfg: Config, scanned: Scanned, prepared: Prepared, fit: 
         return feature.stacker(trained.probability(mask), raw).astype(np.float32)
 
     e, choice = feature.estimate, feature.choice
+    verdict = anomaly_feature_verdict(feature.estimate["average_precision"], fit.cv.best.fold_ap)
+    if not verdict["kept"] and cfg.head.anomaly_feature == "auto":
+        reporter.line(f"head.anomaly_feature: not kept, the head alone is published: {verdict['reason']}")
+        return replace(trained, info=trained.info | {"anomaly_feature_dropped": verdict})
+    reporter.line(f"head.anomaly_feature: {'kept' if verdict['kept'] else 'kept (pinned by true)'}: {verdict['reason']}")
     reporter.line(f"head.anomaly_feature: probability = sigmoid({feature.stacker.coef_logit:.3f} logit(p) + "
                   f"{feature.stacker.coef_log_score:.3f} log(s) + {feature.stacker.intercept:.3f}); cross-validated "
                   f"F1 {e['f1_mean']:.4f} +- {e['f1_sd']:.4f}, AP {e['average_precision_mean']:.4f} +- {e['average_precision_sd']:.4f}")
     reporter.threshold(choice.threshold, choice.method, choice.validation_f1, True, choice.warning)
-    info = trained.info | {"anomaly_feature": feature.info()}
+    info = trained.info | {"anomaly_feature": feature.info() | {"verdict": verdict}}
     return replace(trained, choice=choice, probability=probability, info=info, anomaly_feature=feature)
+
+
+def anomaly_feature_verdict(stacked_fold_ap: Sequence[float], head_fold_ap: Sequence[float]) -> dict:
+    """Keep the stacked model only when cross-validation says the one-class score helps (issue 13 part 5).
+
+    Both per-fold APs come from the same group folds (the stacked ones cross-fitted), so the paired
+    difference cancels each fold's difficulty, as in head.auto's rule (crossval.paired_differences):
+    the stacked model must beat the head by more than one paired standard error; a tie keeps the
+    simpler head, which needs no second backbone pass and no nearest-neighbour search per image.
+    """
+    d = np.asarray(stacked_fold_ap, float) - np.asarray(head_fold_ap, float)
+    d = d[np.isfinite(d)]
+    mean = float(np.mean(d)) if len(d) else 0.0
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    kept = len(d) > 1 and mean > se
+    reason = (f"out-of-fold AP of the stacked model minus the head's, paired over {len(d)} folds: {mean:+.4f} "
+              f"(paired standard error {se:.4f}); " + ("more than one standard error better" if kept else
+                                                       "not more than one standard error better, so the simpler head"))
+    return {"kept": kept, "ap_differences": [round(float(v), 6) for v in d], "mean": round(mean, 6), "se": round(se, 6),
+            "reason": reason}
 
 
 def fine_tune(cfg: Config, prepared: Prepared, fit: HeadFit, baseline: Trained, partial: PartialRun, devices: Any,
