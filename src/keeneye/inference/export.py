@@ -542,6 +542,14 @@ def _convert(bundle: Bundle, fmt: str, quantize: str | None, calibration: ImageS
         raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
+def check_exportable(bundle: Bundle) -> None:
+    """A head.anomaly_feature bundle's probability needs two graphs and a bank: one exported graph cannot hold it."""
+    if bundle.metadata.get("anomaly_feature") is not None:
+        raise ExportError(f"{bundle.path.name} was trained with head.anomaly_feature: its probability also needs the one-class "
+                          "score (anomaly_features.keras + anomaly_feature_bank.npy), which a single exported graph does not hold; "
+                          "use keeneye predict / serve, or retrain without head.anomaly_feature to export.")
+
+
 def export_bundle(
     run_dir: str | os.PathLike | Bundle,
     format: str = "onnx",
@@ -561,6 +569,7 @@ def export_bundle(
     """
     fmt, quantize = _checked_request(format, quantize)
     bundle = run_dir if isinstance(run_dir, Bundle) else load_bundle(run_dir)
+    check_exportable(bundle)
     target = resolve_output(bundle, fmt, quantize, output)
     tolerance = tolerance or TOLERANCES[quantize]
     say = console.print if console is not None else (lambda *a, **k: None)
