@@ -12,6 +12,12 @@ magnetic-tile (the 5 group folds of folds_5.csv): for each fold, the bank is bui
   graph, then each fold uses the same library pieces train uses (build_bank, choose_anomaly_threshold).
 
     python benchmarks/anomaly.py [casting|magnetic|all] [--set anomaly.coreset_share=0.1 ...]
+
+ivf (an already trained casting one-class bundle, e.g. one with the whole 10% coreset): test AUROC (whole and
+deduplicated) of the bundle and of a copy searched by IVF (anomaly.search "ivf"), and predict throughput of both
+next to a supervised bundle, interleaved as above:
+
+    python benchmarks/anomaly.py ivf --bundle RUN --supervised RUN [--nprobe 16]
 """
 
 from __future__ import annotations
@@ -65,12 +71,13 @@ def scores_without_duplicates(run_dir: Path) -> dict:
     return out
 
 
-def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5) -> dict:
+def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5, other_searches: bool = True) -> dict:
     """Images per second of Predictor.predict_images per bundle: same images, interleaved repeats, medians.
 
     Also, per repeat and in the same loop, where the one-class time goes: decoding the files (the same
-    for both modes), the patch feature graph, the nearest-neighbour search (the bundle's backend, and
-    faiss IndexFlatL2 on the same bank and queries) and the re-weighting.
+    for both modes), the patch feature graph, the nearest-neighbour search (the bundle's backend, and with
+    `other_searches` faiss IndexFlatL2 on the same bank and queries and the uncapped bank), the IVF search of an
+    "anomaly_ivf" bundle when one is timed, and the re-weighting.
     """
     from keeneye.data.decode import load_image
     from keeneye.inference.predictor import Predictor
@@ -87,7 +94,7 @@ def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5) -> 
     uncapped = math.ceil(info["coreset_share"] * info["training_patches"])  # the bank without max_bank_size (timing only:
     big_bank = PatchBank(np.resize(engine.bank.features, (uncapped, engine.bank.dim)))  # search time depends on its size)
     rates: dict[str, list[float]] = {name: [] for name in predictors}
-    parts: dict[str, list[float]] = {k: [] for k in ("decode", "features", "search", "search_faiss", "reweight",
+    parts: dict[str, list[float]] = {k: [] for k in ("decode", "features", "search", "search_ivf", "search_faiss", "reweight",
                                                      "search_uncapped_bank")}
 
     def timed(key: str, call):
@@ -96,6 +103,7 @@ def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5) -> 
         parts[key].append((time.perf_counter() - started) / len(images) * 1000)
         return out
 
+    ivf = predictors.get("anomaly_ivf")
     for _ in range(repeats):
         for name, predictor in predictors.items():
             started = time.perf_counter()
@@ -104,14 +112,63 @@ def throughput(bundles: dict[str, Path], paths: list[str], repeats: int = 5) -> 
         timed("decode", lambda: [load_image(p) for p in paths])
         patches = timed("features", lambda: np.concatenate([engine.features(batch[i : i + 32]) for i in range(0, len(batch), 32)]))
         distances, index = timed("search", lambda: engine.bank.nearest(patches))
-        timed("search_faiss", lambda: faiss_bank.nearest(patches))
+        if ivf is not None:
+            timed("search_ivf", lambda: ivf.engine.bank.nearest(patches))
         timed("reweight", lambda: reweighted_scores(engine.bank, patches, distances, index, engine.neighbours, engine.top_k))
-        timed("search_uncapped_bank", lambda: big_bank.nearest(patches))
+        if other_searches:
+            timed("search_faiss", lambda: faiss_bank.nearest(patches))
+            timed("search_uncapped_bank", lambda: big_bank.nearest(patches))
     return {"predict": {name: {"median_img_per_s": statistics.median(r), "runs": r, "engine": predictors[name].engine_name}
                         for name, r in rates.items()},
-            "anomaly_ms_per_image_median": {k: statistics.median(v) for k, v in parts.items()},
+            "anomaly_ms_per_image_median": {k: statistics.median(v) for k, v in parts.items() if v},
             "bank": {"size": len(engine.bank), "dim": engine.bank.dim, "neighbours": engine.neighbours,
                      "uncapped_size_timed": uncapped}}
+
+
+def ivf_copy(bundle: Path, folder: Path, nprobe: int | None) -> Path:
+    """A copy of a one-class bundle whose metadata says search "ivf" (the bank, threshold and feature graph unchanged).
+
+    The raw threshold stays the one chosen with exact search; IVF distances are never smaller, so the
+    copy flags at most slightly more. AUROC does not depend on the threshold.
+    """
+    import shutil
+
+    from keeneye.config import AnomalyConfig
+
+    copy = Path(shutil.copytree(bundle, folder / f"{bundle.name}-ivf"))
+    metadata = json.loads((copy / "metadata.json").read_text())
+    metadata["anomaly"] |= {"search": "ivf", "nprobe": nprobe or AnomalyConfig().nprobe}
+    (copy / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return copy
+
+
+def predict_testing(bundle: Path) -> None:
+    """Rewrite a bundle's predictions.csv by predicting its testing rows again (for a copy whose search changed)."""
+    from keeneye.inference.predictor import Predictor
+
+    manifest = pd.read_csv(bundle / "manifest.csv")
+    rows = manifest[manifest["evaluated"]]
+    out = Predictor.from_bundle(bundle).predict_paths(rows["path"].tolist())
+    pd.DataFrame({"path": rows["path"].to_numpy(), "label": rows["label"].to_numpy(),
+                  "probability": out["probability"].to_numpy()}).to_csv(bundle / "predictions.csv", index=False)
+
+
+def existing(anomaly: Path, supervised: Path, nprobe: int | None) -> dict:
+    """Exact vs IVF search on an already trained one-class bundle, next to a supervised one: test scores and throughput."""
+    work = Path(tempfile.mkdtemp(prefix="keeneye-bench-anomaly-ivf-"))
+    ivf = ivf_copy(anomaly, work, nprobe)
+    predict_testing(ivf)
+    bundles = {"anomaly": anomaly, "anomaly_ivf": ivf, "supervised": supervised}
+    test_paths = sorted(str(p) for p in (SHARED / "data" / "casting" / "casting_data" / "test").rglob("*.jpeg"))[::11][:64]
+    speed = throughput(bundles, test_paths, other_searches=False)
+    predict = speed["predict"]
+    return {
+        **{name: scores_without_duplicates(path) for name, path in bundles.items() if name != "supervised"},
+        "bank": json.loads((ivf / "metadata.json").read_text())["anomaly"], "throughput": speed,
+        "throughput_ratio": {name: predict[name]["median_img_per_s"] / predict["supervised"]["median_img_per_s"]
+                             for name in bundles if name != "supervised"},
+        "runs": {name: str(path) for name, path in bundles.items()},
+    }
 
 
 def compare_side_by_side(a: Path, b: Path) -> None:
@@ -242,7 +299,10 @@ def magnetic(overrides: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["casting", "magnetic", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["casting", "magnetic", "all", "ivf"])
+    parser.add_argument("--bundle", type=Path, help="ivf: a trained casting one-class bundle (timed exact and as an IVF copy)")
+    parser.add_argument("--supervised", type=Path, help="ivf: a casting supervised bundle timed beside it")
+    parser.add_argument("--nprobe", type=int, default=None, help="ivf: lists searched (default: anomaly.nprobe's default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. anomaly.coreset_share=0.1")
     parser.add_argument("--also", action="append", default=[],
                         help="casting: also train a second one-class bundle with these overrides added, timed in the same loop")
@@ -265,6 +325,14 @@ def main() -> int:
               "ratio to supervised:", {name: round(r, 2) for name, r in c["throughput_ratio"].items()})
         print(f"bank {c['bank']['bank_size']} of {c['bank']['training_patches']} patches; first train peak RSS "
               f"{c['peak_rss_mb_train']:.0f} MB, {c['train_s']:.0f} s")
+        print("one-class ms per image (median):", {k: round(v, 2) for k, v in c["throughput"]["anomaly_ms_per_image_median"].items()})
+    if args.which == "ivf":
+        results["casting_ivf"] = c = existing(args.bundle, args.supervised, args.nprobe)
+        for mode in ("anomaly", "anomaly_ivf"):
+            for split, r in c[mode].items():
+                print(f"{mode:<14}{split:<14}{r['n']:>5}{r['auroc']:>9.4f}{r['f1']:>9.4f}")
+        print("predict img/s (median):", {name: round(r["median_img_per_s"], 1) for name, r in c["throughput"]["predict"].items()},
+              "ratio to supervised:", {name: round(r, 2) for name, r in c["throughput_ratio"].items()})
         print("one-class ms per image (median):", {k: round(v, 2) for k, v in c["throughput"]["anomaly_ms_per_image_median"].items()})
     out = args.out or RESULTS / f"anomaly_{args.which}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ the coreset tests are pure numpy.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -293,3 +294,34 @@ def test_top_k_image_score_is_the_mean_of_the_largest_patch_distances() -> None:
     assert image_scores(maps, 1).tolist() == [9.0, 4.0]  # the largest distance ranks the lone patch first
     assert image_scores(maps, 4).tolist() == [2.25, 4.0]  # the mean of the 4 largest ranks the extended defect first
     assert image_scores(maps, 100).tolist() == [9 / 16, 1.0] and image_scores(np.empty((0, 4, 4)), 3).shape == (0,)
+
+
+def test_ivf_search_with_every_list_probed_scores_as_exact_search(anomaly_run, tmp_path, demo_data) -> None:
+    import shutil
+
+    from keeneye.config import config_from_dict
+    from keeneye.inference.predictor import Predictor
+    from keeneye.model.patchcore import PatchBank, ivf_lists
+
+    rng = np.random.default_rng(2)
+    bank = (rng.normal(0, 5, (30, 16))[rng.integers(30, size=400)] + rng.normal(size=(400, 16))).astype(np.float32)
+    patches = rng.normal(0, 5, (3, 6, 6, 16)).astype(np.float32)
+    exact = PatchBank(bank).distances(patches)
+    lists = ivf_lists(len(bank))
+    assert lists == 80
+    np.testing.assert_allclose(PatchBank(bank, method="ivf", nprobe=lists).distances(patches), exact, rtol=1e-4, atol=1e-4)
+    one = PatchBank(bank, method="ivf", nprobe=1).distances(patches)
+    assert (one >= exact - 1e-4).all() and (one > exact + 1e-3).any()  # one list: never closer than exact, sometimes farther
+    np.testing.assert_array_equal(one, PatchBank(bank, method="ivf", nprobe=1).distances(patches))  # rebuilt: the same index
+    # The bundle's metadata chooses the search: a copy set to IVF over every list predicts the exact bundle's scores.
+    copy = Path(shutil.copytree(anomaly_run.run_dir, tmp_path / "ivf"))
+    metadata = json.loads((copy / "metadata.json").read_text())
+    metadata["anomaly"] |= {"search": "ivf", "nprobe": ivf_lists(metadata["anomaly"]["bank_size"])}
+    (copy / "metadata.json").write_text(json.dumps(metadata))
+    paths = pd.read_csv(anomaly_run.run_dir / "predictions.csv")["path"].tolist()[:8]
+    ivf, exact_bundle = Predictor.from_bundle(copy), Predictor.from_bundle(anomaly_run.run_dir)
+    assert ivf.engine.bank.method == "ivf" and exact_bundle.engine.bank.method == "exact"
+    np.testing.assert_allclose(ivf.predict_paths(paths)["probability"], exact_bundle.predict_paths(paths)["probability"], atol=1e-5)
+    for bad, field in (({"search": "hnsw"}, "anomaly.search"), ({"nprobe": 0}, "anomaly.nprobe")):
+        with pytest.raises(ConfigError, match=field):
+            config_from_dict(tiny_config(tmp_path, demo_data, mode="anomaly", anomaly=bad), base_dir=tmp_path)

@@ -4,7 +4,7 @@ An anomaly bundle's ``model.keras`` is the patch feature graph (uint8 images -> 
 patch features), ``memory_bank.npy`` holds the good patches and ``metadata.json["anomaly"]``
 the raw threshold and how scores are normalised. :class:`~keeneye.model.patchcore.AnomalyEngine` runs the feature graph
 on the fastest engine (ONNX Runtime or OpenVINO on CPU, from the bundle's verified ``model.onnx``), finds
-each patch's nearest good patch (exact search, see PatchBank) and returns the normalised score ``s / (s + t)`` with
+each patch's nearest good patch (exact search, or IVF when the bundle says so; see PatchBank) and returns the normalised score ``s / (s + t)`` with
 shape (N, 1), exactly like a classifier's probability: the Predictor, ``evaluate`` and the REST
 service use it unchanged (threshold 0.5), and :meth:`AnomalyEngine.maps` gives the heat maps.
 """
@@ -53,7 +53,8 @@ def make_anomaly_engine(bundle, engine: str = "auto") -> AnomalyEngine:
     if not bank_path.is_file() or "raw_threshold" not in info:
         raise BundleError(f"{bundle.path} is an anomaly bundle without its {BANK_FILE} or its anomaly metadata.")
     features = make_engine(bundle.model, engine, bundle=bundle)
-    return AnomalyEngine(features, PatchBank.load(bank_path), info["raw_threshold"], info.get("map_sigma", 4.0),
+    bank = PatchBank.load(bank_path, method=info.get("search", "exact"), nprobe=info.get("nprobe", 16))
+    return AnomalyEngine(features, bank, info["raw_threshold"], info.get("map_sigma", 4.0),
                          neighbours=info.get("score_neighbours", 1), top_k=info.get("score_top_k", 1))
 
 

@@ -15,7 +15,8 @@ and the per-patch distances, upsampled and smoothed, are its anomaly map.
   farthest from those chosen), on randomly projected copies of the features for speed, as
   PatchCore does; it keeps the share of patches asked for, bounded by a maximum bank size.
 * **Search** (:class:`PatchBank`): exact L2 nearest neighbour, by a blocked GEMM (numpy's BLAS; measured
-  4-5x faster than faiss-cpu's IndexFlatL2 here) or by faiss (``backend="faiss"``).
+  4-5x faster than faiss-cpu's IndexFlatL2 here) or by faiss (``backend="faiss"``); or, opt-in
+  (``method="ivf"``), approximate: faiss IndexIVFFlat, for banks too large to search exactly in time.
 * **Normalised score**: ``s / (s + t)`` for a raw score ``s`` and threshold ``t``: monotone, in
   [0, 1), 0.5 exactly at the threshold, so keeneye's "positive iff probability >= threshold"
   rule and every metric work unchanged with threshold 0.5.
@@ -49,6 +50,7 @@ __all__ = [
     "fit_patch_transform",
     "greedy_coreset",
     "image_scores",
+    "ivf_lists",
     "normalise_scores",
     "raw_threshold_from_normalised",
     "raw_patch_model",
@@ -289,9 +291,45 @@ def _one_blas_thread():
                 _BLAS_LIMIT = None
 
 
+#: How the bank is searched: "exact" (every bank row, see SEARCH_BACKENDS) or "ivf" (approximate, faiss IndexIVFFlat).
+SEARCH_METHODS = ("exact", "ivf")
+
+
+def ivf_lists(bank_size: int) -> int:
+    """Inverted lists of an IVF index over a bank: about 4 sqrt(bank) (faiss's rule of thumb), at most one per row."""
+    return int(max(1, min(bank_size, round(4 * math.sqrt(bank_size)))))
+
+
+def _ivf_index(features: np.ndarray, nprobe: int, seed: int = 0):
+    """A faiss IndexIVFFlat over the bank, built in about a second and the same every time (no k-means).
+
+    The coarse centroids are ``ivf_lists`` bank rows drawn with a fixed seed: a sample follows the
+    bank's density, and every list holds at least its own centroid row. Measured on the 48079-patch
+    casting bank, casting's validation split (loaded 2-core machine): built in 0.9 s; 16 probes lose
+    0.0002 AUROC against exact search at 15.6 vs 55.5 ms per image. faiss's k-means (10 iterations)
+    gives more even lists (largest 125 vs 246 rows) and the same AUROC with 8 probes at 8 ms, but takes
+    12 s to build, at every bundle load, since the bundle holds only the bank.
+    """
+    import faiss
+
+    count, dim = features.shape
+    lists = ivf_lists(count)
+    quantiser = faiss.IndexFlatL2(dim)
+    quantiser.add(features[np.sort(np.random.default_rng(seed).choice(count, lists, replace=False))])
+    index = faiss.IndexIVFFlat(quantiser, dim, lists)
+    index.is_trained = True  # the centroids are given, nothing to train
+    index.add(features)
+    index.nprobe = int(min(max(nprobe, 1), lists))
+    return index
+
+
 @dataclass
 class PatchBank:
-    """The memory bank of good patch features (M, D) with exact L2 nearest-neighbour search.
+    """The memory bank of good patch features (M, D) with L2 nearest-neighbour search, exact or (``method="ivf"``) approximate.
+
+    IVF looks only into the ``nprobe`` lists nearest to each query: the distance it finds is never
+    smaller than the exact one (up to rounding), so scores can only rise a little; ``nprobe`` equal to
+    the number of lists is exact again.
 
     The "blas" search is one GEMM per block of queries on an augmented bank ``[m, |m|^2]`` against
     ``[-2q, 1]``: the product is ``|m|^2 - 2 q.m`` directly, so only an argmin pass follows it
@@ -300,10 +338,14 @@ class PatchBank:
 
     features: np.ndarray
     backend: str = "blas"
+    method: str = "exact"
+    nprobe: int = 16
 
     def __post_init__(self) -> None:
         if self.backend not in SEARCH_BACKENDS:
             raise ValueError(f"unknown search backend {self.backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(f"unknown search method {self.method!r}; choose one of {', '.join(SEARCH_METHODS)}")
         self.features = np.ascontiguousarray(self.features, dtype=np.float32)
         squared = np.einsum("ij,ij->i", self.features, self.features)
         self._augmented_t = np.ascontiguousarray(np.c_[self.features, squared].T)  # (D + 1, M)
@@ -313,6 +355,8 @@ class PatchBank:
 
             self.index = faiss.IndexFlatL2(int(self.features.shape[1]))
             self.index.add(self.features)
+        if self.method == "ivf":
+            self.index = _ivf_index(self.features, self.nprobe)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -326,7 +370,15 @@ class PatchBank:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.index is not None:
             found, index = self.index.search(queries, 1)
-            return np.maximum(found[:, 0], 0.0), index[:, 0].astype(np.int64)
+            found, index = found[:, 0], index[:, 0].astype(np.int64)
+            missing = index < 0  # IVF: every probed list was empty (not possible with row centroids; kept safe)
+            if missing.any():
+                found[missing], index[missing] = self._exact(queries[missing])
+            return np.maximum(found, 0.0), index
+        return self._exact(queries)
+
+    def _exact(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search by the blocked GEMM, the query blocks spread over the search pool."""
         squared = np.empty(len(queries), np.float32)
         index = np.empty(len(queries), np.int64)
         starts = range(0, len(queries), _QUERY_BLOCK)
@@ -378,8 +430,9 @@ class PatchBank:
         np.save(Path(path), self.features, allow_pickle=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "blas") -> "PatchBank":
-        return cls(np.load(Path(path), allow_pickle=False), backend=backend)
+    def load(cls, path: str | os.PathLike, backend: str = "blas", method: str = "exact", nprobe: int = 16) -> "PatchBank":
+        """The bank saved by :meth:`save`; an IVF index (``method="ivf"``) is rebuilt from it, the same every time."""
+        return cls(np.load(Path(path), allow_pickle=False), backend=backend, method=method, nprobe=nprobe)
 
 
 # --- scores and maps -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from keeneye.data.files import sha256_of_file, write_atomic
 from keeneye.model.backbone import resolve_weights
 from keeneye.model.patchcore import (
     BANK_FILE, AnomalyEngine, NORMALISATION, PatchBank, build_patch_extractor, coreset_size, fit_patch_transform, greedy_coreset,
-    normalise_scores, overlay_anomaly_map, raw_patch_model, raw_threshold_from_normalised, set_patch_transform,
+    ivf_lists, normalise_scores, overlay_anomaly_map, raw_patch_model, raw_threshold_from_normalised, set_patch_transform,
 )
 from keeneye.runtime.batches import iter_batches
 from keeneye.runtime.choice import make_feature_engine
@@ -166,12 +166,12 @@ def choose_anomaly_threshold(
     return AnomalyThreshold(raw, "false_alarm_rate", f1, warning, len(good), len(defects))
 
 
-def build_bank(patches: np.ndarray, share: float, max_size: int, seed: int) -> PatchBank:
-    """The memory bank: the greedy k-center coreset of the good training patches."""
+def build_bank(patches: np.ndarray, share: float, max_size: int, seed: int, method: str = "exact", nprobe: int = 16) -> PatchBank:
+    """The memory bank: the greedy k-center coreset of the good training patches, searched by ``method``."""
     count = coreset_size(len(patches), share, max_size)
-    if count >= len(patches):
-        return PatchBank(patches)
-    return PatchBank(patches[greedy_coreset(patches, count, seed=seed)])
+    if count < len(patches):
+        patches = patches[greedy_coreset(patches, count, seed=seed)]
+    return PatchBank(patches, method=method, nprobe=nprobe)
 
 
 # --- the bundle --------------------------------------------------------------------------------
@@ -239,6 +239,8 @@ def _metadata(cfg: Config, class_names, weights, threshold: AnomalyThreshold, ba
         "anomaly": {"raw_threshold": threshold.raw, "normalisation": NORMALISATION, "image_score": _score_name(anomaly),
                     "score_neighbours": anomaly.score_neighbours, "score_top_k": anomaly.score_top_k,
                     "bank_file": BANK_FILE, "bank_size": len(bank), "feature_dim": bank.dim, "grid": list(grid),
+                    "search": bank.method, "nprobe": bank.nprobe,
+                    "ivf_lists": ivf_lists(len(bank)) if bank.method == "ivf" else None,
                     "training_patches": n_patches, "coreset_share": anomaly.coreset_share, "max_bank_size": anomaly.max_bank_size,
                     "layers": list(anomaly.layers), "projection": anomaly.projection, "standardise": anomaly.standardise,
                     "threshold_rule": anomaly.threshold_rule,
@@ -304,7 +306,8 @@ def _fit_bank(cfg: Config, rows: pd.DataFrame, features, console: Console) -> tu
     if not len(patches):
         raise DataError(f"none of the {len(rows)} good training images could be read; see the reasons in dropped_files.csv.")
     started = time.perf_counter()
-    bank = build_bank(patches, cfg.anomaly.coreset_share, cfg.anomaly.max_bank_size, cfg.training.seed)
+    bank = build_bank(patches, cfg.anomaly.coreset_share, cfg.anomaly.max_bank_size, cfg.training.seed, cfg.anomaly.search,
+                      cfg.anomaly.nprobe)
     seconds = time.perf_counter() - started
     console.print(f"memory bank: {len(bank)} of {len(patches)} good patches ({len(bank) / len(patches):.1%}, greedy coreset "
                   f"in {seconds:.1f} s), {bank.dim} dimensions")
