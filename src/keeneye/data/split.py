@@ -291,13 +291,15 @@ def assign_splits(manifest: pd.DataFrame, validation_fraction: float, test_fract
 
 
 def split_with_auto_groups(cfg, manifest: pd.DataFrame, inspection, features: np.ndarray | None = None,
-                           ok: np.ndarray | None = None):
-    """assign_splits with the near-duplicate links of data.auto_groups (hash neighbours, mutual embedding neighbours)."""
+                           ok: np.ndarray | None = None, neighbours: tuple | None = None):
+    """assign_splits with the near-duplicate links of data.auto_groups (hash neighbours, mutual embedding neighbours).
+
+    neighbours: audit.mutual_neighbour_pairs of `features` when the caller computed them already."""
     from keeneye.data.audit import near_duplicate_edges
 
     edges = None
     if cfg.data.auto_groups:
         readable = inspection[0]["error"].isna().to_numpy()
         edges = near_duplicate_edges(manifest, inspection[1], readable, cfg.data.near_duplicate_hash_distance,
-                                     features, ok, cfg.data.near_duplicate_similarity)
+                                     features, ok, cfg.data.near_duplicate_similarity, neighbours=neighbours)
     return assign_splits(manifest, cfg.training.validation_fraction, cfg.data.test_fraction, cfg.training.seed, edges=edges)
