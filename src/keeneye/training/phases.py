@@ -331,7 +331,7 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter, fea
     still runs (5 folds): out-of-fold choices beat a 0.5 default.
     """
     from keeneye.data.cache import memory_mapped
-    from keeneye.training.crossval import candidates_for, run_cross_validation
+    from keeneye.training.crossval import candidates_for, paired_differences, run_cross_validation
 
     features, y, sets, units = prepared.features, prepared.y, prepared.sets, prepared.splits.units
     pool = sets["training"] | sets["validation"]
@@ -354,7 +354,10 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter, fea
                          "cross-validation; the threshold is chosen on the validation split.")
         return None
     if len(cv.results) > 1:
-        reporter.head_candidates([(r.candidate.name, r.ap, r is cv.best) for r in cv.results], cv.reason)
+        paired = paired_differences(cv.results)
+        reporter.head_candidates([(r.candidate.name, r.ap, r is cv.best,
+                                   f"per fold {d.mean:+.3g} +- {d.standard_error:.3g} (paired SE) vs the best")
+                                  for r, d in zip(cv.results, paired)], cv.reason)
     return cv
 
 
