@@ -10,7 +10,8 @@ CPU is shared, so timings are noisy; medians of the interleaved repeats are what
                      infer, labels), for 'auto' (what `keeneye predict` runs) and each ONNX engine;
   predict_auto_w<k>  the same with k decode threads (the default, runtime.batches.decode_workers, is
                      one more than the physical cores).
-Plus single-image latency (p50, p99) per engine and end to end from encoded bytes, the largest
+Plus the whole one-image `keeneye predict` command in a fresh process, 'auto' vs '--engine keras'
+(--startup-only measures only that), single-image latency (p50, p99) per engine and end to end from encoded bytes, the largest
 probability difference of every engine from Keras on the whole test split, and the effect of the
 reduced-size JPEG decode on probabilities (casting images are 300 px, below 2x 224 px, where it
 never applies: they are upscaled to 2x and re-encoded for that measurement).
@@ -183,6 +184,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latency-images", type=int, default=100)
     parser.add_argument("--reduced-decode-images", type=int, default=200)
     parser.add_argument("--tune", action="store_true", help="Also sweep ONNX Runtime settings.")
+    parser.add_argument("--startup-repeats", type=int, default=3, help="Interleaved runs of each one-image predict command.")
+    parser.add_argument("--startup-only", action="store_true", help="Only the one-image `keeneye predict` commands (needs --bundle).")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "inference.json")
     return parser.parse_args()
 
@@ -258,6 +261,35 @@ def measure(args, console) -> tuple[dict, tuple]:
     }, (bundle, images, paths, engines)
 
 
+STARTUP_CHECK = ("import runpy, sys; sys.argv = ['keeneye', *sys.argv[1:]]\n"
+                 "try:\n    runpy.run_module('keeneye', run_name='__main__')\n"
+                 "except SystemExit:\n    pass\n"
+                 "print('tensorflow imported:', 'tensorflow' in sys.modules, file=sys.stderr)")
+
+
+def command_start(bundle: Path, image: str, repeats: int) -> dict:
+    """Seconds of a whole one-image `keeneye predict` command (a fresh process: imports, bundle, engine, one image),
+    'auto' (ONNX Runtime on the verified model.onnx, no TensorFlow) vs '--engine keras' (TensorFlow and
+    model.keras, what every predict command paid before), taking turns; medians, and whether TF was imported."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    seconds: dict[str, list[float]] = {"auto": [], "keras": []}
+    imported: dict[str, bool] = {}
+    for _ in range(repeats):
+        for engine in seconds:
+            begin = time.perf_counter()
+            run = subprocess.run([sys.executable, "-c", STARTUP_CHECK, "predict", str(bundle), image, "--engine", engine],
+                                 capture_output=True, text=True, env=env)
+            seconds[engine].append(time.perf_counter() - begin)
+            imported[engine] = "tensorflow imported: True" in run.stderr
+    medians = {engine: statistics.median(values) for engine, values in seconds.items()}
+    return {"seconds": {engine: {"median": round(medians[engine], 2), "all": [round(v, 2) for v in values]}
+                        for engine, values in seconds.items()},
+            "auto_over_keras": round(medians["auto"] / medians["keras"], 3), "tensorflow_imported": imported,
+            "load_average_at_end": os.getloadavg()[0]}
+
+
 def show(results: dict, console) -> None:
     from rich.table import Table
 
@@ -284,7 +316,15 @@ def main() -> None:
     from rich.console import Console
 
     console = Console(stderr=True)
+    if args.startup_only:
+        image = sorted((args.data / "test").rglob("*.jpeg"))[0]
+        startup = command_start(args.bundle, str(image), args.startup_repeats)
+        console.print(f"one-image predict command: {startup}", highlight=False)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"predict_command_start": startup}, indent=2))
+        return
     results, (bundle, images, paths, engines) = measure(args, console)
+    results["predict_command_start"] = command_start(bundle.path, paths[0], args.startup_repeats)
     if args.tune:
         results["tuning"] = tune(bundle, images, paths, engines["onnx"], args.repeats, console)
     show(results, console)

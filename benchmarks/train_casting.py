@@ -10,6 +10,11 @@ Measured in one process, side by side (timings on shared machines are noisy; rat
   - peak RSS of the train (read before the bare pass runs);
   - test F1 on the whole test split and without the 64 test images that are byte-identical
     copies of training images (DUPLICATES_train_test.tsv).
+What is cold: the embedding cache (a fresh cache_dir), so every image is hashed, decoded and embedded,
+and the backbone is converted to ONNX once (feature_extractor.onnx lives in that cache folder, keyed
+by backbone, size, weights sha256 and features: later runs with this backbone on any data reuse it).
+Warm as on any machine after one run: the ImageNet weights file, Python's imports from disk.
+Where the seconds go: the phases of TIMED, each timed by a wrapper in this process.
 Targets (issues 2, 10): test F1 >= 0.97 (and unchanged), train <= 0.4x the bare pass, peak RSS < 2 GB.
 The embedding engine train chose ('auto': the fastest CPU engine that agrees with Keras) is recorded.
 
@@ -67,12 +72,66 @@ def bare_forward_seconds(paths: list[str], weights: Path, onnx_model: Path | Non
     return total
 
 
+#: Where the seconds of a train go: (module, attribute, label). Top-level phases in the order they run
+#: (their sum is the train less import and glue); "  " marks a part of the phase above it.
+TIMED = [
+    ("keeneye.training.phases", "scan", "scan (folders, weights, input spec)"),
+    ("keeneye.training.phases", "build_backbone", "build backbone"),
+    ("keeneye.training.phases", "embed", "embed phase"),
+    ("keeneye.training.phases", "inspect_images", "  hashing images (sha1 + perceptual hash)"),
+    ("keeneye.training.features", "embed_manifest", "  embedding pass (decode + engine, ONNX conversion included)"),
+    ("keeneye.data.cache.EmbeddingCache", "consolidate", "  cache consolidation"),
+    ("keeneye.training.phases", "audit", "audit phase"),
+    ("keeneye.training.phases", "mutual_neighbour_pairs", "  embedding near-duplicates (mutual top-2), once"),
+    ("keeneye.training.phases", "split_with_auto_groups", "  split (automatic groups: hash neighbours, folds)"),
+    ("keeneye.training.phases", "audit_manifest", "  audit (duplicates, leakage)"),
+    ("keeneye.data.audit.Audit", "add_embedding_near_duplicates", "  embedding near-duplicates into the audit"),
+    ("keeneye.training.phases", "open_run_state", "run state"),
+    ("keeneye.training.phases", "cross_validate_head", "cross-validation (5 fold heads)"),
+    ("keeneye.training.phases", "fit_published_head", "published head (refit, Keras fit)"),
+    ("keeneye.training.phases", "choose_threshold", "threshold"),
+    ("keeneye.training.phases", "keep_head", "keep head"),
+    ("keeneye.api", "_evaluate_testing", "evaluation on testing (metrics, plots)"),
+    ("keeneye.bundle.BundleWriter", "save_model", "save model.keras"),
+    ("keeneye.inference.export", "write_bundle_onnx", "model.onnx (join, convert, verify)"),
+    ("keeneye.api", "_write_run_files", "run files (history, curves, manifest, audit)"),
+    ("keeneye.api", "_write_train_report", "report.html"),
+]
+
+
+def timed_phases() -> dict[str, float]:
+    """Wrap the functions of TIMED with timers (this process only); returns the dict they fill."""
+    import functools
+    import importlib
+
+    seconds: dict[str, float] = {}
+    for module_name, attribute, label in TIMED:
+        try:
+            owner = importlib.import_module(module_name)
+        except ImportError:  # a class: import its module, then take the class
+            module_name, class_name = module_name.rsplit(".", 1)
+            owner = getattr(importlib.import_module(module_name), class_name)
+        original = getattr(owner, attribute)
+
+        def timed(*args, _original=original, _label=label, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                seconds[_label] = seconds.get(_label, 0.0) + time.perf_counter() - begin
+
+        setattr(owner, attribute, functools.wraps(original)(timed))
+    return seconds
+
+
 def train(args, work: Path):
-    """The whole `keeneye train`, cold cache: (result, seconds, peak RSS MB, console text)."""
+    """The whole `keeneye train`, cold cache: (result, seconds, peak RSS MB, console text, seconds per phase)."""
     from rich.console import Console
 
     from keeneye import api
     from keeneye.config import config_from_dict
+
+    phase_seconds = timed_phases()
 
     config = config_from_dict(
         {
@@ -84,7 +143,7 @@ def train(args, work: Path):
     console = Console(stderr=True, record=True)
     started = time.perf_counter()
     result = api.train(config, console=console)
-    return result, time.perf_counter() - started, peak_rss_mb(), console.export_text()
+    return result, time.perf_counter() - started, peak_rss_mb(), console.export_text(), phase_seconds
 
 
 def test_scores(args, result, manifest) -> tuple[dict, int]:
@@ -117,7 +176,7 @@ def main() -> None:
     rss_before = peak_rss_mb()
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="keeneye-bench-casting-"))
-    result, train_seconds, train_peak_rss, text = train(args, work)
+    result, train_seconds, train_peak_rss, text, phase_seconds = train(args, work)
     manifest = pd.read_csv(result.run_dir / "manifest.csv")
     train_paths = manifest.loc[manifest["split"].isin(["training", "validation"]), "path"].tolist()
     onnx_files = sorted((work / "cache").glob("embeddings/*/feature_extractor.onnx"))
@@ -143,6 +202,9 @@ def main() -> None:
         **{f"bare {name} / bare Keras": round(value / bare, 3) for name, value in bare_all.items() if name != "keras"},
         "floor: fastest bare engine over all embedded images / bare Keras": round(
             min(bare_all.values()) * len(manifest) / len(train_paths) / bare, 3),
+        **{f"phase: {label} (s)": round(phase_seconds.get(label, 0.0), 1) for _, _, label in TIMED},
+        "phase: not in a timed phase (imports, glue) (s)": round(
+            train_seconds - sum(v for k, v in phase_seconds.items() if not k.startswith("  ")), 1),
         "peak RSS during train (MB)": round(train_peak_rss, 0),
         "peak RSS before train (MB)": round(rss_before, 0),
         "load average before / after (1 min)": f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",

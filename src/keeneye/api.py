@@ -294,7 +294,8 @@ def evaluate(
         reporter.warning(f"{plural(int((~ok).sum()), 'unreadable image')} left out (dropped_files.csv).")
     write_run_report(
         folder, title=f"keeneye evaluation of {bundle.path.name}", metrics=metrics, class_names=bundle.class_names,
-        threshold=bundle.threshold, model=getattr(bundle, "model", None), console=reporter,
+        threshold=bundle.threshold, model=bundle.keras_model(), console=reporter,  # Grad-CAM of the mistakes (loaded now
+        # if an ONNX engine predicted)
         summary=[("model bundle", str(bundle.path)), ("data", str(data)), ("engine", predictor.engine_name)],
     )
     reporter.print(format_metrics_table(metrics))

@@ -180,8 +180,14 @@ def check_metadata(metadata: Any, where: str | os.PathLike) -> BundleMetadata:
 @dataclass
 class Bundle:
     path: Path
-    model: Any  # keras.Model
+    model: Any  # keras.Model; None when loaded without it (load_model=False): see keras_model()
     metadata: dict
+
+    def keras_model(self) -> Any:
+        """model.keras, loaded now if the bundle was loaded without it (an ONNX engine needs no TensorFlow)."""
+        if self.model is None:
+            self.model = _load_keras_model(self.path / MODEL_FILE)
+        return self.model
 
     @cached_property
     def spec(self) -> BundleMetadata:
@@ -516,15 +522,16 @@ def load_bundle(path: str | os.PathLike, load_model: bool = True) -> Bundle:
         raise BundleError(f"{metadata_path}: unreadable metadata ({exc}).") from None
     check_metadata(metadata, metadata_path)
     check_model_file(model_path)
-    model = None
-    if load_model:
-        import keras
+    return Bundle(folder, _load_keras_model(model_path) if load_model else None, metadata)
 
-        try:
-            model = keras.saving.load_model(model_path, compile=False)
-        except Exception as exc:
-            raise BundleError(f"{model_path}: could not load the model ({type(exc).__name__}: {exc}).") from None
-    return Bundle(folder, model, metadata)
+
+def _load_keras_model(model_path: Path) -> Any:
+    import keras
+
+    try:
+        return keras.saving.load_model(model_path, compile=False)
+    except Exception as exc:
+        raise BundleError(f"{model_path}: could not load the model ({type(exc).__name__}: {exc}).") from None
 
 
 def check_model_file(model_path: Path) -> None:

@@ -286,11 +286,13 @@ def mutual_neighbour_pairs(features: np.ndarray, ok: np.ndarray, threshold: floa
 def near_duplicate_edges(
     manifest: pd.DataFrame, hashes: np.ndarray | None, readable: np.ndarray | None, hash_distance: int,
     features: np.ndarray | None = None, ok: np.ndarray | None = None, similarity: float = 0.9,
+    neighbours: tuple | None = None,
 ) -> pd.DataFrame:
     """Pairs of rows (positions i < j) that are near-duplicates: `kind` "hash" or "embedding", and its `value`.
 
     The evidence for automatic groups (:func:`keeneye.data.split.split_units`); identical files
-    are joined there by their sha1 already.
+    are joined there by their sha1 already. `neighbours`: mutual_neighbour_pairs(features, ok,
+    similarity) when the caller has them (the train's audit needs the same pairs).
     """
     frames = []
     if hashes is not None and hash_distance >= 0:
@@ -299,7 +301,7 @@ def near_duplicate_edges(
         keep = i < j
         frames.append(pd.DataFrame({"i": rows[i[keep]], "j": rows[j[keep]], "kind": "hash", "value": d[keep].astype(float)}))
     if features is not None:
-        i, j, sim = mutual_neighbour_pairs(features, ok, similarity)
+        i, j, sim = neighbours if neighbours is not None else mutual_neighbour_pairs(features, ok, similarity)
         frames.append(pd.DataFrame({"i": i, "j": j, "kind": "embedding", "value": sim.astype(float)}))
     if not frames:
         return pd.DataFrame({"i": pd.Series(dtype=np.int64), "j": pd.Series(dtype=np.int64), "kind": pd.Series(dtype=object),
@@ -400,18 +402,21 @@ class Audit:
 
     # ---- embedding near-duplicates (train, after embedding)
 
-    def add_embedding_near_duplicates(self, features: np.ndarray, ok: np.ndarray, threshold: float) -> None:
+    def add_embedding_near_duplicates(self, features: np.ndarray, ok: np.ndarray, threshold: float,
+                                      neighbours: tuple | None = None) -> None:
         """Cross-split pairs of mutual nearest neighbours (top-2) whose centred embeddings have cosine >= threshold.
 
         `features` is aligned with the manifest's rows. The same rule as the automatic groups
         (:func:`mutual_neighbour_pairs`, where the measurements behind it are): a plain cosine cut
-        flags merely similar parts of a homogeneous set as leaks.
+        flags merely similar parts of a homogeneous set as leaks. `neighbours`: those pairs when the
+        caller computed them already (the automatic groups of a train use the same; a 7,000-image
+        similarity matrix is seconds on a small CPU).
         """
         split = self.manifest["split"].to_numpy()
         sha1 = self.manifest["sha1"].to_numpy()
         order = {name: n for n, name in enumerate(SPLITS)}
         pairs = []
-        i, j, s = mutual_neighbour_pairs(features, np.asarray(ok, dtype=bool), threshold)
+        i, j, s = neighbours if neighbours is not None else mutual_neighbour_pairs(features, np.asarray(ok, dtype=bool), threshold)
         for x, y, sim in zip(i, j, s):
             if split[x] == split[y] or (sha1[x] is not None and sha1[x] == sha1[y]):
                 continue  # identical files are reported as such

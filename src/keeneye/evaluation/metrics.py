@@ -19,16 +19,6 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    classification_report,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
 
 from keeneye.model.decision import predict_labels  # noqa: F401  (the one rule; importable from here too)
 
@@ -134,6 +124,10 @@ def _check_class_names(class_names: Sequence[str]) -> tuple[str, str]:
 
 def _block(y: np.ndarray, p: np.ndarray, threshold: float, names: tuple[str, str]) -> dict:
     pred = predict_labels(p, threshold)
+    # imported here: sklearn.metrics takes seconds to import, and `keeneye predict` (which imports this
+    # module through the API) computes no metrics
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, precision_score, recall_score
+
     cm = confusion_matrix(y, pred, labels=[0, 1])  # rows = true, cols = predicted
     tn, fp, fn, tp = (int(v) for v in cm.ravel())
     report_kwargs = dict(labels=[0, 1], target_names=list(names), zero_division=0)
@@ -179,6 +173,8 @@ def binary_metrics(
     thr = check_threshold(threshold)
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     roc_auc = float(roc_auc_score(y, p)) if n_pos and n_neg else None
     ap = float(average_precision_score(y, p, pos_label=1)) if n_pos else None
     result = {

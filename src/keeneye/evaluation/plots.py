@@ -18,10 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from keeneye.evaluation.metrics import as_binary_arrays, format_threshold, predict_labels
 
@@ -225,6 +223,9 @@ def plot_confusion_matrix(
     size = 2.2 + 1.6 * len(names)
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.add_subplot()
+    import seaborn as sns  # here, not at the top: seaborn (with scipy.stats) takes seconds to import, and
+    # every command that imports the API (`keeneye predict` too) would pay for it
+
     sns.heatmap(
         np.nan_to_num(row_frac, nan=0.0),
         annot=annot,
@@ -281,6 +282,8 @@ def plot_precision_recall(y_true: Any, probabilities: Any, threshold: float, pat
         )
         return _save(fig, path)
 
+    from sklearn.metrics import average_precision_score, precision_recall_curve  # slow import: see plot_confusion_matrix
+
     precision, recall, _ = precision_recall_curve(y, p, pos_label=1)
     ap = average_precision_score(y, p, pos_label=1)
     ax.plot(recall, precision, drawstyle="steps-post", linewidth=2, color=_TRAIN_COLOR,
@@ -327,6 +330,8 @@ def plot_roc(y_true: Any, probabilities: Any, path: Any) -> Path:
     if n_pos == 0 or n_pos == y.size:
         _note(ax, f"ROC curve undefined:\nneeds both classes ({_class_counts_text(y)}).")
         return _save(fig, path)
+
+    from sklearn.metrics import roc_auc_score, roc_curve  # slow import: see plot_confusion_matrix
 
     fpr, tpr, _ = roc_curve(y, p, pos_label=1)
     auc = roc_auc_score(y, p)

@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import f1_score, precision_recall_curve
 
 from keeneye.evaluation.metrics import as_binary_arrays, check_threshold, predict_labels
 
@@ -81,6 +80,8 @@ class ThresholdChoice:
 def _f1_at(y: np.ndarray, p: np.ndarray, threshold: float) -> float | None:
     if y.size == 0:
         return None
+    from sklearn.metrics import f1_score  # slow to import; the API (and so `keeneye predict`) imports this module
+
     pred = predict_labels(p, threshold)
     return float(f1_score(y, pred, labels=[0, 1], pos_label=1, zero_division=0))
 
@@ -95,6 +96,8 @@ def _safe_midpoint(lower: float, cut: float) -> float:
 
 def objective_cut(y: np.ndarray, p: np.ndarray, objective: str = "f1", target: float | None = None) -> tuple[float, bool]:
     """(the best cut c for "positive iff p >= c", whether the target was met); see the module docstring."""
+    from sklearn.metrics import precision_recall_curve
+
     # precision[i], recall[i] belong to the rule p >= cuts[i]; cuts ascending.
     precision, recall, cuts = precision_recall_curve(y, p, pos_label=1)
     precision, recall = precision[: cuts.size], recall[: cuts.size]

@@ -109,7 +109,19 @@ class Predictor:
     def from_bundle(
         cls, path: str | os.PathLike, engine: str = "auto", batch_size: int = 32, threads: int | None = None
     ) -> "Predictor":
-        """`threads`: ONNX Runtime threads (default: the physical cores; 1 per actor on a Ray pool)."""
+        """`threads`: ONNX Runtime threads (default: the physical cores; 1 per actor on a Ray pool).
+
+        An ONNX engine (auto on a CPU, onnx, openvino) on the bundle's verified model.onnx (or the copy
+        converted earlier) starts without model.keras: TensorFlow is not imported, which was most of a
+        `keeneye predict` command's start (bundle.keras_model() loads it later if something needs it).
+        When that engine cannot start so, the Keras model is loaded and the usual choice runs, with
+        its conversion and fallbacks (runtime/choice.py).
+        """
+        if engine != "keras":
+            try:
+                return cls(load_bundle(path, load_model=False), engine=engine, batch_size=batch_size, threads=threads)
+            except choice.EngineError:
+                pass  # no verified ONNX model yet, or no ONNX engine here: the Keras model is needed
         return cls(load_bundle(path), engine=engine, batch_size=batch_size, threads=threads)
 
     @property

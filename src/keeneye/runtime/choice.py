@@ -148,6 +148,8 @@ def make_engine(model, engine: str = "auto", bundle=None, threads: int | None = 
     """The engine for a model (or a bundle's model): see the module doc for 'auto' and the fallbacks."""
     kinds = candidates(engine)
     if not kinds:
+        if model is None:
+            raise EngineError("the Keras engine needs the bundle's Keras model, which is not loaded.")
         return KerasEngine(model, source="model.keras (GPU)" if engine == "auto" else "model.keras")
     reasons: list[str] = []
     try:
@@ -192,6 +194,8 @@ class FeatureEngine:
         self.parity: float | None = None
         self.note = ""
         self._onnx: bytes | None = None
+        self._converted_from_cache = False
+        self.conversion_s: float | None = None  # the backbone's ONNX conversion (or its read from the cache)
 
     @property
     def name(self) -> str:
@@ -203,6 +207,7 @@ class FeatureEngine:
     def _onnx_bytes(self) -> bytes:
         cached = self._cached_file()
         if cached is not None and cached.is_file():
+            self._converted_from_cache = True
             return cached.read_bytes()
         data = convert_to_onnx(self.extractor, output_name="features")
         if cached is not None:
@@ -221,7 +226,9 @@ class FeatureEngine:
         if not check.passed:
             raise EngineError(f"its features differ from Keras by {check.max_diff:.2e} (> {self.tolerance:.0e}) on the first batch")
         self.engine, self._onnx = check.engine, check.data
-        self.note = f"{kind} (max difference from Keras on the first batch {check.max_diff:.1e})"
+        self.conversion_s = check.seconds
+        how = "ONNX model from the cache" if self._converted_from_cache else f"converted to ONNX in {check.seconds:.1f} s, cached"
+        self.note = f"{kind} (max difference from Keras on the first batch {check.max_diff:.1e}; {how})"
         return check.engine(batch)
 
     def _choose(self, batch: np.ndarray) -> np.ndarray:

@@ -69,7 +69,7 @@ class Explainer:
             explained = anomaly_overlays(self.service.predictor.engine, images, bundle.image_size, bundle.class_names, threshold)
             return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
         if self.cam is None:
-            self.cam = GradCam(bundle.model)
+            self.cam = GradCam(bundle.keras_model())  # an ONNX predictor's bundle may not hold it yet
         explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names, spec=bundle.input_spec)
         if has_anomaly_feature(bundle):  # Grad-CAM is the head's view; the probability also holds the one-class score
             stacked = self.service.predictor.predict_images(images)

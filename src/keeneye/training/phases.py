@@ -23,7 +23,7 @@ from keeneye.bundle import (
     PREPROCESSING, BUNDLE_FORMAT_VERSION, AnomalyFeatureInfo, BackboneInfo, BundleMetadata, PartialRun, default_run_name, library_versions,
 )
 from keeneye.config import Config, save_config
-from keeneye.data.audit import Audit, audit_manifest, inspect_images, print_summary, settle_leakage
+from keeneye.data.audit import Audit, audit_manifest, inspect_images, mutual_neighbour_pairs, print_summary, settle_leakage
 from keeneye.data.manifest import load_data
 from keeneye.data.preprocess import InputSpec, auto_grid, median_size
 from keeneye.data.scan import SPLITS, ScanResult
@@ -179,7 +179,9 @@ class Prepared:
 def audit(cfg: Config, scanned: Scanned, backbone: Backbone, embedded: Embedded, reporter: Reporter) -> Prepared:
     """Split (automatic groups from near-duplicates), audit (duplicates, leakage), count; stop on unusable data."""
     found, embeddings = scanned.scan, embedded.embeddings
-    splits = split_with_auto_groups(cfg, found.manifest, embedded.inspection, embeddings.features, embeddings.ok)
+    # the embedding near-duplicates, once: evidence for the automatic groups and, after the split, for the audit
+    neighbours = mutual_neighbour_pairs(embeddings.features, np.asarray(embeddings.ok, dtype=bool), cfg.data.near_duplicate_similarity)
+    splits = split_with_auto_groups(cfg, found.manifest, embedded.inspection, embeddings.features, embeddings.ok, neighbours)
     manifest = splits.manifest
     checked = audit_manifest(manifest, found.class_names, found.skipped, cfg.data.near_duplicate_hash_distance,
                              drop_leaked_test=cfg.data.drop_leaked_test, inspection=embedded.inspection, auto_groups=splits.auto_groups)
@@ -201,7 +203,7 @@ def audit(cfg: Config, scanned: Scanned, backbone: Backbone, embedded: Embedded,
     y = (manifest["label"] == found.class_names[1]).to_numpy().astype(int)
     split = manifest["split"].to_numpy()
     sets = {name: (split == name) & ok for name in SPLITS}
-    checked.add_embedding_near_duplicates(embeddings.features, ok, cfg.data.near_duplicate_similarity)
+    checked.add_embedding_near_duplicates(embeddings.features, ok, cfg.data.near_duplicate_similarity, neighbours)
     sets["testing"] = settle_leakage(checked, sets["testing"], cfg.data.drop_leaked_test, reporter)
     if len(np.unique(y[sets["training"]])) < 2:
         raise DataError("the training split needs readable images of both classes.")
