@@ -12,7 +12,8 @@ process so that peak RSS is the run's own. Reported per data set:
   - wall time of each phase (scan + embeddings, head, fine-tuning, evaluation + bundle), peak RSS.
 
 Fine-tuning on 2 CPU cores is slow: image size, unfreeze depth and epochs per data set are arguments
-(defaults: what fits ~20 minutes per data set here; see --help and benchmarks/results/finetune.json).
+(casting: keeneye's fine_tune defaults; magnetic-tile: the images method sized to ~20 minutes here; see --help).
+Embeddings come from the shared cache (~/.cache/keeneye) unless KEENEYE_BENCH_FRESH_CACHE=1.
 
     python benchmarks/finetune.py [--datasets casting,magnetic-tile] [--out benchmarks/results/finetune.json]
 """
@@ -34,9 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
-# Chosen after timing one fine-tuning epoch on this 2-core machine (numbers in the results file).
+# casting: keeneye's own fine_tune defaults (nothing passed: method cached_top, unfreeze block_16_expand,
+# learning rate 3e-5, cosine schedule, 8 views, up to 10 epochs; issue 12's casting check). magnetic-tile: the
+# images-method settings of the first fine-tuning benchmark, chosen by timing one epoch on this 2-core machine.
+# A key present here is passed to the fine_tune section (batch_size to training); absent: keeneye's default.
+FINE_TUNE_KEYS = ("unfreeze", "epochs", "patience", "learning_rate", "method", "views", "schedule", "augment")
 DEFAULTS = {
-    "casting": {"method": "images", "image_size": 224, "unfreeze": 30, "epochs": 5, "patience": 2, "learning_rate": 1e-4, "batch_size": 32, "seeds": [0]},
+    "casting": {"image_size": 224, "seeds": [0]},
     "magnetic-tile": {"method": "images", "image_size": 224, "unfreeze": 30, "epochs": 8, "patience": 3, "learning_rate": 1e-4, "batch_size": 32,
                       "seeds": [0, 1, 2]},
 }
@@ -98,13 +103,13 @@ def run_one(name: str, settings: dict, work: Path, seed: int) -> dict:
 
     finetune.fine_tune = capturing_fine_tune
     section = {
-        "output_dir": str(work / "runs"), "run_name": f"{name}-seed{seed}", "cache_dir": str(work / "cache"),
+        "output_dir": str(work / "runs"), "run_name": f"{name}-seed{seed}",
         "model": {"weights": str(WEIGHTS), "image_size": settings["image_size"]},
-        "training": {"seed": seed, "batch_size": settings["batch_size"]},
-        "fine_tune": {"enabled": True, "unfreeze": settings["unfreeze"], "epochs": settings["epochs"],
-                      "patience": settings["patience"], "learning_rate": settings["learning_rate"],
-                      **{k: settings[k] for k in ("method", "views", "schedule") if k in settings}},
+        "training": {"seed": seed, **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {})},
+        "fine_tune": {"enabled": True, **{k: settings[k] for k in FINE_TUNE_KEYS if k in settings}},
     }
+    if os.environ.get("KEENEYE_BENCH_FRESH_CACHE"):  # cold embeddings; default: the shared cache (~/.cache/keeneye)
+        section["cache_dir"] = str(work / "cache")
     if name == "casting":
         section |= {"data_folder_path": str(SHARED / "data" / "casting" / "casting_data"), "positive_class": "def_front"}
     else:
@@ -250,8 +255,10 @@ def main() -> int:
     targets = {}
     casting_runs = [r for r in results.get("casting", {}).get("runs", []) if "test" in r]
     if casting_runs:
-        targets["casting fine-tuned test F1 (without duplicates) >= 0.995"] = all(
-            r["test"]["fine_tune"]["testing_without_duplicates"]["f1"] >= 0.995 for r in casting_runs)
+        targets["casting head-only test F1 (without duplicates) >= 0.996 (issue 12)"] = all(
+            r["test"]["head"]["testing_without_duplicates"]["f1"] >= 0.996 for r in casting_runs)
+        targets["casting fine-tuned test F1 (without duplicates) >= 0.998 (issue 12)"] = all(
+            r["test"]["fine_tune"]["testing_without_duplicates"]["f1"] >= 0.998 for r in casting_runs)
         targets["casting peak RSS < 3 GB"] = all(r["peak_rss_mb"]["train"] < 3072 for r in casting_runs)
     output = {"results": results, "targets": targets, "work": str(work), "python": sys.version.split()[0], "cpus": os.cpu_count()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

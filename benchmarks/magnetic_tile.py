@@ -71,7 +71,8 @@ def run_fold(manifest: Path, work: Path, name: str, weights: Path, overrides: li
     seconds = time.perf_counter() - started
     m = result.metrics
     cv = m.get("cross_validation") or {}
-    estimate = cv.get("estimate", {})
+    # with head.anomaly_feature the published model is the stacked one: its own cross-validated estimate
+    estimate = ((m.get("anomaly_feature") or {}).get("cross_validation") or cv).get("estimate", {})
     audit = json.loads((result.run_dir / "audit.json").read_text())
     entry = {
         "run_dir": str(result.run_dir), "n": m["n"], "n_positive": m["n_positive"], "threshold": result.threshold,
@@ -85,7 +86,22 @@ def run_fold(manifest: Path, work: Path, name: str, weights: Path, overrides: li
         "seconds": round(seconds, 1),
     }
     entry["cv_gap"] = None if entry["cv_f1"] is None else entry["cv_f1"] - entry["f1"]
+    entry["cv_unpaired_choice"] = unpaired_choice(entry["cv_candidates"] or [])
     return entry
+
+
+def unpaired_choice(candidates: list[dict]) -> str | None:
+    """What the earlier one-SE rule would have chosen from the same candidates: the simplest whose pooled
+    OOF AP is within sd(winner's fold APs) / sqrt(K) of the best (for comparison with the paired rule)."""
+    import numpy as np
+
+    if len(candidates) < 2 or "fold_average_precision" not in candidates[0]:
+        return None
+    aps = [c["oof_average_precision"] for c in candidates]
+    best = int(np.argmax(aps))
+    folds = np.asarray(candidates[best]["fold_average_precision"], float)
+    band = np.nanstd(folds, ddof=1) / np.sqrt(len(folds))
+    return next(c["name"] for c, ap in zip(candidates, aps) if ap >= aps[best] - band)
 
 
 def mean_sd(values: list) -> dict:
@@ -119,7 +135,8 @@ def main() -> int:
         cv = "n/a" if r["cv_f1"] is None else f"{r['cv_f1']:.3f} +- {r['cv_f1_sd']:.3f}"
         print(f"fold {fold}: CV estimate F1 {cv} -> test F1 {r['f1']:.3f} (at 0.5: {r['f1_at_0.5']:.3f}), ROC AUC {r['roc_auc']:.3f}, "
               f"AP {r['average_precision']:.3f}, threshold {r['threshold']:.3f}, head {r['cv_head']}"
-              f"{'' if r['cv_logistic_c'] is None else ' (logistic, C %g)' % r['cv_logistic_c'][0]}, automatic groups "
+              f"{'' if r['cv_logistic_c'] is None else ' (logistic, C %g)' % r['cv_logistic_c'][0]}"
+              f"{'' if r['cv_unpaired_choice'] is None else ' [unpaired rule: %s]' % r['cv_unpaired_choice']}, automatic groups "
               f"{auto.get('n_groups')} (largest {auto.get('largest')}), {r['seconds']:.0f} s", flush=True)
     summary = {key: mean_sd([r[key] for r in folds.values()]) for key in KEYS}
     summary["abs_cv_gap"] = mean_sd([abs(r["cv_gap"]) for r in folds.values() if r["cv_gap"] is not None])

@@ -135,10 +135,9 @@ def test_anomaly_config_is_checked(tmp_path, demo_data) -> None:
         config_from_dict(tiny_config(tmp_path, demo_data, anomaly={"layers": ["conv_pw_3"]}), base_dir=tmp_path)
 
 
-def test_explain_predict_maps_and_export_on_an_anomaly_bundle(anomaly_run, demo_data, tmp_path) -> None:
+def test_explain_and_predict_maps_on_an_anomaly_bundle(anomaly_run, demo_data, tmp_path) -> None:
     from keeneye import api
     from keeneye.explain import explain
-    from keeneye.inference.export import ExportError, export_bundle
 
     images = sorted((demo_data / "testing" / "defect").glob("*.png"))[:2]
     frame = explain(anomaly_run.run_dir, images, tmp_path / "explained", console=Console(quiet=True))
@@ -146,8 +145,35 @@ def test_explain_predict_maps_and_export_on_an_anomaly_bundle(anomaly_run, demo_
     predicted = api.predict(anomaly_run.run_dir, images, maps=tmp_path / "maps", console=Console(quiet=True))
     assert predicted["anomaly_map"].notna().all()
     assert cv2.imread(predicted["anomaly_map"][0]).shape[:2] == (96, 96)
-    with pytest.raises(ExportError, match="one-class"):
-        export_bundle(anomaly_run.run_dir, "onnx")
+
+
+def test_export_of_an_anomaly_bundle_is_the_feature_graph_with_the_bank_beside_it(anomaly_run, tmp_path) -> None:
+    """The exported ONNX graph run by plain ONNX Runtime, plus the bank and record beside it, gives the bundle's scores."""
+    import onnxruntime
+
+    from keeneye.data.decode import load_image, resize_square
+    from keeneye.inference.export import ExportError, export_bundle, load_exported
+
+    result = export_bundle(anomaly_run.run_dir, "onnx", output=tmp_path, max_images=8)
+    assert result.passed and result.verification["max_abs_diff"] <= 1e-4 and result.verification["n_images"] > 0
+    assert (tmp_path / BANK_FILE).read_bytes() == (anomaly_run.run_dir / BANK_FILE).read_bytes()
+    record = json.loads((tmp_path / "model.onnx.anomaly.json").read_text())
+    metadata = json.loads((anomaly_run.run_dir / "metadata.json").read_text())["anomaly"]
+    assert record["raw_threshold"] == metadata["raw_threshold"] and record["score_top_k"] == metadata["score_top_k"]
+
+    written = pd.read_csv(anomaly_run.run_dir / "predictions.csv").head(6)
+    images = np.stack([resize_square(load_image(p), 96) for p in written["path"]])
+    patches = onnxruntime.InferenceSession(str(result.path)).run(None, {"image": images})[0]
+    bank = np.load(tmp_path / record["bank_file"]).astype(np.float64)
+    flat = patches.reshape(len(images), -1, bank.shape[1]).astype(np.float64)
+    nearest = np.sqrt(((flat[:, :, None, :] - bank[None, None]) ** 2).sum(-1).min(-1))  # brute force, (images, patches)
+    raw = np.sort(nearest, axis=1)[:, -record["score_top_k"]:].mean(axis=1)
+    expected = written["probability"].to_numpy()
+    np.testing.assert_allclose(raw / (raw + record["raw_threshold"]), expected, atol=1e-4)
+    np.testing.assert_allclose(load_exported(result.path)(images), expected, atol=1e-4)
+    np.save(tmp_path / BANK_FILE, bank[:-1].astype(np.float32))  # another bank beside the graph: refused, not misread
+    with pytest.raises(ExportError, match="memory bank"):
+        load_exported(result.path)
 
 
 def test_both_search_backends_find_the_exact_nearest_good_patch() -> None:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from keeneye.bundle import (
-    METADATA_FILE, ONNX_FILE, PREPROCESSING, BackboneInfo, BundleMetadata, BundleWriter, check_metadata,
+    METADATA_FILE, ONNX_FILE, PREPROCESSING, AnomalyFeatureInfo, BackboneInfo, BundleMetadata, BundleWriter, check_metadata,
 )
 from keeneye.errors import BundleError
 
@@ -27,6 +27,9 @@ def full_metadata(**changes) -> BundleMetadata:
         head={"hidden_units": 0}, training={"kept": "head"}, metrics={"testing": {"n": 4}},
         data=[{"split": "training", "label": "good", "found": 3, "skipped": 0, "dropped": 0, "used": 3}],
         timings={"total_s": 1.5}, versions={"keeneye": "0"},
+        anomaly_feature=AnomalyFeatureInfo(layers=["block_6_expand_relu", "block_12_add"], grid="coarsest", feature_dim=128,
+                                           score_top_k=10, score_neighbours=1, bank_size=500, coef_logit=1.5,
+                                           coef_log_score=2.0, intercept=-3.0, combination="sigmoid(...)"),
     )
     return BundleMetadata(**(values | changes))
 

@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 15 + 2 + 9 + 6 + 16 + 5 + 8 + 7 + 9 + 5 + 5 + 12  # "$schema" + every field (mode, anomaly: 2; model: 9 with features, resize, reduced_decode, tiles, tile_overlap; head: 6 with kind, logistic_c; training: 16 with embed_on, ray_address, ray_actors; fine_tune: 9 with method, views, schedule; video: 5, tracking: 5; anomaly section: 12 with score_neighbours, projection, standardise, score_top_k)
+    assert count == 1 + 15 + 2 + 9 + 7 + 16 + 5 + 8 + 7 + 9 + 5 + 5 + 12  # "$schema" + every field (mode, anomaly: 2; model: 9 with features, resize, reduced_decode, tiles, tile_overlap; head: 7 with kind, logistic_c, anomaly_feature; training: 16 with embed_on, ray_address, ray_actors; fine_tune: 9 with method, views, schedule; video: 5, tracking: 5; anomaly section: 12 with score_neighbours, projection, standardise, score_top_k)
 
 
 def test_schema_required_and_excluded_fields() -> None:

@@ -75,7 +75,16 @@ def test_head_auto_compares_feature_subsets_with_the_logistic_candidate(monkeypa
     assert first.candidate.features == "gap" and first.heads[0].input_shape[-1] == 4
     direct = cross_validate(x[:, :4], y, group_folds(y, groups, 3, 0), AUTO_CANDIDATES[0], training)
     np.testing.assert_allclose(first.oof, direct.oof, atol=1e-6)
-    assert cv.to_dict()["candidates"][0]["features"] == "gap"
+    recorded = cv.to_dict()["candidates"]
+    assert recorded[0]["features"] == "gap"
+    # metrics.json records each candidate's per-fold AP difference from the best on the same folds (paired one-SE rule)
+    best = max(range(len(cv.results)), key=lambda i: cv.results[i].ap)
+    for r, entry in zip(cv.results, recorded):
+        paired = entry["paired_vs_best"]
+        np.testing.assert_allclose(paired["fold_ap_difference"], np.subtract(r.fold_ap, cv.results[best].fold_ap), atol=1e-4)
+        assert paired["within_one_se"] == (paired["mean_difference"] >= -paired["standard_error"])
+    assert recorded[best]["paired_vs_best"]["mean_difference"] == 0.0 and recorded[cv.chosen]["paired_vs_best"]["within_one_se"]
+    assert all(not e["paired_vs_best"]["within_one_se"] for e in recorded[:cv.chosen])  # the simplest within the band wins
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from keeneye.config import EvaluationConfig, HeadConfig, TrainingConfig
 from keeneye.data.audit import audit_manifest, inspect_images, mutual_neighbour_pairs, near_duplicate_edges
 from keeneye.data.split import assign_splits, split_units
 from keeneye.evaluation.threshold import choose_threshold
-from keeneye.training.crossval import HeadCandidate, group_folds, run_cross_validation, select_candidate
+from keeneye.training.crossval import HeadCandidate, group_folds, paired_differences, run_cross_validation, select_candidate
 from keeneye.training.finetune import judge_fine_tuning
 
 
@@ -165,14 +165,33 @@ def test_unreachable_precision_falls_back_to_the_most_precise_threshold_with_a_w
         choose_threshold(Y, P, objective="precision_at_recall")
 
 
-def test_model_selection_prefers_the_simpler_candidate_within_one_standard_error() -> None:
-    class Result:
-        def __init__(self, name, ap, fold_ap):
-            self.candidate, self.ap, self.fold_ap = HeadCandidate(name, (), 0.0, 0.0, "none"), ap, fold_ap
+def test_model_selection_prefers_the_simpler_candidate_within_one_paired_standard_error() -> None:
+    """Worked example: folds of very different difficulty (AP 0.60-0.95 for the rich head).
 
-    spread = [0.80, 0.90, 0.85, 0.95, 0.75]  # sd 0.079, standard error 0.035
-    assert select_candidate([Result("simple", 0.86, spread), Result("rich", 0.88, spread)])[0] == 0
-    assert select_candidate([Result("simple", 0.80, spread), Result("rich", 0.88, spread)])[0] == 1
+    Unpaired, the band would be sd(rich) / sqrt(5) = 0.065 and both simpler heads would fall inside it.
+    Paired: `steady` trails by 0.03 on every fold (mean -0.030, SE 0.0016): a real deficit, the rich head wins;
+    `noisy` trails by 0.01 on average but the per-fold differences swing (SE 0.0253): within, simpler, chosen.
+    """
+    class Result:
+        def __init__(self, name, fold_ap):
+            self.candidate, self.fold_ap, self.ap = HeadCandidate(name, (), 0.0, 0.0, "none"), fold_ap, float(np.mean(fold_ap))
+
+    rich = np.array([0.60, 0.90, 0.75, 0.95, 0.70])
+    steady = Result("steady", rich + [-0.03, -0.025, -0.035, -0.03, -0.03])
+    noisy = Result("noisy", rich + [0.05, -0.08, 0.02, -0.06, 0.02])
+    unpaired_band = np.std(rich, ddof=1) / np.sqrt(5)
+    assert rich.mean() - steady.ap < unpaired_band and rich.mean() - noisy.ap < unpaired_band  # the old rule: both within
+
+    chosen, reason = select_candidate([steady, Result("rich", rich)])
+    assert chosen == 1 and reason.startswith("highest out-of-fold AP")
+    steady_vs_rich = paired_differences([steady, Result("rich", rich)])[0]
+    assert steady_vs_rich.mean == pytest.approx(-0.03) and steady_vs_rich.standard_error == pytest.approx(0.00158, abs=1e-5)
+    assert not steady_vs_rich.within_one_se
+
+    chosen, reason = select_candidate([noisy, Result("rich", rich)])
+    assert chosen == 0 and "within one paired standard error (0.0253)" in reason
+    # the rich head is the best whatever its place; the simplest within the paired band wins
+    assert select_candidate([steady, noisy, Result("rich", rich)])[0] == 1
 
 
 def test_fine_tuning_is_kept_only_when_it_beats_the_frozen_model_by_more_than_the_fold_spread() -> None:

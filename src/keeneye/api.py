@@ -119,6 +119,10 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     started = time.perf_counter()
     keras.utils.set_random_seed(cfg.training.seed)
     scanned = phases.scan(cfg, reporter)
+    if cfg.head.anomaly_feature:  # refuse what it is not made for before any work is done
+        from keeneye.training.anomaly_feature import check_anomaly_feature
+
+        check_anomaly_feature(cfg, tiled=scanned.spec.tiles is not None)
     backbone = phases.build_backbone(cfg, scanned)
     engine = make_feature_engine(backbone.extractor, cache_folder=backbone.cache_folder)
     remote = ray_engine_factory(cfg, scanned, backbone) if cfg.training.embed_on == "ray" else None
@@ -132,6 +136,8 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     timings["head_training_s"] = fit.seconds  # with cross-validation: the folds and the refit
     choice = phases.choose_threshold(cfg, prepared, fit, reporter)
     trained = phases.keep_head(cfg, prepared, backbone.extractor, fit, choice, devices)
+    if cfg.head.anomaly_feature:
+        trained = phases.add_anomaly_feature(cfg, scanned, prepared, fit, trained, reporter)
     if cfg.fine_tune.enabled:
         trained = phases.fine_tune(cfg, prepared, fit, trained, partial, devices, phase_callbacks("fine_tune"), reporter)
         timings["fine_tuning_s"] = trained.fine_tuning_s
@@ -162,6 +168,8 @@ def _publish(cfg: Config, scanned: phases.Scanned, prepared: phases.Prepared, fi
         timings["evaluation_s"] = time.perf_counter() - phase
         classifier = build_classifier(trained.extractor, trained.head)
         bundle.save_model(classifier)
+        if trained.anomaly_feature is not None:  # the one-class part of the probability, beside the classifier
+            bundle.save_anomaly_feature(trained.anomaly_feature.extractor, trained.anomaly_feature.bank.features)
         testing_paths = prepared.manifest.loc[trained.testing, "path"].tolist()
         reporter.print(write_bundle_onnx(bundle.folder, classifier, testing_paths, feature_engine, spec=scanned.spec), highlight=False)
         _write_run_files(cfg, bundle, scanned, prepared, trained, partial)
@@ -186,7 +194,8 @@ def _evaluate_testing(cfg: Config, scanned: phases.Scanned, prepared: phases.Pre
         folder, rows["path"].tolist(), rows["label"].tolist(), probability, choice.threshold, class_names,
         extra={"split": "testing", "threshold_choice": choice.to_dict(), "leakage": leakage_summary(prepared.audit),
                **_sequence_evaluation(rows, probability, class_names, choice.threshold, cfg.video, folder)}
-        | ({"cross_validation": fit.cv.to_dict()} if fit.cv is not None else {}),
+        | ({"cross_validation": fit.cv.to_dict()} if fit.cv is not None else {})
+        | ({"anomaly_feature": trained.anomaly_feature.info()} if trained.anomaly_feature is not None else {}),
     )
 
 

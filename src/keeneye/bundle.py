@@ -42,6 +42,9 @@ DROPPED_FILE = "dropped_files.csv"
 SKIPPED_FILE = "skipped_files.csv"
 DATA_COUNTS_FILE = "data_counts.csv"
 EVALUATIONS_DIR = "evaluations"
+#: head.anomaly_feature: the one-class patch feature graph and its memory bank, beside model.keras.
+ANOMALY_FEATURE_MODEL_FILE = "anomaly_features.keras"
+ANOMALY_FEATURE_BANK_FILE = "anomaly_feature_bank.npy"
 BUNDLE_FORMAT_VERSION = 1
 
 #: How probabilities are made and read: recorded in every supervised bundle's metadata.
@@ -84,6 +87,29 @@ class BackboneInfo(BaseModel):
     weights_sha256: Optional[str] = None
 
 
+class AnomalyFeatureInfo(BaseModel):
+    """head.anomaly_feature: how the one-class score enters the probability (model/anomaly_feature.py).
+
+    probability = sigmoid(coef_logit * logit(p) + coef_log_score * log(s) + intercept), p = model.keras's output,
+    s = the raw one-class score of anomaly_features.keras's patches against anomaly_feature_bank.npy.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    model_file: str = Field(ANOMALY_FEATURE_MODEL_FILE, description="The patch feature graph (uint8 images -> patch features).")
+    bank_file: str = Field(ANOMALY_FEATURE_BANK_FILE, description="The memory bank of good patches (float32, bank_size x feature_dim).")
+    layers: list[str]
+    grid: str
+    feature_dim: int = Field(..., ge=1)
+    score_top_k: int = Field(..., ge=1, description="Raw score: the mean of this many largest patch distances.")
+    score_neighbours: int = Field(..., ge=1, description="PatchCore's re-weighting over this many bank neighbours (1: none).")
+    bank_size: int = Field(..., ge=1)
+    coef_logit: float = Field(..., allow_inf_nan=False)
+    coef_log_score: float = Field(..., allow_inf_nan=False)
+    intercept: float = Field(..., allow_inf_nan=False)
+    combination: str = Field(..., description="The formula, in words.")
+
+
 class BundleMetadata(BaseModel):
     """metadata.json, typed: written once by `BundleWriter.write_metadata`, read once by `load_bundle`.
 
@@ -109,6 +135,8 @@ class BundleMetadata(BaseModel):
     data: Optional[list[dict[str, Any]]] = Field(None, description="Files found, skipped, dropped and used per split and class.")
     timings: Optional[dict[str, Any]] = Field(None, description="Seconds per phase.")
     versions: Optional[dict[str, Any]] = Field(None, description="keeneye's and its libraries' versions.")
+    anomaly_feature: Optional[AnomalyFeatureInfo] = Field(
+        None, description="head.anomaly_feature: the one-class score stacked onto the head's probability; absent otherwise.")
 
     def to_json(self) -> str:
         """The file's text: the fields that were given, in declaration order (NaN refused)."""
@@ -435,6 +463,13 @@ class BundleWriter:
         """A CSV table of the bundle (history, manifest, dropped and skipped files, data counts)."""
         frame.to_csv(self.folder / name, index=False)
         return self.folder / name
+
+    def save_anomaly_feature(self, extractor: Any, bank_features: Any) -> None:
+        """head.anomaly_feature's parts: the patch feature graph (a keras.Model) and the memory bank (M, D) float32."""
+        import numpy as np
+
+        extractor.save(self.folder / ANOMALY_FEATURE_MODEL_FILE)
+        np.save(self.folder / ANOMALY_FEATURE_BANK_FILE, np.asarray(bank_features, np.float32), allow_pickle=False)
 
     def write_onnx(self, data: bytes, record: dict) -> Path:
         """model.onnx and its verification record (model.onnx.verification.json), each written atomically."""

@@ -20,14 +20,14 @@ import pandas as pd
 
 from keeneye.bundle import load_bundle
 from keeneye.data.preprocess import InputSpec
-from keeneye.inference.anomaly import is_anomaly_bundle
+from keeneye.inference.anomaly import has_anomaly_feature, is_anomaly_bundle
 from keeneye.inference.predictor import Predictor, expand_inputs
 from keeneye.model.gradcam import (
     MAX_OVERLAY_SIDE, Explanation, GradCam, explain_batch, explain_files, fit_display, load_for_explaining, overlay_heatmap,
 )
 from keeneye.runtime.batches import iter_decoded
 
-__all__ = ["GradCam", "Explanation", "overlay_heatmap", "explain_decoded", "explain_images", "explain"]
+__all__ = ["GradCam", "Explanation", "overlay_heatmap", "explain_decoded", "explain_images", "explain", "with_probabilities"]
 
 
 def explain_decoded(
@@ -58,6 +58,21 @@ def explain_images(
     spec = spec or InputSpec(cam.image_size)
     return explain_files(cam, paths, threshold, class_names, spec, batch_size, max_side,
                          decode=lambda items, load: iter_decoded(items, spec, prefetch=2 * batch_size, load=load))
+
+
+def with_probabilities(explanations: list[Explanation], probabilities: Sequence[float], threshold: float,
+                       class_names: tuple[str, str]) -> list[Explanation]:
+    """The explained images (those without an error, in order) with the bundle's own probabilities and labels.
+
+    For head.anomaly_feature bundles: Grad-CAM shows where the supervised head looked, while the
+    probability also holds the one-class score, which only the Predictor's StackedEngine computes.
+    """
+    values = iter(probabilities)
+    for item in explanations:
+        if item.error is None:
+            item.probability = float(next(values))
+            item.label = class_names[1] if item.probability >= threshold else class_names[0]
+    return explanations
 
 
 def explain_anomaly_images(
@@ -113,6 +128,10 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
     else:
         console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM on the last MobileNetV2 feature map)")
         explanations = explain_images(bundle.model, paths, bundle.threshold, bundle.class_names, spec=bundle.input_spec)
+        if has_anomaly_feature(bundle):  # the probability also holds the one-class score: the Predictor's
+            done = [item.path for item in explanations if item.error is None]
+            stacked = Predictor(bundle).predict_paths(done)["probability"].to_numpy()
+            explanations = with_probabilities(explanations, stacked, bundle.threshold, bundle.class_names)
     rows, used = [], set()
     for item in explanations:
         overlay_path = None

@@ -364,11 +364,12 @@ class Reporter:
         else:
             self.line(f"run state: {folder} (if interrupted: keeneye train --resume {resume_with})")
 
-    def head_candidates(self, results: list[tuple[str, float, bool]], reason: str) -> None:
-        """Cross-validated head candidates, `->` on the chosen one, and why."""
-        for name, ap, chosen in results:
-            self.console.print(f"  {'->' if chosen else '  '} {name:28s} out-of-fold AP {ap:.4f}", highlight=False)
-        chosen_name = next(name for name, _, chosen in results if chosen)
+    def head_candidates(self, results: list[tuple], reason: str) -> None:
+        """Cross-validated head candidates (name, AP, chosen[, note]), `->` on the chosen one, and why."""
+        for name, ap, chosen, *note in results:
+            self.console.print(f"  {'->' if chosen else '  '} {name:28s} out-of-fold AP {ap:.4f}"
+                               + (f", {note[0]}" if note else ""), highlight=False)
+        chosen_name = next(name for name, _, chosen, *_ in results if chosen)
         self.console.print(f"head chosen: {chosen_name} ({escape(reason)})", highlight=False)
 
     def head_trained(self, epochs: int, best_epoch: int, monitor: str, resumed: int) -> None:

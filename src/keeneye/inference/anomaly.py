@@ -19,11 +19,13 @@ import numpy as np
 
 from keeneye.data.decode import resize_square
 from keeneye.errors import BundleError
+from keeneye.model.anomaly_feature import Stacker, StackedEngine
 from keeneye.model.decision import predict_labels
 from keeneye.runtime.choice import make_engine
 from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, PatchBank, overlay_anomaly_map
 
-__all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "is_anomaly_bundle", "make_anomaly_engine"]
+__all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "has_anomaly_feature", "is_anomaly_bundle", "make_anomaly_engine",
+           "make_stacked_engine"]
 
 #: Overlays are drawn on the image shrunk to at most this side (as Grad-CAM overlays are).
 MAX_OVERLAY_SIDE = 512
@@ -53,6 +55,29 @@ def make_anomaly_engine(bundle, engine: str = "auto") -> AnomalyEngine:
     features = make_engine(bundle.model, engine, bundle=bundle)
     return AnomalyEngine(features, PatchBank.load(bank_path), info["raw_threshold"], info.get("map_sigma", 4.0),
                          neighbours=info.get("score_neighbours", 1), top_k=info.get("score_top_k", 1))
+
+
+def has_anomaly_feature(bundle) -> bool:
+    """True for supervised bundles trained with ``head.anomaly_feature``: the one-class score is part of the probability."""
+    return bundle is not None and bundle.metadata.get("anomaly_feature") is not None
+
+
+def make_stacked_engine(bundle, classifier, engine: str = "auto") -> StackedEngine:
+    """The engine of a head.anomaly_feature bundle: the classifier's engine, the patch feature graph on `engine`
+    (converted and verified against Keras in memory), the bank and the stacker (model/anomaly_feature.py)."""
+    import keras
+
+    info = bundle.spec.anomaly_feature
+    model_path, bank_path = bundle.path / info.model_file, bundle.path / info.bank_file
+    if not model_path.is_file() or not bank_path.is_file():
+        raise BundleError(f"{bundle.path} was trained with head.anomaly_feature but lacks {info.model_file} or {info.bank_file}.")
+    try:
+        patches = keras.saving.load_model(model_path, compile=False)
+    except Exception as exc:
+        raise BundleError(f"{model_path}: could not load the patch feature graph ({type(exc).__name__}: {exc}).") from None
+    stacker = Stacker(info.coef_logit, info.coef_log_score, info.intercept)
+    return StackedEngine(classifier, make_engine(patches, engine), PatchBank.load(bank_path), stacker,
+                         top_k=info.score_top_k, neighbours=info.score_neighbours)
 
 
 def _shrunk(image: np.ndarray, max_side: int) -> np.ndarray:

@@ -19,6 +19,11 @@ the MobileNetV2 preprocessing is inside the model):
 * `tflite`: the TFLite converter from a SavedModel; `float16` weights, or `int8` calibrated on a
   representative sample of the bundle's training images (float fallback for unsupported ops).
 * `savedmodel`: a TF SavedModel with a `serving_default` signature, for TF Serving.
+
+A one-class (anomaly) bundle exports its patch feature graph (uint8 images -> patch features N x H x W x D)
+in any of these formats, with `memory_bank.npy` and `<file>.anomaly.json` (raw threshold, score rule,
+normalisation, the bank's sha256) beside it; the check compares the normalised anomaly scores that the
+exported graph and model.keras give with that bank, and `load_exported` returns those scores.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from keeneye.runtime.convert import (
     dedupe_opsets, generated_images, is_verified, onnx_verification_record, verification_path,
 )
 from keeneye.runtime.engines import BaseEngine, Engine, KerasEngine, OnnxEngine, SavedModelEngine, TFLiteEngine, physical_cores
+from keeneye.model.patchcore import BANK_FILE, NORMALISATION, PATCH_OUTPUT_NAME, AnomalyEngine, PatchBank
 
 FORMATS = ("onnx", "tflite", "savedmodel")
 QUANTIZATIONS = ("float16", "int8")
@@ -203,18 +209,97 @@ class Probabilities(BaseEngine):
         return np.asarray(self.engine.run(batch), dtype=np.float32).reshape(-1)
 
 
-def load_exported(path: str | os.PathLike) -> Probabilities:
-    """Load an exported model (.onnx file, .tflite file or SavedModel folder) as uint8 batch -> probabilities (N,)."""
-    path = Path(path)
+def _exported_engine(path: Path) -> Engine:
+    """The engine that runs an exported file (.onnx, .tflite) or SavedModel folder, by what it is."""
     if path.is_dir() and (path / "saved_model.pb").is_file():
-        return Probabilities(SavedModelEngine(path))
+        return SavedModelEngine(path)
     if path.is_file():
         with open(path, "rb") as handle:
             head = handle.read(8)
         if path.suffix.lower() == ".tflite" or head[4:8] == b"TFL3":
-            return Probabilities(TFLiteEngine(path))
-        return Probabilities(OnnxEngine(path))
+            return TFLiteEngine(path)
+        return OnnxEngine(path)
     raise ExportError(f"{path} is not an exported model (a .onnx or .tflite file, or a SavedModel folder).")
+
+
+def load_exported(path: str | os.PathLike) -> Probabilities:
+    """Load an exported model (.onnx file, .tflite file or SavedModel folder) as uint8 batch -> probabilities (N,).
+
+    An exported one-class feature graph (``<file>.anomaly.json`` and the memory bank beside it) gives the
+    bundle's normalised anomaly scores, read like probabilities (threshold 0.5).
+    """
+    path = Path(path)
+    engine = _exported_engine(path)
+    sidecar = anomaly_sidecar(path)
+    if sidecar.is_file():
+        return Probabilities(exported_anomaly_engine(engine, sidecar))
+    return Probabilities(engine)
+
+
+# --- one-class (anomaly) bundles: the feature graph, with the bank beside it ----------------------------
+
+
+#: Beside an exported one-class feature graph ``<file>``: ``<file>.anomaly.json`` (how its patch features become
+#: scores) and the memory bank ``memory_bank.npy``, shared by every export of the bundle in that folder.
+ANOMALY_SUFFIX = ".anomaly.json"
+
+
+def anomaly_sidecar(path: str | os.PathLike) -> Path:
+    """Where an export's one-class scoring record lies: ``<file>.anomaly.json`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ANOMALY_SUFFIX)
+
+
+def _is_anomaly(bundle: Bundle) -> bool:
+    return bundle.metadata.get("mode") == "anomaly"
+
+
+def _anomaly_record(bundle: Bundle, target: Path) -> dict:
+    """What a deployment needs besides the feature graph: the bank file, the raw threshold, the score rule."""
+    info = bundle.metadata["anomaly"]
+    return {
+        "kind": "keeneye one-class feature graph: uint8 images (N, S, S, 3) -> patch features (N, H, W, D)",
+        "model": target.name, "bank_file": BANK_FILE, "bank_sha256": sha256_of_file(bundle.path / BANK_FILE),
+        "bank_size": info.get("bank_size"), "raw_threshold": info["raw_threshold"], "normalisation": NORMALISATION,
+        "threshold": 0.5, "image_score": info.get("image_score"), "score_top_k": info.get("score_top_k", 1),
+        "score_neighbours": info.get("score_neighbours", 1), "map_sigma": info.get("map_sigma", 4.0),
+        "distance": "Euclidean (L2) distance of each patch to its nearest bank row",
+        "class_names": list(bundle.class_names), "positive_class": bundle.positive_class,
+        "image_size": bundle.image_size, "bundle": str(bundle.path),
+    }
+
+
+def _anomaly_scorer(bundle: Bundle) -> Callable[[Engine], AnomalyEngine]:
+    """Feature engine -> the bundle's scores on it (its bank, raw threshold and score rule)."""
+    record = _anomaly_record(bundle, bundle.path / MODEL_FILE)
+    bank = PatchBank.load(bundle.path / BANK_FILE)
+    return lambda engine: _scoring(engine, bank, record)
+
+
+def _scoring(engine: Engine, bank: PatchBank, record: dict) -> AnomalyEngine:
+    return AnomalyEngine(engine, bank, record["raw_threshold"], record["map_sigma"], neighbours=record["score_neighbours"],
+                         top_k=record["score_top_k"])
+
+
+def exported_anomaly_engine(features: Engine, sidecar: str | os.PathLike) -> AnomalyEngine:
+    """An exported feature graph's engine + the bank and record beside it -> normalised anomaly scores (N, 1)."""
+    sidecar = Path(sidecar)
+    record = json.loads(sidecar.read_text())
+    bank_path = sidecar.parent / record["bank_file"]
+    if not bank_path.is_file() or sha256_of_file(bank_path) != record["bank_sha256"]:
+        raise ExportError(f"{bank_path} is missing or is not the memory bank {sidecar.name} was exported with "
+                          "(export the bundle again into this folder).")
+    return _scoring(features, PatchBank.load(bank_path), record)
+
+
+def _place_anomaly_parts(bundle: Bundle, target: Path) -> list[str]:
+    """Copy the bank beside the export and write its scoring record; returns the file names written."""
+    bank = target.parent / BANK_FILE
+    source = bundle.path / BANK_FILE
+    if not bank.is_file() or sha256_of_file(bank) != sha256_of_file(source):
+        write_atomic(bank, source.read_bytes())
+    write_atomic(anomaly_sidecar(target), json.dumps(_anomaly_record(bundle, target), indent=2).encode())
+    return [bank.name, anomaly_sidecar(target).name]
 
 
 # --- converters ----------------------------------------------------------------------------------
@@ -262,7 +347,7 @@ def _bundle_onnx_bytes(bundle: Bundle) -> bytes:
     inside = bundle.path / ONNX_FILE
     if is_verified(inside, sha256_of_file(bundle.path / MODEL_FILE)):
         return inside.read_bytes()
-    return convert_to_onnx(bundle.model, output_name="probability")
+    return convert_to_onnx(bundle.model, output_name=PATCH_OUTPUT_NAME if _is_anomaly(bundle) else "probability")
 
 
 def _export_onnx(bundle: Bundle, target: Path, quantize: str | None, calibration: ImageSet | None) -> None:
@@ -457,6 +542,14 @@ def _convert(bundle: Bundle, fmt: str, quantize: str | None, calibration: ImageS
         raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
+def check_exportable(bundle: Bundle) -> None:
+    """A head.anomaly_feature bundle's probability needs two graphs and a bank: one exported graph cannot hold it."""
+    if bundle.metadata.get("anomaly_feature") is not None:
+        raise ExportError(f"{bundle.path.name} was trained with head.anomaly_feature: its probability also needs the one-class "
+                          "score (anomaly_features.keras + anomaly_feature_bank.npy), which a single exported graph does not hold; "
+                          "use keeneye predict / serve, or retrain without head.anomaly_feature to export.")
+
+
 def export_bundle(
     run_dir: str | os.PathLike | Bundle,
     format: str = "onnx",
@@ -471,13 +564,12 @@ def export_bundle(
     """Export a bundle's model, verify it against model.keras on held-out images, and put it in place.
 
     Raises ExportError for a bad request or output folder, ExportVerificationError when the export
-    disagrees with model.keras beyond `tolerance` (default `TOLERANCES[quantize]`).
+    disagrees with model.keras beyond `tolerance` (default `TOLERANCES[quantize]`). A one-class bundle's
+    export is its feature graph, checked on the anomaly scores it gives with the bank written beside it.
     """
     fmt, quantize = _checked_request(format, quantize)
     bundle = run_dir if isinstance(run_dir, Bundle) else load_bundle(run_dir)
-    if bundle.metadata.get("mode") == "anomaly":
-        raise ExportError(f"{bundle.path.name} is a one-class (anomaly) bundle: its deployable parts are already in it, "
-                          "model.onnx (the patch feature graph) and memory_bank.npy; export supports classifiers only.")
+    check_exportable(bundle)
     target = resolve_output(bundle, fmt, quantize, output)
     tolerance = tolerance or TOLERANCES[quantize]
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -489,25 +581,15 @@ def export_bundle(
             calibration_images = min(calibration_images, max(16, ONNX_CALIBRATION_PIXELS // (bundle.image_size**2 * bundle.input_spec.n_tiles)))
         calibration = representative_images(bundle, calibration_images)
     label = fmt + (f" ({quantize})" if quantize else "")
-    say(f"exporting {bundle.path.name} as {label}; verifying on {held_out.description}", highlight=False)
+    what = " (the one-class feature graph, with the memory bank beside it)" if _is_anomaly(bundle) else ""
+    say(f"exporting {bundle.path.name} as {label}{what}; verifying on {held_out.description}", highlight=False)
 
     partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     started = time.perf_counter()
     try:
         _convert(bundle, fmt, quantize, calibration, partial, target, label)
         seconds = time.perf_counter() - started
-        exported = load_exported(partial)(held_out.images)
-        reference = _in_batches(KerasEngine(bundle.model), held_out.images)
-        report = compare(reference, exported, bundle.threshold, held_out.labels, tolerance)
-        import keras
-        import tensorflow as tf
-
-        versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
-        if fmt == "onnx":
-            import onnxruntime
-            import tf2onnx
-
-            versions |= {"tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": ONNX_OPSET}
+        report = _verify(bundle, partial, held_out, tolerance)
         record = {
             "format": fmt, "quantize": quantize, "file": target.name, "bundle": str(bundle.path),
             "source": MODEL_FILE, "source_sha256": sha256_of_file(bundle.path / MODEL_FILE),
@@ -515,7 +597,7 @@ def export_bundle(
             **report,
             "calibration": calibration.description if calibration is not None else None,
             "size_bytes": _size(partial), "export_s": round(seconds, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(fmt),
         }
         if not report["passed"]:  # the report goes beside, under another name: an earlier good export stays valid
             failed_path = target.with_name(target.name + ".verification-failed.json")
@@ -524,19 +606,53 @@ def export_bundle(
                 f"the {label} export disagrees with model.keras beyond tolerance: {'; '.join(report['failures'])} "
                 f"({summary_line(report)}). Nothing was written to {target}; details in {failed_path}."
             )
-        report_path = verification_path(target)
-        target.with_name(target.name + ".verification-failed.json").unlink(missing_ok=True)
-        report_path.unlink(missing_ok=True)
-        if target.exists():
-            _remove(target)
-        os.replace(partial, target)
-        write_atomic(report_path, json.dumps(record, indent=2).encode())
+        notes = _put_in_place(bundle, partial, target, record)
     finally:
         if partial.exists():
             _remove(partial)
-    say(f"exported {target} ({record['size_bytes'] / 1e6:.1f} MB, {seconds:.1f} s)", highlight=False)
-    say(f"verified: {summary_line(report)}; written to {report_path}", highlight=False)
-    return ExportResult(target, fmt, quantize, record, report_path, seconds)
+    say(f"exported {target} ({record['size_bytes'] / 1e6:.1f} MB, {seconds:.1f} s)"
+        + (f", with {' and '.join(notes)} beside it" if notes else ""), highlight=False)
+    say(f"verified: {summary_line(report)}; written to {verification_path(target)}", highlight=False)
+    return ExportResult(target, fmt, quantize, record, verification_path(target), seconds, notes)
+
+
+def _verify(bundle: Bundle, exported: Path, held_out: ImageSet, tolerance: Tolerance) -> dict:
+    """Compare the exported model with model.keras on the held-out images: probabilities, or for a one-class
+    bundle the normalised anomaly scores that each feature graph gives with the bundle's bank."""
+    wrap = _anomaly_scorer(bundle) if _is_anomaly(bundle) else (lambda engine: engine)
+    candidate = _in_batches(wrap(_exported_engine(exported)), held_out.images)
+    reference = _in_batches(wrap(KerasEngine(bundle.model)), held_out.images)
+    return compare(reference, candidate, bundle.threshold, held_out.labels, tolerance)
+
+
+def _versions(fmt: str) -> dict:
+    import keras
+    import tensorflow as tf
+
+    versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
+    if fmt == "onnx":
+        import onnxruntime
+        import tf2onnx
+
+        versions |= {"tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__, "opset": ONNX_OPSET}
+    return versions
+
+
+def _put_in_place(bundle: Bundle, partial: Path, target: Path, record: dict) -> list[str]:
+    """Move a verified export into place with its verification record (and a one-class bundle's bank and
+    scoring record beside it); returns the names of the files written beside it."""
+    report_path = verification_path(target)
+    target.with_name(target.name + ".verification-failed.json").unlink(missing_ok=True)
+    report_path.unlink(missing_ok=True)
+    anomaly_sidecar(target).unlink(missing_ok=True)
+    if target.exists():
+        _remove(target)
+    os.replace(partial, target)
+    notes = _place_anomaly_parts(bundle, target) if _is_anomaly(bundle) else []
+    if notes:
+        record["anomaly"] = {"bank_file": notes[0], "scoring": notes[1]}
+    write_atomic(report_path, json.dumps(record, indent=2).encode())
+    return notes
 
 
 # --- the bundle's own model.onnx, written at train time ------------------------------------------

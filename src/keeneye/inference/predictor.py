@@ -14,7 +14,7 @@ from keeneye.bundle import Bundle, load_bundle
 from keeneye.data.scan import entry_problem, skip_reason, walk_files
 from keeneye.data.video import is_video
 from keeneye.model.decision import predict_labels
-from keeneye.inference.anomaly import is_anomaly_bundle, make_anomaly_engine
+from keeneye.inference.anomaly import has_anomaly_feature, is_anomaly_bundle, make_anomaly_engine, make_stacked_engine
 from keeneye.runtime import choice
 from keeneye.runtime.batches import decode_workers, first_column, run_engine
 
@@ -25,10 +25,12 @@ ENGINES = choice.ENGINE_CHOICES  # ("auto", "openvino", "onnx", "keras")
 def make_engine(model, engine: str = "auto", bundle: Bundle | None = None, threads: int | None = None):
     """The engine that runs the bundle's model: 'auto' = the fastest CPU engine on the bundle's verified
     model.onnx (OpenVINO, else ONNX Runtime), Keras on GPU or as the fallback; see runtime/choice.py.
-    An anomaly bundle (mode "anomaly") gets an AnomalyEngine: the same contract, scores instead of probabilities."""
+    An anomaly bundle (mode "anomaly") gets an AnomalyEngine: the same contract, scores instead of probabilities;
+    a bundle trained with head.anomaly_feature a StackedEngine (the classifier's engine + the one-class score)."""
     if is_anomaly_bundle(bundle):
         return make_anomaly_engine(bundle, engine)
-    return choice.make_engine(model, engine, bundle=bundle, threads=threads)
+    classifier = choice.make_engine(model, engine, bundle=bundle, threads=threads)
+    return make_stacked_engine(bundle, classifier, engine) if has_anomaly_feature(bundle) else classifier
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], videos: bool = False) -> tuple[list[str], list[dict]]:

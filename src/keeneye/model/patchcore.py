@@ -237,6 +237,7 @@ def greedy_coreset(
 #: 200 ms with 128 dimensions; numpy/OpenBLAS GEMM 109 ms. Hence "blas" by default.
 SEARCH_BACKENDS = ("blas", "faiss")
 _QUERY_BLOCK = 256
+_BANK_BLOCK = 2048
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _BLAS = None
@@ -334,14 +335,31 @@ class PatchBank:
         return np.maximum(squared, 0.0), index
 
     def _search_block(self, queries: np.ndarray, start: int, squared: np.ndarray, index: np.ndarray) -> None:
+        """One query block against the bank, tile by tile: a running minimum over bank tiles of _BANK_BLOCK rows.
+
+        Each tile's (queries x bank rows) products (256 x 2048 floats, 2 MB) stay in the core's cache
+        between the GEMM that writes them and the argmin that reads them; one product matrix over a
+        48k bank (48 MB per block) went through main memory twice (measured 27 vs 33 ms per image).
+        """
         block = queries[start : start + _QUERY_BLOCK]
+        rows = np.arange(len(block))
         augmented = np.empty((len(block), self.dim + 1), np.float32)
         np.multiply(block, -2.0, out=augmented[:, :-1])
         augmented[:, -1] = 1.0
-        products = augmented @ self._augmented_t  # (b, M) = |m|^2 - 2 q.m: the GEMM is all the work
-        best = products.argmin(axis=1)
-        index[start : start + len(block)] = best
-        squared[start : start + len(block)] = products[np.arange(len(block)), best] + np.einsum("ij,ij->i", block, block)
+        best = np.full(len(block), np.inf, np.float32)
+        best_index = np.zeros(len(block), np.int64)
+        products = np.empty((len(block), min(_BANK_BLOCK, len(self))), np.float32)
+        for first in range(0, len(self), _BANK_BLOCK):
+            tile = self._augmented_t[:, first : first + _BANK_BLOCK]
+            found = products[:, : tile.shape[1]]
+            np.matmul(augmented, tile, out=found)  # |m|^2 - 2 q.m: the GEMM is all the work
+            nearest = found.argmin(axis=1)
+            value = found[rows, nearest]
+            better = value < best  # strict: ties keep the earlier (lower) index, as one argmin over the bank would
+            best[better] = value[better]
+            best_index[better] = nearest[better] + first
+        index[start : start + len(block)] = best_index
+        squared[start : start + len(block)] = best + np.einsum("ij,ij->i", block, block)
 
     def nearest(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W, D) patch features -> (distance (N, H, W) to the nearest bank patch, its index (N, H, W))."""
@@ -458,6 +476,15 @@ class AnomalyEngine:
         self.top_k = int(top_k)
         self.name = getattr(features, "name", "keras")
         self.source = f"{getattr(features, 'source', 'model.keras')} + memory bank of {len(bank)} patches"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """The feature engine's input (H, W, C), so the engine can stand where a classifier engine stands."""
+        return getattr(self.features, "input_shape", None)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The Engine contract (runtime.engines): normalised scores (N, 1)."""
+        return self(batch)
 
     def distances_and_scores(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """((N, H, W) distance of each patch to its nearest good patch, raw image scores (N,))."""

@@ -61,8 +61,8 @@ class Explainer:
         self.cam = None
 
     def __call__(self, images: list[np.ndarray], names: list[str], threshold: float) -> list[dict]:
-        from keeneye.explain import GradCam, explain_decoded
-        from keeneye.inference.anomaly import anomaly_overlays, is_anomaly_bundle
+        from keeneye.explain import GradCam, explain_decoded, with_probabilities
+        from keeneye.inference.anomaly import anomaly_overlays, has_anomaly_feature, is_anomaly_bundle
 
         bundle = self.service.predictor.bundle
         if is_anomaly_bundle(bundle):  # one-class bundle: the anomaly map (patch distances to the good ones)
@@ -71,6 +71,9 @@ class Explainer:
         if self.cam is None:
             self.cam = GradCam(bundle.model)
         explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names, spec=bundle.input_spec)
+        if has_anomaly_feature(bundle):  # Grad-CAM is the head's view; the probability also holds the one-class score
+            stacked = self.service.predictor.predict_images(images)
+            explained = with_probabilities(explained, stacked, threshold, bundle.class_names)
         return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
 
 

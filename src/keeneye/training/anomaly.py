@@ -294,7 +294,8 @@ def fit_feature_transform(cfg: Config, extractor, paths: Sequence[str]) -> None:
     set_patch_transform(extractor, *fit_patch_transform(patches, a.feature_dim, a.projection, a.standardise, cfg.training.seed))
 
 
-def _fit_bank(cfg: Config, rows: pd.DataFrame, features, console: Console) -> tuple[PatchBank, int, pd.Series]:
+def _fit_bank(cfg: Config, rows: pd.DataFrame, features, console: Console) -> tuple[PatchBank, int, pd.Series, float]:
+    """(bank, number of good training patches, unreadable files, seconds the coreset selection took)."""
     with _progress(console) as progress:
         task = progress.add_task("patch features of good images", total=len(rows))
         patches, failed = collect_patches(rows["path"].tolist(), features, cfg.model.image_size,
@@ -304,9 +305,10 @@ def _fit_bank(cfg: Config, rows: pd.DataFrame, features, console: Console) -> tu
         raise DataError(f"none of the {len(rows)} good training images could be read; see the reasons in dropped_files.csv.")
     started = time.perf_counter()
     bank = build_bank(patches, cfg.anomaly.coreset_share, cfg.anomaly.max_bank_size, cfg.training.seed)
+    seconds = time.perf_counter() - started
     console.print(f"memory bank: {len(bank)} of {len(patches)} good patches ({len(bank) / len(patches):.1%}, greedy coreset "
-                  f"in {time.perf_counter() - started:.1f} s), {bank.dim} dimensions")
-    return bank, len(patches), failures
+                  f"in {seconds:.1f} s), {bank.dim} dimensions")
+    return bank, len(patches), failures, seconds
 
 
 def _score_held_out(cfg: Config, manifest: pd.DataFrame, engine: AnomalyEngine, console: Console):
@@ -338,7 +340,7 @@ def train_anomaly(cfg: Config, console: Console | None = None, versions: dict | 
     if fitted:
         fit_feature_transform(cfg, extractor, good_rows["path"].tolist())
     features = make_feature_engine(extractor)
-    bank, n_patches, train_failures = _fit_bank(cfg, good_rows, features, console)
+    bank, n_patches, train_failures, timings["coreset_s"] = _fit_bank(cfg, good_rows, features, console)
     timings["bank_s"] = time.perf_counter() - started
     engine = AnomalyEngine(features, bank, raw_threshold=1.0, map_sigma=anomaly.map_sigma, neighbours=anomaly.score_neighbours,
                            top_k=anomaly.score_top_k)

@@ -19,7 +19,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from keeneye.bundle import PREPROCESSING, BUNDLE_FORMAT_VERSION, BackboneInfo, BundleMetadata, PartialRun, default_run_name, library_versions
+from keeneye.bundle import (
+    PREPROCESSING, BUNDLE_FORMAT_VERSION, AnomalyFeatureInfo, BackboneInfo, BundleMetadata, PartialRun, default_run_name, library_versions,
+)
 from keeneye.config import Config, save_config
 from keeneye.data.audit import Audit, audit_manifest, inspect_images, print_summary, settle_leakage
 from keeneye.data.manifest import load_data
@@ -28,6 +30,7 @@ from keeneye.data.scan import SPLITS, ScanResult
 from keeneye.data.split import SplitResult, split_with_auto_groups
 from keeneye.errors import ConfigError, DataError
 from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold as choose_threshold_on
+from keeneye.model.anomaly_feature import COMBINATION
 from keeneye.terminal import Reporter
 
 Mask = np.ndarray  # bool per manifest row
@@ -329,7 +332,7 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter, fea
     still runs (5 folds): out-of-fold choices beat a 0.5 default.
     """
     from keeneye.data.cache import memory_mapped
-    from keeneye.training.crossval import candidates_for, run_cross_validation
+    from keeneye.training.crossval import candidates_for, paired_differences, run_cross_validation
 
     features, y, sets, units = prepared.features, prepared.y, prepared.sets, prepared.splits.units
     pool = sets["training"] | sets["validation"]
@@ -352,7 +355,10 @@ def cross_validate_head(cfg: Config, prepared: Prepared, reporter: Reporter, fea
                          "cross-validation; the threshold is chosen on the validation split.")
         return None
     if len(cv.results) > 1:
-        reporter.head_candidates([(r.candidate.name, r.ap, r is cv.best) for r in cv.results], cv.reason)
+        paired = paired_differences(cv.results)
+        reporter.head_candidates([(r.candidate.name, r.ap, r is cv.best,
+                                   f"per fold {d.mean:+.3g} +- {d.standard_error:.3g} (paired SE) vs the best")
+                                  for r, d in zip(cv.results, paired)], cv.reason)
     return cv
 
 
@@ -465,6 +471,7 @@ class Trained:
     info: dict  # metadata.json "training"
     fine_tuned: bool = False
     fine_tuning_s: float | None = None
+    anomaly_feature: Any = None  # training.anomaly_feature.AnomalyFeature with head.anomaly_feature, else None
 
 
 def keep_head(cfg: Config, prepared: Prepared, extractor: Any, fit: HeadFit, choice: ThresholdChoice, devices: Any) -> Trained:
@@ -478,6 +485,42 @@ def keep_head(cfg: Config, prepared: Prepared, extractor: Any, fit: HeadFit, cho
         info["cross_validation"] = fit.cv.to_dict()
     return Trained(extractor, fit.head, choice, fit.probability, fit.history, prepared.sets["testing"], prepared.ok,
                    prepared.dropped, prepared.counts, info)
+
+
+def add_anomaly_feature(cfg: Config, scanned: Scanned, prepared: Prepared, fit: HeadFit, trained: Trained,
+                        reporter: Reporter) -> Trained:
+    """head.anomaly_feature: the one-class score stacked onto the head's probability (training/anomaly_feature.py).
+
+    The stacked model replaces the head's probability and threshold; the test split is scored by the same
+    formula predict uses (model/anomaly_feature.Stacker), from the head's probability and the patch scores.
+    """
+    from dataclasses import replace
+
+    from keeneye.runtime.batches import run_engine
+    from keeneye.training.anomaly_feature import fit_anomaly_feature
+
+    if fit.cv is None:
+        reporter.warning("head.anomaly_feature needs the cross-validation, which could not run: the head's probability "
+                         "is published without the one-class score.")
+        return trained
+    pool = prepared.sets["training"] | prepared.sets["validation"]
+    paths = prepared.manifest.loc[pool, "path"].tolist()
+    with reporter.task("one-class patch scores (head.anomaly_feature)", len(paths)) as task:
+        feature = fit_anomaly_feature(cfg, paths, prepared.y[pool], fit.cv.folds, fit.cv.best.oof, scanned.spec,
+                                      scanned.weights.path, task)
+    scorer = feature.scorer()
+
+    def probability(mask: Mask) -> np.ndarray:
+        raw = run_engine(scorer.raw_scores, prepared.manifest.loc[mask, "path"].tolist(), scanned.spec, 32).outputs
+        return feature.stacker(trained.probability(mask), raw).astype(np.float32)
+
+    e, choice = feature.estimate, feature.choice
+    reporter.line(f"head.anomaly_feature: probability = sigmoid({feature.stacker.coef_logit:.3f} logit(p) + "
+                  f"{feature.stacker.coef_log_score:.3f} log(s) + {feature.stacker.intercept:.3f}); cross-validated "
+                  f"F1 {e['f1_mean']:.4f} +- {e['f1_sd']:.4f}, AP {e['average_precision_mean']:.4f} +- {e['average_precision_sd']:.4f}")
+    reporter.threshold(choice.threshold, choice.method, choice.validation_f1, True, choice.warning)
+    info = trained.info | {"anomaly_feature": feature.info()}
+    return replace(trained, choice=choice, probability=probability, info=info, anomaly_feature=feature)
 
 
 def fine_tune(cfg: Config, prepared: Prepared, fit: HeadFit, baseline: Trained, partial: PartialRun, devices: Any,
@@ -549,4 +592,6 @@ def classifier_metadata(cfg: Config, fit: HeadFit, scanned: Scanned, trained: Tr
         data=trained.counts.to_dict(orient="records"),
         timings=timings,
         versions=library_versions(),
+        **({"anomaly_feature": AnomalyFeatureInfo(**trained.anomaly_feature.info(), combination=COMBINATION)}
+           if trained.anomaly_feature is not None else {}),
     )
