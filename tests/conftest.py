@@ -56,7 +56,11 @@ def casting_data() -> Path:
 
 
 def tiny_config(root: Path, data: Path, **sections) -> dict:
-    """A fast config: real weights at 96 px, few epochs."""
+    """A fast config: real weights at 96 px, few epochs.
+
+    Tests about something other than the head's cross-validation pass training {"cv_folds": 0}: one head fit
+    instead of 5 folds and a refit. The default (folds) path is trained once, by `tiny_bundle`.
+    """
     config = {
         "data_folder_path": str(data),
         "output_dir": str(root / "runs"),

@@ -141,7 +141,7 @@ def test_train_with_fine_tuning_reports_both_phases_and_keeps_the_bundle_contrac
         def on_train_begin(self, logs=None):  # the head phase starts after the embedding pass
             victim.write_bytes(victim.read_bytes()[:40])
 
-    config = tiny_config(tmp_path, data, run_name="ft", training={"epochs": 8},
+    config = tiny_config(tmp_path, data, run_name="ft", training={"epochs": 8, "cv_folds": 0},  # the folds: tiny_bundle
                          fine_tune={"enabled": True, "method": "images", "unfreeze": "block_16_expand", "epochs": 2, "patience": 2})
     console = Console(record=True, width=250)
     result = api.train(config_from_dict(config, base_dir=tmp_path), console=console, callbacks=[Corrupt()])

@@ -113,7 +113,8 @@ def test_predict_exits_nonzero_only_when_nothing_predicted(tiny_bundle, tmp_path
 
 def test_second_run_reuses_the_embedding_cache(tmp_path, demo_data, imagenet_weights) -> None:
     cache = tmp_path / "cache"
-    config = tiny_config(tmp_path, demo_data, cache_dir=str(cache), run_name="cached", training={"epochs": 3})
+    # cv_folds 0: the cache is the subject here; the default cross-validated head is trained by tiny_bundle
+    config = tiny_config(tmp_path, demo_data, cache_dir=str(cache), run_name="cached", training={"epochs": 3, "cv_folds": 0})
     first = api.train(config_from_dict(config, base_dir=tmp_path), console=QUIET)
     stored = sorted((str(p.relative_to(cache)), p.stat().st_mtime_ns) for p in cache.rglob("*") if p.is_file())
     assert any(name.endswith(".npy") for name, _ in stored), "the first run leaves a consolidated matrix"
@@ -141,7 +142,8 @@ def test_every_file_is_used_skipped_or_dropped_with_a_reason(tmp_path) -> None:
     expected = make_bad_files_folder(tmp_path / "reference")
     config = {"data_folder_path": str(data), "output_dir": str(tmp_path / "runs"), "positive_class": "defect",
               "max_dropped_fraction": 0.5, "model": {"alpha": 0.35, "image_size": 96, "weights": "none"},
-              "training": {"epochs": 1}}
+              "training": {"epochs": 1, "cv_folds": 0},  # one head fit, no folds: the file accounting is the subject
+              "evaluation": {"min_validation_per_class": 1}}  # 2 validation images per class would bring the folds back
     result = api.train(config_from_dict(config, base_dir=tmp_path), console=QUIET)
     run = result.run_dir
     dropped = pd.read_csv(run / "dropped_files.csv")
@@ -196,7 +198,7 @@ def test_crash_while_saving_leaves_no_bundle(tmp_path, demo_data, imagenet_weigh
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(api_module, "plot_training_curves", exploding_plot)
-    config = tiny_config(tmp_path, demo_data, run_name="crash", training={"epochs": 2})
+    config = tiny_config(tmp_path, demo_data, run_name="crash", training={"epochs": 2, "cv_folds": 0})
     with pytest.raises(RuntimeError, match="disk full"):
         api.train(config_from_dict(config, base_dir=tmp_path), console=QUIET)
     runs = tmp_path / "runs"

@@ -64,7 +64,7 @@ def test_deterministic_turns_on_op_determinism_only_for_the_run(tmp_path, demo_d
             seen.append(tf_config.is_op_determinism_enabled())
 
     assert not tf_config.is_op_determinism_enabled()
-    config = tiny_config(tmp_path, demo_data, run_name="det", training={"epochs": 2, "deterministic": True})
+    config = tiny_config(tmp_path, demo_data, run_name="det", training={"epochs": 2, "deterministic": True, "cv_folds": 0})
     result = api.train(config_from_dict(config, base_dir=tmp_path), console=QUIET, callbacks=[Probe()])
     assert seen == [True]
     assert not tf_config.is_op_determinism_enabled(), "restored after the run"

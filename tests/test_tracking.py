@@ -1,7 +1,7 @@
 """Experiment tracking and the runs table: MLflow (local store), TensorBoard logs, `keeneye runs`.
 
 The shared tiny bundle is tracked in a local MLflow store (with a registered model); a second run,
-trained here on the same demo images (embeddings cached, few epochs), changes the head's dropout,
+trained here on the same demo images (embeddings cached, few epochs, no cross-validation), changes the head's dropout,
 writes TensorBoard logs and points MLflow at a port where nothing listens.
 """
 
@@ -46,7 +46,7 @@ def runs(tmp_path_factory, tiny_bundle, demo_data):
     run_id = track_run(tiny, config, Console(file=tracked_output, width=250))
 
     second_output = io.StringIO()
-    second_config = config_from_dict(tiny_config(root, demo_data, run_name="second", training={"epochs": 8}, head={"dropout": 0.3},
+    second_config = config_from_dict(tiny_config(root, demo_data, run_name="second", training={"epochs": 8, "cv_folds": 0}, head={"dropout": 0.3},
                                                  tracking={"mlflow": True, "mlflow_uri": UNREACHABLE, "tensorboard": True}), base_dir=root)
     second = api.train(second_config, console=Console(file=second_output, width=250))
 
@@ -123,9 +123,8 @@ def test_tensorboard_logs_every_epoch_of_the_head_phase(runs) -> None:
     bundle = runs.second.run_dir
     history = (bundle / "history.csv").read_text().strip().splitlines()
     epochs = len(history) - 1
-    # with cross-validation (the default) the published head is refit without held-out rows: no validation curve
-    sides = ("train", "validation") if "val_loss" in history[0] else ("train",)
-    for side in sides:
+    assert "val_loss" in history[0]  # cv_folds 0: the head trains beside a validation split, so both curves exist
+    for side in ("train", "validation"):
         events = EventAccumulator(str(bundle / "tensorboard" / "head" / side)).Reload()
         assert len(events.Tensors("epoch_loss")) == epochs
     assert not (runs.tiny / "tensorboard").exists()  # off unless asked for
@@ -167,14 +166,15 @@ def test_compare_shows_the_changed_keys(runs) -> None:
     comparison = compare_runs("tiny", "second", output_dir=runs.output_dir)
     changed = dict(zip(comparison.config["key"], zip(comparison.config["a"], comparison.config["b"])))
     assert changed["head.dropout"] == ("0.1", "0.3") and changed["training.epochs"] == ("40", "8")
-    assert set(changed) == {"run_name", "output_dir", "training.epochs", "head.dropout", "tracking.mlflow", "tracking.mlflow_uri",
-                            "tracking.tensorboard"}
+    assert changed["training.cv_folds"] == ("5", "0")
+    assert set(changed) == {"run_name", "output_dir", "training.epochs", "training.cv_folds", "head.dropout", "tracking.mlflow",
+                            "tracking.mlflow_uri", "tracking.tensorboard"}
     assert "time.total_s" in set(comparison.metrics["metric"])
 
     result = CliRunner().invoke(app, ["runs", "compare", "tiny", str(runs.second.run_dir), "-d", str(runs.output_dir)],
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "head.dropout" in result.output and "0.3" in result.output and "7 keys differ" in result.output
+    assert "head.dropout" in result.output and "0.3" in result.output and "8 keys differ" in result.output
     missing = CliRunner().invoke(app, ["runs", "compare", "tiny", "nope", "-d", str(runs.output_dir)])
     assert missing.exit_code == 2 and "nope is not a run" in missing.output
 
