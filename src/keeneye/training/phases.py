@@ -543,8 +543,8 @@ def anomaly_feature_verdict(stacked_fold_ap: Sequence[float], head_fold_ap: Sequ
     mean = float(np.mean(d)) if len(d) else 0.0
     se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
     kept = len(d) > 1 and mean > se
-    reason = (f"out-of-fold AP of the stacked model minus the head's, paired over {len(d)} folds: {mean:+.4f} "
-              f"(paired standard error {se:.4f}); " + ("more than one standard error better" if kept else
+    reason = (f"out-of-fold AP of the stacked model minus the head's, paired over {len(d)} folds: {mean:+.3g} "
+              f"(paired standard error {se:.3g}); " + ("more than one standard error better" if kept else
                                                        "not more than one standard error better, so the simpler head"))
     return {"kept": kept, "ap_differences": [round(float(v), 6) for v in d], "mean": round(mean, 6), "se": round(se, 6),
             "reason": reason}
