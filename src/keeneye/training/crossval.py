@@ -59,7 +59,7 @@ from keeneye.training.fit import LOGISTIC_C_GRID, fused_adam, logistic_head, log
 __all__ = [
     "AUTO_CANDIDATES", "CandidateResult", "CrossValidation", "HeadCandidate", "PairedDifference", "best_index",
     "candidates_for", "cross_validate", "cross_validate_logistic",
-    "fold_scores", "group_folds", "paired_differences", "select_candidate", "train_head",
+    "fold_scores", "group_folds", "paired_difference", "paired_differences", "select_candidate", "train_head",
 ]
 
 
@@ -321,14 +321,16 @@ def paired_differences(results: Sequence[CandidateResult]) -> list[PairedDiffere
     the difference and its SE come from the same numbers. Folds where either AP is undefined (one
     class) are left out; with fewer than two usable folds the SE is 0 (only a tie or better is within).
     """
-    best = np.asarray(results[best_index(results)].fold_ap, float)
-    out = []
-    for r in results:
-        d = np.asarray(r.fold_ap, float) - best
-        d = d[np.isfinite(d)]
-        se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-        out.append(PairedDifference([float(v) for v in d], float(np.mean(d)) if len(d) else 0.0, se))
-    return out
+    best = results[best_index(results)].fold_ap
+    return [paired_difference(r.fold_ap, best) for r in results]
+
+
+def paired_difference(fold_ap: Sequence[float], reference_fold_ap: Sequence[float]) -> PairedDifference:
+    """Per-fold AP differences from a reference scored on the same folds, their mean and paired SE (see above)."""
+    d = np.asarray(fold_ap, float) - np.asarray(reference_fold_ap, float)
+    d = d[np.isfinite(d)]
+    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return PairedDifference([float(v) for v in d], float(np.mean(d)) if len(d) else 0.0, se)
 
 
 def select_candidate(results: Sequence[CandidateResult]) -> tuple[int, str]:

@@ -534,14 +534,14 @@ def anomaly_feature_verdict(stacked_fold_ap: Sequence[float], head_fold_ap: Sequ
     """Keep the stacked model only when cross-validation says the one-class score helps (issue 13 part 5).
 
     Both per-fold APs come from the same group folds (the stacked ones cross-fitted), so the paired
-    difference cancels each fold's difficulty, as in head.auto's rule (crossval.paired_differences):
+    difference cancels each fold's difficulty, as in head.auto's rule (crossval.paired_difference):
     the stacked model must beat the head by more than one paired standard error; a tie keeps the
     simpler head, which needs no second backbone pass and no nearest-neighbour search per image.
     """
-    d = np.asarray(stacked_fold_ap, float) - np.asarray(head_fold_ap, float)
-    d = d[np.isfinite(d)]
-    mean = float(np.mean(d)) if len(d) else 0.0
-    se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    from keeneye.training.crossval import paired_difference
+
+    paired = paired_difference(stacked_fold_ap, head_fold_ap)
+    d, mean, se = paired.fold_difference, paired.mean, paired.standard_error
     kept = len(d) > 1 and mean > se
     reason = (f"out-of-fold AP of the stacked model minus the head's, paired over {len(d)} folds: {mean:+.3g} "
               f"(paired standard error {se:.3g}); " + ("more than one standard error better" if kept else
