@@ -36,6 +36,12 @@ magnetic: the 5 group folds of folds_5.csv (fold k testing, the other four train
 casting: train folder -> test folder, all 715 test images and without the 64 leaked duplicates.
 
     nice -n 15 python benchmarks/patch_mil.py [magnetic|casting|all] [--folds 0,1,2,3,4] [--out FILE]
+        [--patch-layers block_13_expand_relu out_relu --patch-dim 512]
+
+--patch-layers / --patch-dim: other patch features for the MIL head only (the one-class score keeps the defaults),
+e.g. the layers ``model.features: multi`` pools (block_13_expand_relu and the last block, 7 x 7 grid at 224 px),
+projected to 512. The supervised run and the one-class scores are cached per fold under ~/.cache/keeneye/patch-mil,
+so a second feature set costs only the MIL fits.
 """
 
 from __future__ import annotations
