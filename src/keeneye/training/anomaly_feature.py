@@ -53,10 +53,14 @@ class AnomalyFeature:
     settings: dict
     seconds: float
     oof_raw_scores: np.ndarray = field(repr=False, default=None)
+    #: the FeatureEngine that computed the patch grids: reused for the testing split and, its ONNX conversion
+    #: already checked, for the bundle's stored anomaly_features.onnx (no second conversion)
+    features: Any = field(repr=False, default=None)
 
     def scorer(self) -> AnomalyEngine:
         """Raw one-class scores of prepared batches (``.raw_scores``), as the bundle's StackedEngine computes them."""
-        return AnomalyEngine(make_feature_engine(self.extractor), self.bank, raw_threshold=1.0,
+        features = self.features if self.features is not None else make_feature_engine(self.extractor)
+        return AnomalyEngine(features, self.bank, raw_threshold=1.0,
                              neighbours=self.settings["score_neighbours"], top_k=self.settings["score_top_k"])
 
     def info(self) -> dict:
@@ -140,7 +144,8 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
     a = cfg.anomaly
     extractor = build_patch_extractor(cfg.model.alpha, cfg.model.image_size, weights_path, a.layers,
                                       projection_dim=a.feature_dim, seed=cfg.training.seed, grid=a.grid)
-    grids = patch_grids(make_feature_engine(extractor), paths, spec, task.advance if task else None)
+    features = make_feature_engine(extractor)
+    grids = patch_grids(features, paths, spec, task.advance if task else None)
     y, folds, good = np.asarray(y).astype(int), np.asarray(folds), np.asarray(y) == 0
     raw = oof_raw_scores(grids, y, folds, cfg)
     bank = build_bank(np.asarray(grids[good], np.float32).reshape(-1, grids.shape[-1]), a.coreset_share, a.max_bank_size,
@@ -157,4 +162,4 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
     settings = {"layers": list(a.layers), "grid": a.grid, "feature_dim": a.feature_dim, "score_top_k": a.score_top_k,
                 "score_neighbours": a.score_neighbours, "coreset_share": a.coreset_share, "max_bank_size": a.max_bank_size}
     return AnomalyFeature(extractor, bank, fit_stacker(x, y), choice, fold_scores(y, cross, folds, choice.threshold), settings,
-                          time.perf_counter() - started, raw)
+                          time.perf_counter() - started, raw, features)
