@@ -151,6 +151,13 @@ def test_a_bundle_without_the_stored_patch_graph_converts_it_at_load_and_says_so
     assert predictor.engine.scorer.features.source == "converted in memory"
     np.testing.assert_allclose(predictor.predict_paths(trained["path"].tolist())["probability"], trained["probability"], atol=1e-4)
 
+    replaced = tmp_path / "replaced"
+    shutil.copytree(stacked_run, replaced)
+    (replaced / ANOMALY_FEATURE_ONNX_FILE).write_bytes((replaced / ANOMALY_FEATURE_ONNX_FILE).read_bytes() + b"\0")
+    with pytest.warns(EngineNotice, match="does not match the sha256"):
+        predictor = Predictor.from_bundle(replaced, engine="onnx")
+    assert predictor.engine.scorer.features.source == "converted in memory"
+
 
 @pytest.mark.slow  # uses the stacked_run train; the export's checks take a few seconds
 def test_export_of_a_stacked_bundle_reproduces_its_probability_with_plain_onnx_runtime(stacked_run, tmp_path):

@@ -83,50 +83,51 @@ def stored_patch_onnx(bundle) -> Path | None:
     return path
 
 
-def _stored_patch_engine(bundle, engine: str, threads: int | None) -> Engine | None:
+def _stored_patch_engine(path: Path, engine: str, threads: int | None) -> Engine | None:
     """An ONNX engine (the kinds `engine` asks for, in order) on the stored patch graph: no TensorFlow, no conversion.
-    None when the request means Keras or nothing stored is usable; EngineError when an explicit engine cannot run it."""
-    kinds = candidates(engine)
-    path = stored_patch_onnx(bundle) if kinds else None
-    if path is None:
-        return None
+    None when 'auto' finds no ONNX engine that runs it; EngineError when an explicit engine cannot run it."""
     reasons = []
-    for kind in kinds:
+    for kind in candidates(engine):
         try:
             return onnx_engine(kind, path, threads=threads, source=str(path))
         except Exception as exc:  # noqa: BLE001 - each reason is reported
             reasons.append(f"{kind}: {type(exc).__name__}: {exc}")
     if engine != "auto":
         raise EngineError(f"engine '{engine}' cannot run {path.name}: {'; '.join(reasons)}")
-    return None  # auto: the Keras patch graph below, with make_engine's own fallbacks and warnings
+    return None  # auto: the Keras patch graph, with make_engine's own fallbacks and warnings
 
 
 def _converted_patch_engine(bundle, engine: str, threads: int | None) -> Engine:
     """The Keras patch graph on `engine`: Keras itself, or converted to ONNX and checked in memory (see
-    runtime.choice.make_engine). For ONNX engines this is the path of bundles written before the graph was stored."""
+    runtime.choice.make_engine), as every load of a bundle written before the graph was stored does."""
     import keras
 
-    info = bundle.spec.anomaly_feature
-    model_path = bundle.path / info.model_file
+    model_path = bundle.path / bundle.spec.anomaly_feature.model_file
     try:
         patches = keras.saving.load_model(model_path, compile=False)
     except Exception as exc:
         raise BundleError(f"{model_path}: could not load the patch feature graph ({type(exc).__name__}: {exc}).") from None
-    if candidates(engine) and not info.onnx_file:
-        warnings.warn(f"{bundle.path.name}: written before keeneye stored {ANOMALY_FEATURE_ONNX_FILE}; its patch graph is "
-                      "converted to ONNX at every load (retrain to store it).", EngineNotice, stacklevel=3)
     return make_engine(patches, engine, threads=threads)
 
 
 def make_stacked_engine(bundle, classifier, engine: str = "auto", threads: int | None = None) -> StackedEngine:
     """The engine of a head.anomaly_feature bundle: the classifier's engine, the patch feature graph on `engine`
-    (the bundle's stored, verified ONNX file for ONNX engines; else the Keras graph, converted in memory for them),
-    the bank and the stacker (model/anomaly_feature.py)."""
+    (for ONNX engines the bundle's stored, verified ONNX file as it is; else, or for older bundles, the Keras graph,
+    converted in memory for ONNX engines, with a notice), the bank and the stacker (model/anomaly_feature.py)."""
     info = bundle.spec.anomaly_feature
     model_path, bank_path = bundle.path / info.model_file, bundle.path / info.bank_file
     if not model_path.is_file() or not bank_path.is_file():
         raise BundleError(f"{bundle.path} was trained with head.anomaly_feature but lacks {info.model_file} or {info.bank_file}.")
-    patches = _stored_patch_engine(bundle, engine, threads) or _converted_patch_engine(bundle, engine, threads)
+    stored = stored_patch_onnx(bundle) if candidates(engine) else None
+    patches = _stored_patch_engine(stored, engine, threads) if stored is not None else None
+    if patches is None:
+        if candidates(engine) and stored is None:
+            why = (f"written before keeneye stored {ANOMALY_FEATURE_ONNX_FILE}, its patch graph is converted to ONNX at every "
+                   "load (retrain to store it)" if not info.onnx_file else
+                   f"its {info.onnx_file} does not match the sha256 in metadata.json or its verification record, so the patch "
+                   "graph is converted to ONNX at this load")
+            warnings.warn(f"{bundle.path.name}: {why}.", EngineNotice, stacklevel=3)
+        patches = _converted_patch_engine(bundle, engine, threads)
     stacker = Stacker(info.coef_logit, info.coef_log_score, info.intercept)
     return StackedEngine(classifier, patches, PatchBank.load(bank_path), stacker,
                          top_k=info.score_top_k, neighbours=info.score_neighbours)
