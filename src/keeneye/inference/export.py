@@ -721,7 +721,7 @@ def export_bundle(
     stacked = _stacked_parts(bundle) if has_anomaly_feature(bundle) else None
     bank = _Bank.read(bundle.path / BANK_FILE) if _is_anomaly(bundle) else None
     what = (" (the one-class feature graph, with the memory bank beside it)" if bank is not None else
-            " (the classifier, with the one-class patch graph, its memory bank and the stacker beside it)" if stacked else "")
+            " (the classifier, with the one-class patch graph, its memory bank and the stacker beside it)" if stacked is not None else "")
     say(f"exporting {bundle.path.name} as {label}{what}; verifying on {held_out.description}", highlight=False)
 
     partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
