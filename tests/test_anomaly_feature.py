@@ -121,6 +121,11 @@ def test_the_stored_patch_graph_is_loaded_without_converting_anything(stacked_ru
     predictor = Predictor.from_bundle(run, engine="onnx")
     assert predictor.bundle.model is None and predictor.engine.scorer.features.source == str(run / ANOMALY_FEATURE_ONNX_FILE)
     onnx = predictor.predict_paths(trained["path"].tolist())["probability"]
+    from keeneye.inference.distributed import BundleScorer
+
+    actor = BundleScorer(str(run))  # what each --ray actor builds: the same two stored graphs, no Keras model
+    assert actor.predictor.bundle.model is None
+    np.testing.assert_allclose(actor({"path": trained["path"].to_numpy()})["probability"], onnx, atol=1e-6)
     monkeypatch.undo()
     keras_path = Predictor.from_bundle(run, engine="keras")
     assert keras_path.engine.scorer.features.name == "keras"
