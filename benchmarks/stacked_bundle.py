@@ -12,7 +12,10 @@ were before). Then:
    turns, `--repeats` times each: wall seconds (medians) and whether TensorFlow was imported;
 2. `keeneye export --format onnx` of the stored copy (its verification record), and the stacked probability recomputed
    from the exported files with plain ONNX Runtime + numpy on `--images` of the bundle's testing images, against the
-   bundle's predictor: the largest difference.
+   bundle's predictor: the largest difference;
+3. predict throughput: `Predictor.predict_paths` (engine auto, from the files on disk) over `--throughput-images` testing
+   images, on the stored copy and on a "head alone" copy (the same bundle without its anomaly_feature entry and files:
+   what `head.anomaly_feature: "auto"` publishes when it drops the stacker), taking turns `--repeats` times; medians.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, required=True, help="A bundle trained with head.anomaly_feature.")
     parser.add_argument("--repeats", type=int, default=5, help="Interleaved one-image predict commands per copy.")
     parser.add_argument("--images", type=int, default=64, help="Testing images for the plain ONNX Runtime recomputation.")
+    parser.add_argument("--throughput-images", type=int, default=256, help="Testing images per throughput repeat.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stacked_bundle.json")
     return parser.parse_args()
 
@@ -84,6 +88,41 @@ def converted_copy(stored: Path, folder: Path) -> Path:
         metadata["anomaly_feature"].pop(key, None)
     (target / "metadata.json").write_text(json.dumps(metadata, indent=2))
     return target
+
+
+def head_only_copy(stored: Path, folder: Path) -> Path:
+    """The same bundle without the one-class part: the head's own probability, as when "auto" drops the stacker."""
+    from keeneye.bundle import ANOMALY_FEATURE_BANK_FILE, ANOMALY_FEATURE_MODEL_FILE, ANOMALY_FEATURE_ONNX_FILE
+
+    target = folder / "head_alone"
+    shutil.copytree(stored, target)
+    metadata = json.loads((target / "metadata.json").read_text())
+    metadata.pop("anomaly_feature")
+    for name in (ANOMALY_FEATURE_MODEL_FILE, ANOMALY_FEATURE_BANK_FILE, ANOMALY_FEATURE_ONNX_FILE):
+        (target / name).unlink(missing_ok=True)
+    (target / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return target
+
+
+def throughput(copies: dict[str, Path], paths: list[str], repeats: int) -> dict:
+    """Images per second of `Predictor.predict_paths` (engine auto) on each copy, taking turns; medians."""
+    from keeneye.inference.predictor import Predictor
+
+    predictors = {name: Predictor.from_bundle(path) for name, path in copies.items()}
+    for predictor in predictors.values():
+        predictor.predict_paths(paths[:32])  # warm-up: sessions, thread pools
+    rates: dict[str, list[float]] = {name: [] for name in copies}
+    for _ in range(repeats):
+        for name, predictor in predictors.items():
+            begin = time.perf_counter()
+            predictor.predict_paths(paths)
+            rates[name].append(len(paths) / (time.perf_counter() - begin))
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    return {"images": len(paths), "engine": {name: p.engine_name for name, p in predictors.items()},
+            "images_per_second": {name: {"median": round(medians[name], 1), "all": [round(v, 1) for v in values]}
+                                  for name, values in rates.items()},
+            "stacked_over_head_alone": round(medians["stacked"] / medians["head alone"], 3),
+            "load_average_at_end": round(os.getloadavg()[0], 2)}
 
 
 def command_start(copies: dict[str, Path], image: str, repeats: int) -> dict:
@@ -166,6 +205,8 @@ def main() -> None:
     results = {"bundle": str(args.bundle), "stored_onnx": how,
                "predict_command": command_start({"stored": stored, "converted": converted}, image, args.repeats),
                "export": export_check(stored, args.images)}
+    testing = pd.read_csv(stored / "predictions.csv")["path"].head(args.throughput_images).tolist()
+    results["throughput"] = throughput({"stacked": stored, "head alone": head_only_copy(stored, folder)}, testing, args.repeats)
     print(json.dumps(results, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

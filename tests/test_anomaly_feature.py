@@ -222,6 +222,34 @@ def test_refused_with_fine_tuning(tmp_path, demo_data):
         api.train(config, console=Console(quiet=True))
 
 
+def test_the_default_auto_skips_settings_it_is_not_made_for_and_says_why(tmp_path, demo_data):
+    """"auto" is the default, so it must never refuse a config: fine-tuning, tiles or no folds publish the head alone."""
+    from io import StringIO
+    from types import SimpleNamespace
+
+    from keeneye.config import config_from_dict
+    from keeneye.errors import ConfigError
+    from keeneye.terminal import Reporter
+    from keeneye.training.phases import use_anomaly_feature
+
+    def decide(tiles=None, head=None, **sections):
+        base = tiny_config(tmp_path, demo_data, **sections)
+        base["head"] = {k: v for k, v in base["head"].items() if k != "anomaly_feature"} | (head or {})  # the default
+        out = StringIO()
+        used = use_anomaly_feature(config_from_dict(base, base_dir=tmp_path), SimpleNamespace(spec=SimpleNamespace(tiles=tiles)),
+                                   Reporter(Console(file=out, width=400)))
+        return used, out.getvalue()
+
+    assert decide() == (True, "")  # the default tries it
+    used, said = decide(fine_tune={"enabled": True})
+    assert not used and 'head.anomaly_feature "auto": the one-class score is not tried: fine_tune.enabled' in said
+    used, said = decide(tiles=(1, 2), training={"cv_folds": 0})
+    assert not used and "training.cv_folds must be at least 2" in said and "model.tiles must be off" in said
+    assert decide(head={"anomaly_feature": False}, fine_tune={"enabled": True}) == (False, "")
+    with pytest.raises(ConfigError, match="fine_tune.enabled must be false"):
+        decide(head={"anomaly_feature": True}, fine_tune={"enabled": True})
+
+
 def test_the_stacked_model_is_kept_only_when_it_beats_the_head_by_more_than_a_paired_standard_error():
     from keeneye.training.phases import anomaly_feature_verdict
 

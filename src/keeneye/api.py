@@ -119,10 +119,7 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     started = time.perf_counter()
     keras.utils.set_random_seed(cfg.training.seed)
     scanned = phases.scan(cfg, reporter)
-    if cfg.head.anomaly_feature:  # refuse what it is not made for before any work is done
-        from keeneye.training.anomaly_feature import check_anomaly_feature
-
-        check_anomaly_feature(cfg, tiled=scanned.spec.tiles is not None)
+    stack_anomaly_score = phases.use_anomaly_feature(cfg, scanned, reporter)  # before any work is done
     backbone = phases.build_backbone(cfg, scanned)
     engine = make_feature_engine(backbone.extractor, cache_folder=backbone.cache_folder)
     remote = ray_engine_factory(cfg, scanned, backbone) if cfg.training.embed_on == "ray" else None
@@ -136,7 +133,7 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     timings["head_training_s"] = fit.seconds  # with cross-validation: the folds and the refit
     choice = phases.choose_threshold(cfg, prepared, fit, reporter)
     trained = phases.keep_head(cfg, prepared, backbone.extractor, fit, choice, devices)
-    if cfg.head.anomaly_feature:
+    if stack_anomaly_score:
         trained = phases.add_anomaly_feature(cfg, scanned, prepared, fit, trained, reporter)
     if cfg.fine_tune.enabled:
         trained = phases.fine_tune(cfg, prepared, fit, trained, partial, devices, phase_callbacks("fine_tune"), reporter)

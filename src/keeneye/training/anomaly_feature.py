@@ -38,7 +38,7 @@ from keeneye.runtime.choice import make_feature_engine
 from keeneye.training.anomaly import build_bank
 from keeneye.training.crossval import fold_scores
 
-__all__ = ["AnomalyFeature", "check_anomaly_feature", "fit_anomaly_feature", "fit_stacker", "oof_raw_scores", "patch_grids"]
+__all__ = ["AnomalyFeature", "anomaly_feature_problems", "check_anomaly_feature", "fit_anomaly_feature", "fit_stacker", "oof_raw_scores", "patch_grids"]
 
 
 @dataclass
@@ -73,8 +73,8 @@ class AnomalyFeature:
                 "seconds": round(self.seconds, 1)}
 
 
-def check_anomaly_feature(cfg: Config, tiled: bool) -> None:
-    """Refuse the combinations the stacked score is not made for, with the reason (before any work is done)."""
+def anomaly_feature_problems(cfg: Config, tiled: bool) -> list[str]:
+    """The settings the stacked score is not made for, each with its reason (empty: it can be tried)."""
     problems = []
     if cfg.training.cv_folds < 2:
         problems.append("training.cv_folds must be at least 2 (the stacker learns from out-of-fold values)")
@@ -85,6 +85,12 @@ def check_anomaly_feature(cfg: Config, tiled: bool) -> None:
     if cfg.anomaly.standardise or cfg.anomaly.projection != "random":
         problems.append('anomaly.standardise false and anomaly.projection "random" are needed (fitted patch transforms are '
                         'not supported here)')
+    return problems
+
+
+def check_anomaly_feature(cfg: Config, tiled: bool) -> None:
+    """Refuse the combinations the stacked score is not made for, with the reason (before any work is done)."""
+    problems = anomaly_feature_problems(cfg, tiled)
     if problems:
         raise ConfigError("head.anomaly_feature: " + "; ".join(problems) + ".")
 
