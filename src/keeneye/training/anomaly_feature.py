@@ -121,14 +121,17 @@ def _raw_scores(grids: np.ndarray, bank_rows: np.ndarray, rows: np.ndarray, cfg:
     return reweighted_scores(bank, query, *bank.nearest(query), a.score_neighbours, a.score_top_k), bank
 
 
-def oof_raw_scores(grids: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: Config) -> np.ndarray:
+def oof_raw_scores(grids: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: Config,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Out-of-fold raw scores: each fold's images against a bank of the good images of the other folds only
-    (the folds are group folds, so never against their own patches or their group's)."""
+    (the folds are group folds, so never against their own patches or their group's). `progress(1)` per fold."""
     good = np.asarray(y) == 0
     raw = np.full(len(y), np.nan)
     for k in range(int(np.max(folds)) + 1):
         held = np.asarray(folds) == k
         raw[held] = _raw_scores(grids, np.flatnonzero(good & ~held), np.flatnonzero(held), cfg)[0]
+        if progress:
+            progress(1)
     return raw
 
 
@@ -153,9 +156,15 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
     features = make_feature_engine(extractor)
     grids = patch_grids(features, paths, spec, task.advance if task else None)
     y, folds, good = np.asarray(y).astype(int), np.asarray(folds), np.asarray(y) == 0
-    raw = oof_raw_scores(grids, y, folds, cfg)
+    n_folds = int(folds.max()) + 1
+    if task:  # the coresets take minutes on thousands of images: a line of their own, not a bar stuck at 100%
+        task.step(f"one-class banks (coreset of the good patches): {n_folds} out-of-fold banks and the published one",
+                  n_folds + 1)
+    raw = oof_raw_scores(grids, y, folds, cfg, task.advance if task else None)
     bank = build_bank(np.asarray(grids[good], np.float32).reshape(-1, grids.shape[-1]), a.coreset_share, a.max_bank_size,
                       cfg.training.seed)
+    if task:
+        task.advance(1)
     x = stacking_inputs(oof, raw)
     cross = np.full(len(y), np.nan)
     for k in range(int(folds.max()) + 1):

@@ -590,7 +590,7 @@ def fine_tune(cfg: Config, prepared: Prepared, fit: HeadFit, baseline: Trained, 
             fit.run_cfg, baseline.extractor, fit.head, manifest, prepared.y, sets, fit.history, fit.probability, fit.seconds,
             devices, partial.phase_dir("fine_tune"),
             (*callbacks, task.keras_callback()),
-            reporter, frozen_reference=reference,
+            reporter, frozen_reference=reference, task=task,
         )
     info = baseline.info | {"kept": tuned.kept, "kept_reason": tuned.reason, "phases": tuned.phases}
     dropped, ok, counts = baseline.dropped, baseline.ok, baseline.counts
