@@ -56,7 +56,7 @@ def casting_data() -> Path:
 
 
 def tiny_config(root: Path, data: Path, **sections) -> dict:
-    """A fast config: real weights at 96 px, few epochs.
+    """A fast config: real weights at 96 px, few epochs, no one-class score stacked onto the head.
 
     Tests about something other than the head's cross-validation pass training {"cv_folds": 0}: one head fit
     instead of 5 folds and a refit. The default (folds) path is trained once, by `tiny_bundle`.
@@ -66,7 +66,7 @@ def tiny_config(root: Path, data: Path, **sections) -> dict:
         "output_dir": str(root / "runs"),
         "positive_class": "defect",
         "model": {"alpha": 1.0, "image_size": 96, "weights": "imagenet"},
-        "head": {"dense_units": [32], "dropout": 0.1},
+        "head": {"dense_units": [32], "dropout": 0.1, "anomaly_feature": False},  # tried by test_anomaly_feature.py
         "training": {"epochs": 40, "batch_size": 16, "validation_fraction": 0.25, "early_stopping_patience": 6, "seed": 0},
     }
     for key, value in sections.items():

@@ -115,6 +115,7 @@ def test_train_with_cached_top_records_the_method_and_judges_it(tmp_path, demo_d
     result = api.train(config_from_dict(config, base_dir=tmp_path), console=console)
     text = console.export_text()
     assert "top trained on cached activations" in text and "-> keeping the" in text
+    assert "fine-tuning: frozen bottom over" in text and "x 2 views" in text  # the long pre-pass has its own progress
     phases = json.loads((result.run_dir / "metadata.json").read_text())["training"]["phases"]
     assert phases["fine_tune"]["method"] == "cached_top" and phases["fine_tune"]["views"] == 2
     assert phases["fine_tune"]["epochs_run"] == 2 and phases["fine_tune"]["layers_trained"] == 7

@@ -51,6 +51,20 @@ def test_plain_progress_prints_while_a_phase_is_silent():
     assert len([line for line in lines if "4/10 (40%)" in line]) >= 3  # ticks during the silence, plus the final line
 
 
+def test_a_task_step_restarts_its_line_and_says_so_at_once():
+    """Task.step (a pre-pass inside a phase, e.g. cached_top's activations) is printed when it starts, counted from 0."""
+    from keeneye.terminal import Reporter
+
+    out = StringIO()
+    with Reporter(Console(file=out, width=200)).task("fine-tuning", 10) as task:
+        task.step("fine-tuning: frozen bottom over 6 images", 6)
+        task.advance(6)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("fine-tuning: 0/10 (0%)")
+    assert lines[1].startswith("fine-tuning: frozen bottom over 6 images: 0/6 (0%)")
+    assert lines[-1].startswith("fine-tuning: frozen bottom over 6 images: 6/6 (100%)")
+
+
 def test_native_log_lines_are_filtered_and_the_rest_kept(capfd):
     with native_logs_filtered():
         os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")

@@ -119,10 +119,7 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     started = time.perf_counter()
     keras.utils.set_random_seed(cfg.training.seed)
     scanned = phases.scan(cfg, reporter)
-    if cfg.head.anomaly_feature:  # refuse what it is not made for before any work is done
-        from keeneye.training.anomaly_feature import check_anomaly_feature
-
-        check_anomaly_feature(cfg, tiled=scanned.spec.tiles is not None)
+    stack_anomaly_score = phases.use_anomaly_feature(cfg, scanned, reporter)  # before any work is done
     backbone = phases.build_backbone(cfg, scanned)
     engine = make_feature_engine(backbone.extractor, cache_folder=backbone.cache_folder)
     remote = ray_engine_factory(cfg, scanned, backbone) if cfg.training.embed_on == "ray" else None
@@ -136,7 +133,7 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     timings["head_training_s"] = fit.seconds  # with cross-validation: the folds and the refit
     choice = phases.choose_threshold(cfg, prepared, fit, reporter)
     trained = phases.keep_head(cfg, prepared, backbone.extractor, fit, choice, devices)
-    if cfg.head.anomaly_feature:
+    if stack_anomaly_score:
         trained = phases.add_anomaly_feature(cfg, scanned, prepared, fit, trained, reporter)
     if cfg.fine_tune.enabled:
         trained = phases.fine_tune(cfg, prepared, fit, trained, partial, devices, phase_callbacks("fine_tune"), reporter)
@@ -168,18 +165,32 @@ def _publish(cfg: Config, scanned: phases.Scanned, prepared: phases.Prepared, fi
         timings["evaluation_s"] = time.perf_counter() - phase
         classifier = build_classifier(trained.extractor, trained.head)
         bundle.save_model(classifier)
-        if trained.anomaly_feature is not None:  # the one-class part of the probability, beside the classifier
-            bundle.save_anomaly_feature(trained.anomaly_feature.extractor, trained.anomaly_feature.bank.features)
         testing_paths = prepared.manifest.loc[trained.testing, "path"].tolist()
+        if trained.anomaly_feature is not None:  # the one-class part of the probability, beside the classifier
+            _save_anomaly_feature(bundle, classifier, trained.anomaly_feature, testing_paths, scanned.spec, reporter)
         reporter.print(write_bundle_onnx(bundle.folder, classifier, testing_paths, feature_engine, spec=scanned.spec), highlight=False)
         _write_run_files(cfg, bundle, scanned, prepared, trained, partial)
         timings["total_s"] = time.perf_counter() - started
         _write_train_report(cfg, bundle.folder, scanned, prepared, fit, trained, metrics, classifier, timings, reporter)
-        bundle.write_metadata(phases.classifier_metadata(cfg, fit, scanned, trained, metrics, timings))
+        metadata = phases.classifier_metadata(cfg, fit, scanned, trained, metrics, timings)
+        if metadata.anomaly_feature is not None:  # the stored files, named and hashed (bundle.AnomalyFeatureInfo)
+            metadata.anomaly_feature = metadata.anomaly_feature.model_copy(update=bundle.anomaly_feature_files())
+        bundle.write_metadata(metadata)
         final = bundle.publish()
     partial.remove()  # the bundle is published: the resumable state has served its purpose
     reporter.trained(format_metrics_table(metrics), final, cv_summary(fit.cv) if fit.cv is not None else None)
     return TrainResult(final, metrics, trained.choice.threshold, scanned.class_names, trained.counts, timings)
+
+
+def _save_anomaly_feature(bundle: BundleWriter, classifier, feature, testing_paths: list[str], spec, reporter: Reporter) -> None:
+    """head.anomaly_feature's parts: the patch graph, the bank, and the patch graph as checked ONNX (no conversion at predict)."""
+    from keeneye.inference.export import write_anomaly_feature_onnx
+
+    bundle.save_anomaly_feature(feature.extractor, feature.bank.features)
+    onnx = feature.features.onnx_model() if feature.features is not None else None
+    reporter.print(write_anomaly_feature_onnx(bundle.folder, classifier, feature.extractor, feature.bank, feature.stacker,
+                                              feature.settings["score_top_k"], feature.settings["score_neighbours"],
+                                              testing_paths, onnx, spec=spec), highlight=False)
 
 
 def _evaluate_testing(cfg: Config, scanned: phases.Scanned, prepared: phases.Prepared, fit: phases.HeadFit,

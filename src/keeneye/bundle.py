@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from keeneye.config import save_config
 from keeneye.data import preprocess
-from keeneye.data.files import write_atomic
+from keeneye.data.files import sha256_of_file, write_atomic
 from keeneye.data.manifest import MANIFEST_FILE  # noqa: F401  (defined in the data layer, which reads run folders too)
 from keeneye.errors import BundleError
 
@@ -45,6 +45,8 @@ EVALUATIONS_DIR = "evaluations"
 #: head.anomaly_feature: the one-class patch feature graph and its memory bank, beside model.keras.
 ANOMALY_FEATURE_MODEL_FILE = "anomaly_features.keras"
 ANOMALY_FEATURE_BANK_FILE = "anomaly_feature_bank.npy"
+#: The patch graph converted to ONNX at train time and checked then (record: <file>.verification.json), as model.onnx is.
+ANOMALY_FEATURE_ONNX_FILE = "anomaly_features.onnx"
 BUNDLE_FORMAT_VERSION = 1
 
 #: How probabilities are made and read: recorded in every supervised bundle's metadata.
@@ -108,6 +110,12 @@ class AnomalyFeatureInfo(BaseModel):
     coef_log_score: float = Field(..., allow_inf_nan=False)
     intercept: float = Field(..., allow_inf_nan=False)
     combination: str = Field(..., description="The formula, in words.")
+    onnx_file: Optional[str] = Field(
+        None, description="model_file converted to ONNX at train time and checked on the stacked probability (its record: "
+                          "<onnx_file>.verification.json); absent in bundles written before it was stored, whose predictor "
+                          "converts model_file at every load.")
+    sha256: Optional[dict[str, str]] = Field(
+        None, description="sha256 of model_file, onnx_file and bank_file, by file name (absent in older bundles).")
 
 
 class BundleMetadata(BaseModel):
@@ -476,6 +484,13 @@ class BundleWriter:
 
         extractor.save(self.folder / ANOMALY_FEATURE_MODEL_FILE)
         np.save(self.folder / ANOMALY_FEATURE_BANK_FILE, np.asarray(bank_features, np.float32), allow_pickle=False)
+
+    def anomaly_feature_files(self) -> dict:
+        """AnomalyFeatureInfo's file fields: the stored ONNX patch graph (when it was written) and each file's sha256,
+        so a consumer can tell a stored file from a replaced one without reconverting or reloading anything."""
+        names = [ANOMALY_FEATURE_MODEL_FILE, ANOMALY_FEATURE_ONNX_FILE, ANOMALY_FEATURE_BANK_FILE]
+        hashes = {name: sha256_of_file(self.folder / name) for name in names if (self.folder / name).is_file()}
+        return {"onnx_file": ANOMALY_FEATURE_ONNX_FILE if ANOMALY_FEATURE_ONNX_FILE in hashes else None, "sha256": hashes}
 
     def write_onnx(self, data: bytes, record: dict) -> Path:
         """model.onnx and its verification record (model.onnx.verification.json), each written atomically."""

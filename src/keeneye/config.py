@@ -344,16 +344,19 @@ class HeadConfig(BaseModel):
                 "a logistic regression on [logit of the head's probability, log of the score], fitted on out-of-fold "
                 "values of the training.cv_folds group folds (each image scored against a bank without its own group), "
                 "its threshold chosen on cross-fitted out-of-fold probabilities. The bundle then holds the patch "
-                "feature graph and the bank too (predict, evaluate, serve use them; export refuses). Small local "
+                "feature graph (also as checked ONNX) and the bank too (predict, evaluate, serve use them; export writes "
+                "float32 ONNX: the classifier with the patch graph, bank and stacker beside it). Small local "
                 "defects that pooled embeddings miss: on magnetic tile it raised the test AP in every group fold and F1 in 4 of 5 "
-                "(README). \"auto\": keep the stacked model only when its out-of-fold AP beats the head's by more than "
-                "one paired standard error over the folds, else publish the head alone and say why; true: always keep "
-                "it. Needs cv_folds >= 2, no fine-tuning, no tiles. Costs a second, shallower backbone pass and a "
-                "nearest-neighbour search per image."
+                "(README). \"auto\" (default): keep the stacked model only when its out-of-fold AP beats the head's by more "
+                "than one paired standard error over the folds, else publish the head alone and say why; true: always "
+                "keep it; false: never try it. It needs cv_folds >= 2, no fine-tuning, no tiles: true refuses other "
+                "settings, \"auto\" then publishes the head alone and says so. When kept it costs a second, shallower "
+                "backbone pass and a nearest-neighbour search per image; trying it costs that pass over the training "
+                "images."
             )
         ),
         _Expect('false, true or "auto"', ("boolean", "string")),
-    ] = False
+    ] = "auto"
 
     @model_validator(mode="before")
     @classmethod

@@ -187,6 +187,15 @@ class PlainProgress:
             if description is not None:
                 task["description"] = description
 
+    def reset(self, task_id: int, *, total: float | None = None, description: str | None = None, **_: Any) -> None:
+        """rich's Progress.reset: the task counts again from 0 (under a new description), said at once in the log."""
+        with self._lock:
+            task = self.tasks[task_id]
+            task.update(completed=0, total=total, started=time.monotonic())
+            if description is not None:
+                task["description"] = description
+        self._print(task_id)
+
     def _line(self, task: dict) -> str:
         done, total = task["completed"], task["total"]
         elapsed = time.monotonic() - task["started"]
@@ -267,6 +276,11 @@ class Task:
 
     def keras_callback(self):
         return keras_progress(self.progress, self.task_id, self.label)
+
+    def step(self, description: str, total: float | None) -> None:
+        """Show another step of the same phase on this line, counted from 0 (e.g. a pass over the images before the
+        epochs), so a long pre-pass never sits at "0/10 epochs"; the Keras callback takes the line back at `fit`."""
+        self.progress.reset(self.task_id, total=total, description=description)
 
 
 class Reporter:

@@ -11,21 +11,27 @@ service use it unchanged (threshold 0.5), and :meth:`AnomalyEngine.maps` gives t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
+from keeneye.bundle import ANOMALY_FEATURE_ONNX_FILE
 from keeneye.data.decode import resize_square
+from keeneye.data.files import sha256_of_file
 from keeneye.errors import BundleError
 from keeneye.model.anomaly_feature import Stacker, StackedEngine
 from keeneye.model.decision import predict_labels
-from keeneye.runtime.choice import make_engine
+from keeneye.runtime.choice import EngineNotice, candidates, make_engine, onnx_engine
+from keeneye.runtime.convert import is_verified
+from keeneye.runtime.engines import Engine, EngineError
 from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, PatchBank, overlay_anomaly_map
 
 __all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "has_anomaly_feature", "is_anomaly_bundle", "make_anomaly_engine",
-           "make_stacked_engine"]
+           "make_stacked_engine", "stored_patch_onnx"]
 
 #: Overlays are drawn on the image shrunk to at most this side (as Grad-CAM overlays are).
 MAX_OVERLAY_SIDE = 512
@@ -63,21 +69,67 @@ def has_anomaly_feature(bundle) -> bool:
     return bundle is not None and bundle.metadata.get("anomaly_feature") is not None
 
 
-def make_stacked_engine(bundle, classifier, engine: str = "auto") -> StackedEngine:
-    """The engine of a head.anomaly_feature bundle: the classifier's engine, the patch feature graph on `engine`
-    (converted and verified against Keras in memory), the bank and the stacker (model/anomaly_feature.py)."""
+def stored_patch_onnx(bundle) -> Path | None:
+    """The head.anomaly_feature bundle's stored ONNX patch graph, when it can be trusted as it is: the file that
+    metadata.json names and hashes, with a passed verification record made from the patch graph metadata hashes.
+    None for bundles written before it was stored, or when any of that does not hold (then it is converted anew)."""
+    info = bundle.spec.anomaly_feature
+    hashes = (info.sha256 if info is not None else None) or {}
+    if info is None or not info.onnx_file or info.onnx_file not in hashes or info.model_file not in hashes:
+        return None
+    path = bundle.path / info.onnx_file
+    if not is_verified(path, hashes[info.model_file]) or sha256_of_file(path) != hashes[info.onnx_file]:
+        return None
+    return path
+
+
+def _stored_patch_engine(path: Path, engine: str, threads: int | None) -> Engine | None:
+    """An ONNX engine (the kinds `engine` asks for, in order) on the stored patch graph: no TensorFlow, no conversion.
+    None when 'auto' finds no ONNX engine that runs it; EngineError when an explicit engine cannot run it."""
+    reasons = []
+    for kind in candidates(engine):
+        try:
+            return onnx_engine(kind, path, threads=threads, source=str(path))
+        except Exception as exc:  # noqa: BLE001 - each reason is reported
+            reasons.append(f"{kind}: {type(exc).__name__}: {exc}")
+    if engine != "auto":
+        raise EngineError(f"engine '{engine}' cannot run {path.name}: {'; '.join(reasons)}")
+    return None  # auto: the Keras patch graph, with make_engine's own fallbacks and warnings
+
+
+def _converted_patch_engine(bundle, engine: str, threads: int | None) -> Engine:
+    """The Keras patch graph on `engine`: Keras itself, or converted to ONNX and checked in memory (see
+    runtime.choice.make_engine), as every load of a bundle written before the graph was stored does."""
     import keras
 
-    info = bundle.spec.anomaly_feature
-    model_path, bank_path = bundle.path / info.model_file, bundle.path / info.bank_file
-    if not model_path.is_file() or not bank_path.is_file():
-        raise BundleError(f"{bundle.path} was trained with head.anomaly_feature but lacks {info.model_file} or {info.bank_file}.")
+    model_path = bundle.path / bundle.spec.anomaly_feature.model_file
     try:
         patches = keras.saving.load_model(model_path, compile=False)
     except Exception as exc:
         raise BundleError(f"{model_path}: could not load the patch feature graph ({type(exc).__name__}: {exc}).") from None
+    return make_engine(patches, engine, threads=threads)
+
+
+def make_stacked_engine(bundle, classifier, engine: str = "auto", threads: int | None = None) -> StackedEngine:
+    """The engine of a head.anomaly_feature bundle: the classifier's engine, the patch feature graph on `engine`
+    (for ONNX engines the bundle's stored, verified ONNX file as it is; else, or for older bundles, the Keras graph,
+    converted in memory for ONNX engines, with a notice), the bank and the stacker (model/anomaly_feature.py)."""
+    info = bundle.spec.anomaly_feature
+    model_path, bank_path = bundle.path / info.model_file, bundle.path / info.bank_file
+    if not model_path.is_file() or not bank_path.is_file():
+        raise BundleError(f"{bundle.path} was trained with head.anomaly_feature but lacks {info.model_file} or {info.bank_file}.")
+    stored = stored_patch_onnx(bundle) if candidates(engine) else None
+    patches = _stored_patch_engine(stored, engine, threads) if stored is not None else None
+    if patches is None:
+        if candidates(engine) and stored is None:
+            why = (f"written before keeneye stored {ANOMALY_FEATURE_ONNX_FILE}, its patch graph is converted to ONNX at every "
+                   "load (retrain to store it)" if not info.onnx_file else
+                   f"its {info.onnx_file} does not match the sha256 in metadata.json or its verification record, so the patch "
+                   "graph is converted to ONNX at this load")
+            warnings.warn(f"{bundle.path.name}: {why}.", EngineNotice, stacklevel=3)
+        patches = _converted_patch_engine(bundle, engine, threads)
     stacker = Stacker(info.coef_logit, info.coef_log_score, info.intercept)
-    return StackedEngine(classifier, make_engine(patches, engine), PatchBank.load(bank_path), stacker,
+    return StackedEngine(classifier, patches, PatchBank.load(bank_path), stacker,
                          top_k=info.score_top_k, neighbours=info.score_neighbours)
 
 

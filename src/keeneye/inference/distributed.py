@@ -23,7 +23,7 @@ import pandas as pd
 from keeneye.bundle import load_bundle
 from keeneye.runtime.choice import bundle_onnx_engine, make_feature_engine
 from keeneye.runtime.engines import EngineError, onnxruntime_available
-from keeneye.inference.anomaly import has_anomaly_feature
+from keeneye.inference.anomaly import has_anomaly_feature, make_stacked_engine
 from keeneye.inference.predictor import PREDICTION_COLUMNS, Predictor, expand_inputs
 from keeneye.runtime.ray_pool import (
     RayError, connect, cpus_per_actor, gpus_per_actor, map_on_actor_pool, node_cpus, require_ray,
@@ -43,10 +43,11 @@ class BundleScorer:
 
     def __init__(self, run_dir: str, engine: str = "auto", batch_size: int = 32, threads: int | None = None, gpu: bool = False) -> None:
         bundle = load_bundle(run_dir, load_model=False)
-        # head.anomaly_feature: model.onnx is only the supervised part; the full load below builds the stacked engine
-        if engine != "keras" and not gpu and onnxruntime_available() and not has_anomaly_feature(bundle):
+        if engine != "keras" and not gpu and onnxruntime_available():
             try:
                 onnx = bundle_onnx_engine(bundle, threads=threads)
+                if has_anomaly_feature(bundle):  # model.onnx is the supervised part; the stored patch graph is the other
+                    onnx = make_stacked_engine(bundle, onnx, "onnx", threads)
             except EngineError:  # no usable ONNX file yet: the full load below converts (and caches) it
                 pass
             else:

@@ -24,10 +24,17 @@ A one-class (anomaly) bundle exports its patch feature graph (uint8 images -> pa
 in any of these formats, with `memory_bank.npy` and `<file>.anomaly.json` (raw threshold, score rule,
 normalisation, the bank's sha256) beside it; the check compares the normalised anomaly scores that the
 exported graph and model.keras give with that bank, and `load_exported` returns those scores.
+
+A head.anomaly_feature bundle exports as float32 ONNX only: the classifier graph, with the patch graph
+(``<stem>.anomaly_features.onnx``, the bundle's stored and verified ``anomaly_features.onnx``), its bank and
+``<file>.anomaly_feature.json`` (the stacker's numbers, score rule, clipping, input and threshold) beside it; the
+check compares the stacked probabilities of the exported graphs and of the Keras ones, and `load_exported` returns them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -38,19 +45,21 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from keeneye.bundle import MODEL_FILE, Bundle, load_bundle
+from keeneye.bundle import ANOMALY_FEATURE_MODEL_FILE, ANOMALY_FEATURE_ONNX_FILE, MODEL_FILE, Bundle, load_bundle
 from keeneye.data.preprocess import InputSpec
 from keeneye.data.files import sha256_of_file, write_atomic
 from keeneye.errors import KeeneyeError
 from keeneye.evaluation.metrics import predict_labels
 from keeneye.runtime.batches import as_spec, iter_decoded
+from keeneye.inference.anomaly import has_anomaly_feature, stored_patch_onnx
+from keeneye.model.anomaly_feature import CLIPPING, COMBINATION, Stacker, StackedEngine
 from keeneye.runtime.convert import (
-    ONNX_FILE, ONNX_OPSET, PROBABILITY_TOLERANCE, convert_and_verify, convert_classifier_to_onnx, convert_to_onnx,
+    ONNX_FILE, ONNX_INPUT_NAME, ONNX_OPSET, PROBABILITY_TOLERANCE, convert_and_verify, convert_classifier_to_onnx, convert_to_onnx,
     dedupe_opsets, generated_images, is_verified, onnx_verification_record, verification_path,
 )
 from keeneye.runtime.engines import BaseEngine, Engine, KerasEngine, OnnxEngine, SavedModelEngine, TFLiteEngine, physical_cores
@@ -226,13 +235,15 @@ def load_exported(path: str | os.PathLike) -> Probabilities:
     """Load an exported model (.onnx file, .tflite file or SavedModel folder) as uint8 batch -> probabilities (N,).
 
     An exported one-class feature graph (``<file>.anomaly.json`` and the memory bank beside it) gives the
-    bundle's normalised anomaly scores, read like probabilities (threshold 0.5).
+    bundle's normalised anomaly scores, read like probabilities (threshold 0.5); an exported head.anomaly_feature
+    classifier (``<file>.anomaly_feature.json``, the patch graph and the bank beside it) the stacked probability.
     """
     path = Path(path)
     engine = _exported_engine(path)
-    sidecar = anomaly_sidecar(path)
-    if sidecar.is_file():
-        return Probabilities(exported_anomaly_engine(engine, sidecar))
+    if anomaly_sidecar(path).is_file():
+        return Probabilities(exported_anomaly_engine(engine, anomaly_sidecar(path)))
+    if stacked_sidecar(path).is_file():
+        return Probabilities(exported_stacked_engine(engine, stacked_sidecar(path)))
     return Probabilities(engine)
 
 
@@ -254,12 +265,12 @@ def _is_anomaly(bundle: Bundle) -> bool:
     return bundle.metadata.get("mode") == "anomaly"
 
 
-def _anomaly_record(bundle: Bundle, target: Path) -> dict:
+def _anomaly_record(bundle: Bundle, target: Path, bank_sha256: str | None = None) -> dict:
     """What a deployment needs besides the feature graph: the bank file, the raw threshold, the score rule."""
     info = bundle.metadata["anomaly"]
     return {
         "kind": "keeneye one-class feature graph: uint8 images (N, S, S, 3) -> patch features (N, H, W, D)",
-        "model": target.name, "bank_file": BANK_FILE, "bank_sha256": sha256_of_file(bundle.path / BANK_FILE),
+        "model": target.name, "bank_file": BANK_FILE, "bank_sha256": bank_sha256,
         "bank_size": info.get("bank_size"), "raw_threshold": info["raw_threshold"], "normalisation": NORMALISATION,
         "threshold": 0.5, "image_score": info.get("image_score"), "score_top_k": info.get("score_top_k", 1),
         "score_neighbours": info.get("score_neighbours", 1), "map_sigma": info.get("map_sigma", 4.0),
@@ -281,25 +292,147 @@ def _scoring(engine: Engine, bank: PatchBank, record: dict) -> AnomalyEngine:
                          top_k=record["score_top_k"])
 
 
-def exported_anomaly_engine(features: Engine, sidecar: str | os.PathLike) -> AnomalyEngine:
-    """An exported feature graph's engine + the bank and record beside it -> normalised anomaly scores (N, 1)."""
-    sidecar = Path(sidecar)
-    record = json.loads(sidecar.read_text())
+def _checked_bank(sidecar: Path, record: dict) -> Path:
+    """The bank beside an export, refused (ExportError) when it is missing or is not the one exported with it."""
     bank_path = sidecar.parent / record["bank_file"]
     if not bank_path.is_file() or sha256_of_file(bank_path) != record["bank_sha256"]:
         raise ExportError(f"{bank_path} is missing or is not the memory bank {sidecar.name} was exported with "
                           "(export the bundle again into this folder).")
-    return _scoring(features, PatchBank.load(bank_path), record)
+    return bank_path
 
 
-def _place_anomaly_parts(bundle: Bundle, target: Path) -> list[str]:
-    """Copy the bank beside the export and write its scoring record; returns the file names written."""
-    bank = target.parent / BANK_FILE
-    source = bundle.path / BANK_FILE
-    if not bank.is_file() or sha256_of_file(bank) != sha256_of_file(source):
-        write_atomic(bank, source.read_bytes())
-    write_atomic(anomaly_sidecar(target), json.dumps(_anomaly_record(bundle, target), indent=2).encode())
-    return [bank.name, anomaly_sidecar(target).name]
+def exported_anomaly_engine(features: Engine, sidecar: str | os.PathLike) -> AnomalyEngine:
+    """An exported feature graph's engine + the bank and record beside it -> normalised anomaly scores (N, 1)."""
+    sidecar = Path(sidecar)
+    record = json.loads(sidecar.read_text())
+    return _scoring(features, PatchBank.load(_checked_bank(sidecar, record)), record)
+
+
+@dataclass
+class _Bank:
+    """A bundle's memory bank as an export copies it: read once, hashed once."""
+
+    name: str
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def read(cls, path: Path) -> "_Bank":
+        data = path.read_bytes()
+        return cls(path.name, data, hashlib.sha256(data).hexdigest())
+
+    def place(self, folder: Path) -> str:
+        """Copy it into `folder` unless the same bytes are there already (every export in a folder shares it)."""
+        beside = folder / self.name
+        if not beside.is_file() or beside.stat().st_size != len(self.data) or beside.read_bytes() != self.data:
+            write_atomic(beside, self.data)
+        return beside.name
+
+
+def _place_anomaly_parts(bundle: Bundle, target: Path, bank: _Bank) -> tuple[str, dict]:
+    """Copy the bank beside the export and write its scoring record; returns the verification record's entry."""
+    bank_name = bank.place(target.parent)
+    write_atomic(anomaly_sidecar(target), json.dumps(_anomaly_record(bundle, target, bank.sha256), indent=2).encode())
+    return "anomaly", {"bank_file": bank_name, "scoring": anomaly_sidecar(target).name}
+
+
+# --- head.anomaly_feature (stacked) bundles: the classifier, the patch graph, the bank and the stacker -------------
+
+
+#: Beside an exported stacked classifier ``<file>``: ``<file>.anomaly_feature.json`` (how the two graphs' outputs become
+#: the probability), the patch graph ``<stem>.anomaly_features<suffix>`` and the bank ``anomaly_feature_bank.npy``.
+STACKED_SUFFIX = ".anomaly_feature.json"
+
+
+def stacked_sidecar(path: str | os.PathLike) -> Path:
+    """Where an exported stacked classifier's record lies: ``<file>.anomaly_feature.json`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + STACKED_SUFFIX)
+
+
+def stacked_patch_path(target: str | os.PathLike) -> Path:
+    """Where an exported stacked classifier's patch graph lies: ``model.onnx`` -> ``model.anomaly_features.onnx``."""
+    target = Path(target)
+    return target.with_name(f"{target.stem}.anomaly_features{target.suffix}")
+
+
+@dataclass
+class _Stacked:
+    """What a head.anomaly_feature export needs besides the classifier, read once: the patch graph (Keras, the check's
+    reference; ONNX, the bundle's stored verified file or else converted now), the bank (hashed once) and the stacker."""
+
+    info: Any  # bundle.AnomalyFeatureInfo
+    patches: Any  # keras.Model
+    onnx: bytes
+    bank: _Bank
+    rows: PatchBank
+
+    def engine(self, classifier: Engine, patches: Engine) -> StackedEngine:
+        info = self.info
+        return StackedEngine(classifier, patches, self.rows, Stacker(info.coef_logit, info.coef_log_score, info.intercept),
+                             top_k=info.score_top_k, neighbours=info.score_neighbours)
+
+
+def _stacked_parts(bundle: Bundle) -> _Stacked:
+    """The stacked bundle's parts for an export; ExportError when its bank is not the one its metadata hashed."""
+    import keras
+
+    info = bundle.spec.anomaly_feature
+    bank = _Bank.read(bundle.path / info.bank_file)
+    recorded = (info.sha256 or {}).get(info.bank_file)
+    if recorded is not None and recorded != bank.sha256:
+        raise ExportError(f"{bundle.path / info.bank_file} is not the memory bank this bundle was trained with (its sha256 "
+                          "differs from metadata.json): restore the bundle or retrain.")
+    try:
+        patches = keras.saving.load_model(bundle.path / info.model_file, compile=False)
+    except Exception as exc:
+        raise ExportError(f"{bundle.path / info.model_file}: could not load the patch graph ({type(exc).__name__}: {exc}).") from None
+    stored = stored_patch_onnx(bundle)
+    onnx = stored.read_bytes() if stored is not None else convert_to_onnx(patches, output_name=PATCH_OUTPUT_NAME)
+    return _Stacked(info, patches, onnx, bank, PatchBank(np.load(io.BytesIO(bank.data), allow_pickle=False)))
+
+
+def _stacked_record(bundle: Bundle, target: Path, stacked: _Stacked) -> dict:
+    """Everything a consumer needs to compute the bundle's probability from the exported files (README, Exports)."""
+    info, spec = stacked.info, bundle.input_spec
+    return {
+        "kind": "keeneye stacked model: the classifier's probability p and the one-class raw score s of the patch graph "
+                "against the bank, combined by a logistic regression",
+        "classifier_model": target.name, "classifier_output": "p, the supervised probability (N, 1)",
+        "patch_model": stacked_patch_path(target).name, "patch_output": "patch features (N, H, W, D)",
+        "input": {"name": ONNX_INPUT_NAME, "dtype": "uint8", "layout": "NHWC, RGB", "image_size": bundle.image_size,
+                  "resize": spec.resize, "same input for both graphs": True},
+        "image_preparation": bundle.spec.preprocessing,
+        "bank_file": stacked.bank.name, "bank_sha256": stacked.bank.sha256, "bank_size": len(stacked.rows),
+        "distance": "Euclidean (L2) distance of each patch (a row of the H*W patches, D values) to its nearest bank row",
+        "score_top_k": info.score_top_k, "score_neighbours": info.score_neighbours,
+        "raw_score": "s = mean of the score_top_k largest patch distances of the image"
+                     + ("" if info.score_neighbours == 1 else ", re-weighted over score_neighbours bank neighbours as PatchCore "
+                        "does (keeneye.model.patchcore.reweighted_scores)"),
+        "coef_logit": info.coef_logit, "coef_log_score": info.coef_log_score, "intercept": info.intercept,
+        "combination": COMBINATION, "clipping": CLIPPING,
+        "threshold": bundle.threshold, "decision": "positive when probability >= threshold",
+        "class_names": list(bundle.class_names), "positive_class": bundle.positive_class, "bundle": str(bundle.path),
+    }
+
+
+def _place_stacked_parts(bundle: Bundle, target: Path, stacked: _Stacked, patch_partial: Path) -> tuple[str, dict]:
+    """Move the checked patch graph beside the classifier, copy the bank, write the record; the verification entry."""
+    os.replace(patch_partial, stacked_patch_path(target))
+    bank_name = stacked.bank.place(target.parent)
+    write_atomic(stacked_sidecar(target), json.dumps(_stacked_record(bundle, target, stacked), indent=2).encode())
+    return "anomaly_feature", {"patch_model": stacked_patch_path(target).name, "bank_file": bank_name,
+                               "scoring": stacked_sidecar(target).name}
+
+
+def exported_stacked_engine(classifier: Engine, sidecar: str | os.PathLike) -> StackedEngine:
+    """An exported stacked classifier's engine + the patch graph, bank and record beside it -> probabilities (N, 1)."""
+    sidecar = Path(sidecar)
+    record = json.loads(sidecar.read_text())
+    bank = PatchBank.load(_checked_bank(sidecar, record))
+    stacker = Stacker(record["coef_logit"], record["coef_log_score"], record["intercept"])
+    return StackedEngine(classifier, _exported_engine(sidecar.parent / record["patch_model"]), bank, stacker,
+                         top_k=record["score_top_k"], neighbours=record["score_neighbours"])
 
 
 # --- converters ----------------------------------------------------------------------------------
@@ -542,12 +675,14 @@ def _convert(bundle: Bundle, fmt: str, quantize: str | None, calibration: ImageS
         raise ExportError(f"the {label} conversion failed: {type(exc).__name__}: {exc}") from exc
 
 
-def check_exportable(bundle: Bundle) -> None:
-    """A head.anomaly_feature bundle's probability needs two graphs and a bank: one exported graph cannot hold it."""
-    if bundle.metadata.get("anomaly_feature") is not None:
-        raise ExportError(f"{bundle.path.name} was trained with head.anomaly_feature: its probability also needs the one-class "
-                          "score (anomaly_features.keras + anomaly_feature_bank.npy), which a single exported graph does not hold; "
-                          "use keeneye predict / serve, or retrain without head.anomaly_feature to export.")
+def check_exportable(bundle: Bundle, fmt: str = "onnx", quantize: str | None = None) -> None:
+    """A head.anomaly_feature bundle exports as float32 ONNX only: its probability needs two graphs, a bank and the
+    stacker, and only that combination is converted and checked here (the patch graph is the bundle's stored ONNX)."""
+    if has_anomaly_feature(bundle) and (fmt != "onnx" or quantize is not None):
+        asked = fmt + (f" --quantize {quantize}" if quantize else "")
+        raise ExportError(f"{bundle.path.name} was trained with head.anomaly_feature: it exports as float32 ONNX only "
+                          f"(--format onnx, no --quantize), not as {asked}: the classifier graph with the one-class patch graph, "
+                          "the memory bank and the stacker's record beside it.")
 
 
 def export_bundle(
@@ -565,11 +700,13 @@ def export_bundle(
 
     Raises ExportError for a bad request or output folder, ExportVerificationError when the export
     disagrees with model.keras beyond `tolerance` (default `TOLERANCES[quantize]`). A one-class bundle's
-    export is its feature graph, checked on the anomaly scores it gives with the bank written beside it.
+    export is its feature graph, checked on the anomaly scores it gives with the bank written beside it;
+    a head.anomaly_feature bundle's is its classifier with the patch graph and the bank beside it, checked
+    on the stacked probability.
     """
     fmt, quantize = _checked_request(format, quantize)
     bundle = run_dir if isinstance(run_dir, Bundle) else load_bundle(run_dir)
-    check_exportable(bundle)
+    check_exportable(bundle, fmt, quantize)
     target = resolve_output(bundle, fmt, quantize, output)
     tolerance = tolerance or TOLERANCES[quantize]
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -581,15 +718,21 @@ def export_bundle(
             calibration_images = min(calibration_images, max(16, ONNX_CALIBRATION_PIXELS // (bundle.image_size**2 * bundle.input_spec.n_tiles)))
         calibration = representative_images(bundle, calibration_images)
     label = fmt + (f" ({quantize})" if quantize else "")
-    what = " (the one-class feature graph, with the memory bank beside it)" if _is_anomaly(bundle) else ""
+    stacked = _stacked_parts(bundle) if has_anomaly_feature(bundle) else None
+    bank = _Bank.read(bundle.path / BANK_FILE) if _is_anomaly(bundle) else None
+    what = (" (the one-class feature graph, with the memory bank beside it)" if bank is not None else
+            " (the classifier, with the one-class patch graph, its memory bank and the stacker beside it)" if stacked is not None else "")
     say(f"exporting {bundle.path.name} as {label}{what}; verifying on {held_out.description}", highlight=False)
 
     partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    patch_partial = partial.with_name(partial.name + ".patches")
     started = time.perf_counter()
     try:
         _convert(bundle, fmt, quantize, calibration, partial, target, label)
+        if stacked is not None:
+            patch_partial.write_bytes(stacked.onnx)
         seconds = time.perf_counter() - started
-        report = _verify(bundle, partial, held_out, tolerance)
+        report = _verify(bundle, partial, held_out, tolerance, stacked, patch_partial)
         record = {
             "format": fmt, "quantize": quantize, "file": target.name, "bundle": str(bundle.path),
             "source": MODEL_FILE, "source_sha256": sha256_of_file(bundle.path / MODEL_FILE),
@@ -606,19 +749,28 @@ def export_bundle(
                 f"the {label} export disagrees with model.keras beyond tolerance: {'; '.join(report['failures'])} "
                 f"({summary_line(report)}). Nothing was written to {target}; details in {failed_path}."
             )
-        notes = _put_in_place(bundle, partial, target, record)
+        place = ((lambda placed: _place_stacked_parts(bundle, placed, stacked, patch_partial)) if stacked is not None
+                 else (lambda placed: _place_anomaly_parts(bundle, placed, bank)) if bank is not None else None)
+        notes = _put_in_place(partial, target, record, place)
     finally:
-        if partial.exists():
-            _remove(partial)
+        for leftover in (partial, patch_partial):
+            if leftover.exists():
+                _remove(leftover)
     say(f"exported {target} ({record['size_bytes'] / 1e6:.1f} MB, {seconds:.1f} s)"
         + (f", with {' and '.join(notes)} beside it" if notes else ""), highlight=False)
     say(f"verified: {summary_line(report)}; written to {verification_path(target)}", highlight=False)
     return ExportResult(target, fmt, quantize, record, verification_path(target), seconds, notes)
 
 
-def _verify(bundle: Bundle, exported: Path, held_out: ImageSet, tolerance: Tolerance) -> dict:
+def _verify(bundle: Bundle, exported: Path, held_out: ImageSet, tolerance: Tolerance, stacked: _Stacked | None = None,
+            exported_patches: Path | None = None) -> dict:
     """Compare the exported model with model.keras on the held-out images: probabilities, or for a one-class
-    bundle the normalised anomaly scores that each feature graph gives with the bundle's bank."""
+    bundle the normalised anomaly scores that each feature graph gives with the bundle's bank, or for a
+    head.anomaly_feature bundle the stacked probabilities of the exported graphs and of the Keras ones."""
+    if stacked is not None:
+        candidate = _in_batches(stacked.engine(_exported_engine(exported), _exported_engine(exported_patches)), held_out.images)
+        reference = _in_batches(stacked.engine(KerasEngine(bundle.model), KerasEngine(stacked.patches)), held_out.images)
+        return compare(reference, candidate, bundle.threshold, held_out.labels, tolerance)
     wrap = _anomaly_scorer(bundle) if _is_anomaly(bundle) else (lambda engine: engine)
     candidate = _in_batches(wrap(_exported_engine(exported)), held_out.images)
     reference = _in_batches(wrap(KerasEngine(bundle.model)), held_out.images)
@@ -638,24 +790,35 @@ def _versions(fmt: str) -> dict:
     return versions
 
 
-def _put_in_place(bundle: Bundle, partial: Path, target: Path, record: dict) -> list[str]:
-    """Move a verified export into place with its verification record (and a one-class bundle's bank and
-    scoring record beside it); returns the names of the files written beside it."""
+def _put_in_place(partial: Path, target: Path, record: dict, place: Callable[[Path], tuple[str, dict]] | None) -> list[str]:
+    """Move a verified export into place with its verification record; `place(target)` puts a one-class or stacked
+    bundle's parts beside it and names them (recorded under its key). Returns the names of the files written beside it."""
     report_path = verification_path(target)
     target.with_name(target.name + ".verification-failed.json").unlink(missing_ok=True)
     report_path.unlink(missing_ok=True)
     anomaly_sidecar(target).unlink(missing_ok=True)
+    stacked_sidecar(target).unlink(missing_ok=True)
     if target.exists():
         _remove(target)
     os.replace(partial, target)
-    notes = _place_anomaly_parts(bundle, target) if _is_anomaly(bundle) else []
-    if notes:
-        record["anomaly"] = {"bank_file": notes[0], "scoring": notes[1]}
+    notes: list[str] = []
+    if place is not None:
+        key, entry = place(target)
+        record[key] = entry
+        notes = list(entry.values())
     write_atomic(report_path, json.dumps(record, indent=2).encode())
     return notes
 
 
 # --- the bundle's own model.onnx, written at train time ------------------------------------------
+
+
+def _check_images(sample_paths: list[str] | None, max_images: int, spec: InputSpec) -> tuple[np.ndarray, str]:
+    """(images, their description) for a train-time ONNX check: up to `max_images` testing images, else 8 generated ones."""
+    _, images = _decode(list(sample_paths or [])[:max_images], spec)
+    if not len(images):
+        return generated_images(8, spec.shape, seed=0), "8 generated images"
+    return images, f"{len(images)} testing images"
 
 
 def write_bundle_onnx(folder: str | os.PathLike, model, sample_paths: list[str] | None = None, feature_engine=None,
@@ -671,11 +834,7 @@ def write_bundle_onnx(folder: str | os.PathLike, model, sample_paths: list[str] 
 
     folder = Path(folder)
     try:
-        spec = spec or InputSpec(int(model.input_shape[2]))
-        _, images = _decode(list(sample_paths or [])[:max_images], spec)
-        source = f"{len(images)} testing images"
-        if not len(images):
-            images, source = generated_images(8, spec.shape, seed=0), "8 generated images"
+        images, source = _check_images(sample_paths, max_images, spec or InputSpec(int(model.input_shape[2])))
         feature_onnx = feature_engine.onnx_model() if feature_engine is not None else None
 
         def joined() -> bytes:
@@ -700,3 +859,35 @@ def write_bundle_onnx(folder: str | os.PathLike, model, sample_paths: list[str] 
         return f"{ONNX_FILE} written for ONNX Runtime ({seconds:.1f} s; max difference from Keras {difference:.1e} on {source})"
     except Exception as exc:  # the bundle is complete without it: predict converts on first use
         return escape(f"warning: {ONNX_FILE} not written ({type(exc).__name__}: {exc}); predict will convert model.keras on first use.")
+
+
+def write_anomaly_feature_onnx(folder: str | os.PathLike, classifier, extractor, bank: PatchBank, stacker: Stacker,
+                               top_k: int, neighbours: int, sample_paths: list[str] | None = None,
+                               onnx_data: bytes | None = None, max_images: int = 16, spec: InputSpec | None = None) -> str:
+    """Write head.anomaly_feature's `anomaly_features.onnx` (+ its verification record) into a bundle being built; never raises.
+
+    Why: without it every predictor of the bundle converted the patch graph at load (seconds, and TensorFlow at
+    serve time). It is checked as model.onnx is, on what a user sees: the stacked probability with the ONNX patch
+    graph against the one with the Keras graph (the classifier on Keras in both), within PROBABILITY_TOLERANCE on up
+    to `max_images` testing images. `onnx_data`: the conversion training already made (FeatureEngine.onnx_model()),
+    so nothing is converted twice. Returns a line for the console (rich markup).
+    """
+    from rich.markup import escape
+
+    folder, name = Path(folder), ANOMALY_FEATURE_ONNX_FILE
+    try:
+        images, source = _check_images(sample_paths, max_images, spec or InputSpec(int(extractor.input_shape[2])))
+        supervised = KerasEngine(classifier)
+        check = convert_and_verify(
+            extractor, images, convert=lambda: onnx_data or convert_to_onnx(extractor, output_name=PATCH_OUTPUT_NAME),
+            wrap=lambda engine: StackedEngine(supervised, engine, bank, stacker, top_k=top_k, neighbours=neighbours))
+        record = onnx_verification_record(sha256_of_file(folder / ANOMALY_FEATURE_MODEL_FILE), check.max_diff, len(images),
+                                          f"{source} (stacked probabilities)", check.seconds) | {"source": name}
+        if not record["passed"]:
+            return (f"[yellow]warning:[/] {name} not written: its stacked probabilities differ from Keras by {check.max_diff:.1e} "
+                    f"(> {PROBABILITY_TOLERANCE:.0e}); predict will convert the patch graph at each load.")
+        write_atomic(folder / name, check.data)
+        write_atomic(verification_path(folder / name), json.dumps(record, indent=2).encode())
+        return f"{name} written (the patch graph for ONNX Runtime; max stacked-probability difference from Keras {check.max_diff:.1e} on {source})"
+    except Exception as exc:  # the bundle is complete without it: predict converts the patch graph at load
+        return escape(f"warning: {name} not written ({type(exc).__name__}: {exc}); predict will convert the patch graph at each load.")

@@ -30,7 +30,7 @@ def make_engine(model, engine: str = "auto", bundle: Bundle | None = None, threa
     if is_anomaly_bundle(bundle):
         return make_anomaly_engine(bundle, engine)
     classifier = choice.make_engine(model, engine, bundle=bundle, threads=threads)
-    return make_stacked_engine(bundle, classifier, engine) if has_anomaly_feature(bundle) else classifier
+    return make_stacked_engine(bundle, classifier, engine, threads) if has_anomaly_feature(bundle) else classifier
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike], videos: bool = False) -> tuple[list[str], list[dict]]:

@@ -24,11 +24,13 @@ import numpy as np
 
 from keeneye.model.patchcore import AnomalyEngine, PatchBank
 
-__all__ = ["COMBINATION", "Stacker", "StackedEngine", "stacking_inputs"]
+__all__ = ["CLIPPING", "COMBINATION", "Stacker", "StackedEngine", "stacking_inputs"]
 
 COMBINATION = "sigmoid(coef_logit * logit(p) + coef_log_score * log(s) + intercept); p = supervised probability, s = raw one-class score"
 _EPS_P = 1e-7
 _EPS_S = 1e-12
+#: How stacking_inputs keeps logit(p) and log(s) finite (recorded in exports, so a consumer reproduces them exactly).
+CLIPPING = {"probability": [_EPS_P, 1.0 - _EPS_P], "raw_score_min": _EPS_S}
 
 
 def stacking_inputs(probability: np.ndarray, raw_score: np.ndarray) -> np.ndarray:
@@ -65,6 +67,15 @@ class StackedEngine:
         self.stacker = stacker
         self.name = getattr(classifier, "name", "keras")
         self.source = f"{getattr(classifier, 'source', 'model.keras')} + one-class score ({self.scorer.source})"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int] | None:
+        """The classifier engine's input (H, W, C), so the stacked engine stands where a classifier engine stands."""
+        return getattr(self.classifier, "input_shape", None)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The Engine contract (runtime.engines): stacked probabilities (N, 1)."""
+        return self(batch)
 
     def parts(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(supervised probabilities (N,), raw one-class scores (N,)) of a prepared batch."""

@@ -38,7 +38,7 @@ from keeneye.runtime.choice import make_feature_engine
 from keeneye.training.anomaly import build_bank
 from keeneye.training.crossval import fold_scores
 
-__all__ = ["AnomalyFeature", "check_anomaly_feature", "fit_anomaly_feature", "fit_stacker", "oof_raw_scores", "patch_grids"]
+__all__ = ["AnomalyFeature", "anomaly_feature_problems", "check_anomaly_feature", "fit_anomaly_feature", "fit_stacker", "oof_raw_scores", "patch_grids"]
 
 
 @dataclass
@@ -53,10 +53,14 @@ class AnomalyFeature:
     settings: dict
     seconds: float
     oof_raw_scores: np.ndarray = field(repr=False, default=None)
+    #: the FeatureEngine that computed the patch grids: reused for the testing split and, its ONNX conversion
+    #: already checked, for the bundle's stored anomaly_features.onnx (no second conversion)
+    features: Any = field(repr=False, default=None)
 
     def scorer(self) -> AnomalyEngine:
         """Raw one-class scores of prepared batches (``.raw_scores``), as the bundle's StackedEngine computes them."""
-        return AnomalyEngine(make_feature_engine(self.extractor), self.bank, raw_threshold=1.0,
+        features = self.features if self.features is not None else make_feature_engine(self.extractor)
+        return AnomalyEngine(features, self.bank, raw_threshold=1.0,
                              neighbours=self.settings["score_neighbours"], top_k=self.settings["score_top_k"])
 
     def info(self) -> dict:
@@ -69,8 +73,8 @@ class AnomalyFeature:
                 "seconds": round(self.seconds, 1)}
 
 
-def check_anomaly_feature(cfg: Config, tiled: bool) -> None:
-    """Refuse the combinations the stacked score is not made for, with the reason (before any work is done)."""
+def anomaly_feature_problems(cfg: Config, tiled: bool) -> list[str]:
+    """The settings the stacked score is not made for, each with its reason (empty: it can be tried)."""
     problems = []
     if cfg.training.cv_folds < 2:
         problems.append("training.cv_folds must be at least 2 (the stacker learns from out-of-fold values)")
@@ -81,6 +85,12 @@ def check_anomaly_feature(cfg: Config, tiled: bool) -> None:
     if cfg.anomaly.standardise or cfg.anomaly.projection != "random":
         problems.append('anomaly.standardise false and anomaly.projection "random" are needed (fitted patch transforms are '
                         'not supported here)')
+    return problems
+
+
+def check_anomaly_feature(cfg: Config, tiled: bool) -> None:
+    """Refuse the combinations the stacked score is not made for, with the reason (before any work is done)."""
+    problems = anomaly_feature_problems(cfg, tiled)
     if problems:
         raise ConfigError("head.anomaly_feature: " + "; ".join(problems) + ".")
 
@@ -111,14 +121,17 @@ def _raw_scores(grids: np.ndarray, bank_rows: np.ndarray, rows: np.ndarray, cfg:
     return reweighted_scores(bank, query, *bank.nearest(query), a.score_neighbours, a.score_top_k), bank
 
 
-def oof_raw_scores(grids: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: Config) -> np.ndarray:
+def oof_raw_scores(grids: np.ndarray, y: np.ndarray, folds: np.ndarray, cfg: Config,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Out-of-fold raw scores: each fold's images against a bank of the good images of the other folds only
-    (the folds are group folds, so never against their own patches or their group's)."""
+    (the folds are group folds, so never against their own patches or their group's). `progress(1)` per fold."""
     good = np.asarray(y) == 0
     raw = np.full(len(y), np.nan)
     for k in range(int(np.max(folds)) + 1):
         held = np.asarray(folds) == k
         raw[held] = _raw_scores(grids, np.flatnonzero(good & ~held), np.flatnonzero(held), cfg)[0]
+        if progress:
+            progress(1)
     return raw
 
 
@@ -140,11 +153,18 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
     a = cfg.anomaly
     extractor = build_patch_extractor(cfg.model.alpha, cfg.model.image_size, weights_path, a.layers,
                                       projection_dim=a.feature_dim, seed=cfg.training.seed, grid=a.grid)
-    grids = patch_grids(make_feature_engine(extractor), paths, spec, task.advance if task else None)
+    features = make_feature_engine(extractor)
+    grids = patch_grids(features, paths, spec, task.advance if task else None)
     y, folds, good = np.asarray(y).astype(int), np.asarray(folds), np.asarray(y) == 0
-    raw = oof_raw_scores(grids, y, folds, cfg)
+    n_folds = int(folds.max()) + 1
+    if task:  # the coresets take minutes on thousands of images: a line of their own, not a bar stuck at 100%
+        task.step(f"one-class banks (coreset of the good patches): {n_folds} out-of-fold banks and the published one",
+                  n_folds + 1)
+    raw = oof_raw_scores(grids, y, folds, cfg, task.advance if task else None)
     bank = build_bank(np.asarray(grids[good], np.float32).reshape(-1, grids.shape[-1]), a.coreset_share, a.max_bank_size,
                       cfg.training.seed)
+    if task:
+        task.advance(1)
     x = stacking_inputs(oof, raw)
     cross = np.full(len(y), np.nan)
     for k in range(int(folds.max()) + 1):
@@ -157,4 +177,4 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
     settings = {"layers": list(a.layers), "grid": a.grid, "feature_dim": a.feature_dim, "score_top_k": a.score_top_k,
                 "score_neighbours": a.score_neighbours, "coreset_share": a.coreset_share, "max_bank_size": a.max_bank_size}
     return AnomalyFeature(extractor, bank, fit_stacker(x, y), choice, fold_scores(y, cross, folds, choice.threshold), settings,
-                          time.perf_counter() - started, raw)
+                          time.perf_counter() - started, raw, features)

@@ -39,6 +39,7 @@ from keeneye.model.backbone import ResolvedWeights, build_feature_extractor
 from keeneye.model.head import build_classifier, build_head
 from keeneye.runtime.batches import first_column, run_engine
 from keeneye.runtime.engines import KerasEngine
+from keeneye.terminal import Task
 from keeneye.training.augment import build_augmenter
 from keeneye.training.cached_top import learning_rate
 from keeneye.training.distribute import Devices, dtype_policy
@@ -145,6 +146,7 @@ def fine_tune(
     checkpoint_dir: Path | None = None,
     callbacks: Sequence = (),
     verbose: int = 0,
+    task: Task | None = None,
 ) -> FineTuneResult:
     """Fine-tune copies of `extractor` and `head` (left unchanged) on the training images; see the module doc.
 
@@ -155,7 +157,7 @@ def fine_tune(
 
     if cfg.fine_tune.method == "cached_top":
         return fine_tune_cached_top(cfg, extractor, head, train_rows, train_labels, val_rows, val_labels, devices, policy,
-                                    checkpoint_dir, callbacks, verbose)
+                                    checkpoint_dir, callbacks, verbose, task)
     started = time.perf_counter()
     ft, training = cfg.fine_tune, cfg.training
     size = cfg.model.image_size
@@ -205,10 +207,13 @@ def fine_tune(
 def fine_tune_cached_top(
     cfg: Config, extractor: keras.Model, head: keras.Model, train_rows: pd.DataFrame, train_labels: np.ndarray,
     val_rows: pd.DataFrame, val_labels: np.ndarray, devices: Devices, policy: str = "float32",
-    checkpoint_dir: Path | None = None, callbacks: Sequence = (), verbose: int = 0,
+    checkpoint_dir: Path | None = None, callbacks: Sequence = (), verbose: int = 0, task: Task | None = None,
 ) -> FineTuneResult:
     """fine_tune with ``method: cached_top`` (:mod:`keeneye.training.cached_top`): the frozen bottom runs once per image
-    and view, the epochs train the top blocks + head on the cached activations. float32 on one device (the top is small)."""
+    and view, the epochs train the top blocks + head on the cached activations. float32 on one device (the top is small).
+
+    task: the phase's progress line; the pass of the bottom over the images (minutes to an hour on a CPU) counts on it.
+    """
     from keeneye.training.cached_top import cache_views, dropped_frame, split_backbone, train_top
 
     started = time.perf_counter()
@@ -219,8 +224,13 @@ def fine_tune_cached_top(
     unfrozen = unfreeze_top(base, ft.unfreeze)
     bottom, top = split_backbone(ext_copy, base.layers[first_unfrozen(base, ft.unfreeze)].name)
     spec = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)
-    train_acts, train_failed = cache_views(bottom, train_rows["path"].tolist(), spec, ft.views, cfg.training.batch_size)
-    val_acts, val_failed = cache_views(bottom, val_rows["path"].tolist(), spec, 1, cfg.training.batch_size)
+    advance = None
+    if task is not None:
+        task.step(f"fine-tuning: frozen bottom over {len(train_rows)} training images x {ft.views} views and "
+                  f"{len(val_rows)} validation images", len(train_rows) + len(val_rows))
+        advance = task.advance
+    train_acts, train_failed = cache_views(bottom, train_rows["path"].tolist(), spec, ft.views, cfg.training.batch_size, advance)
+    val_acts, val_failed = cache_views(bottom, val_rows["path"].tolist(), spec, 1, cfg.training.batch_size, advance)
     train_ok = np.setdiff1d(np.arange(len(train_rows)), list(train_failed))
     val_ok = np.setdiff1d(np.arange(len(val_rows)), list(val_failed))
     model, outcome = train_top(cfg, top, head_copy, (train_acts, np.asarray(train_labels)[train_ok]),
@@ -372,7 +382,7 @@ def fine_tune_and_choose(
     cfg: Config, extractor: keras.Model, head: keras.Model, manifest: pd.DataFrame, y: np.ndarray, sets: dict,
     head_history: pd.DataFrame, head_probability: Callable[[np.ndarray], np.ndarray], head_seconds: float,
     devices: Devices, checkpoint_dir: Path | None, callbacks: Sequence = (), console=None,
-    frozen_reference: tuple[np.ndarray, float, object] | None = None,
+    frozen_reference: tuple[np.ndarray, float, object] | None = None, task: Task | None = None,
 ) -> PhaseChoice:
     """Fine-tune, then keep the model (head only, or fine-tuned) with the better validation score.
 
@@ -389,7 +399,8 @@ def fine_tune_and_choose(
         say(f"[yellow]note:[/] {note}")
     ft = cfg.fine_tune
     result = fine_tune(cfg, extractor, head, manifest[sets["training"]], y[sets["training"]],
-                       manifest[sets["validation"]], y[sets["validation"]], devices, policy, checkpoint_dir, callbacks)
+                       manifest[sets["validation"]], y[sets["validation"]], devices, policy, checkpoint_dir, callbacks,
+                       task=task)
     say(fine_tune_line(ft.unfreeze, result), highlight=False)
 
     size = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)

@@ -489,6 +489,26 @@ def keep_head(cfg: Config, prepared: Prepared, extractor: Any, fit: HeadFit, cho
                    prepared.dropped, prepared.counts, info)
 
 
+def use_anomaly_feature(cfg: Config, scanned: Scanned, reporter: Reporter) -> bool:
+    """Whether to try the one-class score as a feature (head.anomaly_feature), decided before any work is done.
+
+    Pinned true, a setting it is not made for (no cross-validation, fine-tuning, tiles) is a config error;
+    "auto" (the default) then publishes the head alone and says why, so the default works with every setting.
+    """
+    from keeneye.training.anomaly_feature import anomaly_feature_problems, check_anomaly_feature
+
+    if not cfg.head.anomaly_feature:
+        return False
+    tiled = scanned.spec.tiles is not None
+    if cfg.head.anomaly_feature is True:
+        check_anomaly_feature(cfg, tiled)
+        return True
+    problems = anomaly_feature_problems(cfg, tiled)
+    if problems:
+        reporter.line('head.anomaly_feature "auto": the one-class score is not tried: ' + "; ".join(problems) + ".")
+    return not problems
+
+
 def add_anomaly_feature(cfg: Config, scanned: Scanned, prepared: Prepared, fit: HeadFit, trained: Trained,
                         reporter: Reporter) -> Trained:
     """head.anomaly_feature: the one-class score stacked onto the head's probability (training/anomaly_feature.py).
@@ -502,8 +522,9 @@ def add_anomaly_feature(cfg: Config, scanned: Scanned, prepared: Prepared, fit: 
     from keeneye.training.anomaly_feature import fit_anomaly_feature
 
     if fit.cv is None:
-        reporter.warning("head.anomaly_feature needs the cross-validation, which could not run: the head's probability "
-                         "is published without the one-class score.")
+        say = reporter.warning if cfg.head.anomaly_feature is True else reporter.line
+        say("head.anomaly_feature needs the cross-validation, which could not run: the head's probability "
+            "is published without the one-class score.")
         return trained
     pool = prepared.sets["training"] | prepared.sets["validation"]
     paths = prepared.manifest.loc[pool, "path"].tolist()
@@ -569,7 +590,7 @@ def fine_tune(cfg: Config, prepared: Prepared, fit: HeadFit, baseline: Trained, 
             fit.run_cfg, baseline.extractor, fit.head, manifest, prepared.y, sets, fit.history, fit.probability, fit.seconds,
             devices, partial.phase_dir("fine_tune"),
             (*callbacks, task.keras_callback()),
-            reporter, frozen_reference=reference,
+            reporter, frozen_reference=reference, task=task,
         )
     info = baseline.info | {"kept": tuned.kept, "kept_reason": tuned.reason, "phases": tuned.phases}
     dropped, ok, counts = baseline.dropped, baseline.ok, baseline.counts
