@@ -298,6 +298,8 @@ def magnetic(overrides: list[str]) -> dict:
 
 
 def main() -> int:
+    from anomaly_tune import write_results  # the sibling script: one place for the results file
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="all", choices=["casting", "magnetic", "all", "ivf"])
     parser.add_argument("--bundle", type=Path, help="ivf: a trained casting one-class bundle (timed exact and as an IVF copy)")
@@ -335,9 +337,7 @@ def main() -> int:
               "ratio to supervised:", {name: round(r, 2) for name, r in c["throughput_ratio"].items()})
         print("one-class ms per image (median):", {k: round(v, 2) for k, v in c["throughput"]["anomaly_ms_per_image_median"].items()})
     out = args.out or RESULTS / f"anomaly_{args.which}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"written {out}")
+    write_results(results, out)
     return 0
 
 

@@ -18,7 +18,6 @@ search time per image (PatchBank, "blas"). For the whole bank also faiss's appro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -115,6 +114,8 @@ def casting(run_dir: Path) -> dict:
 
 
 def main() -> int:
+    from anomaly_tune import write_results  # the sibling script: one place for the results file
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="casting", choices=["casting"])
     parser.add_argument("--bundle", type=Path, help="casting: a one-class casting bundle trained with an uncapped 10%% bank "
@@ -124,9 +125,7 @@ def main() -> int:
     results = {}
     results["casting_validation"] = casting(args.bundle)
     out = args.out or RESULTS / f"anomaly_bank_{args.which}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"written {out}")
+    write_results(results, out)
     return 0
 
 

@@ -35,7 +35,6 @@ model.features multi + head.kind logistic (the best frozen mode on magnetic tile
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -270,6 +269,8 @@ def casting(modes: list[str], anomaly) -> dict:
 
 
 def main() -> int:
+    from anomaly_tune import write_results  # the sibling script: one place for the results file
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="all", choices=["magnetic", "casting", "all"])
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
@@ -289,9 +290,7 @@ def main() -> int:
         results["casting"] = casting(args.modes, anomaly)
     results["seconds"] = time.perf_counter() - started
     out = args.out or RESULTS / f"anomaly_stacking_{args.which}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"written {out}")
+    write_results(results, out)
     return 0
 
 

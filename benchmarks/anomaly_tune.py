@@ -174,6 +174,13 @@ def magnetic() -> dict:
             "inner": inner, "outer (chosen size only; for information, never for choosing)": outer}
 
 
+
+def write_results(results: dict, out: Path) -> None:
+    """The benchmark's JSON (its folder made), and where it went: one place for every sibling script's last step."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written {out}")
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="all", choices=["casting", "magnetic", "all"])
@@ -193,9 +200,7 @@ def main() -> int:
         print(f"magnetic-tile nested: AUROC {m['nested_auroc_mean']:.4f} ± {m['nested_auroc_sd']:.4f}, "
               f"F1 at 1% false alarms {m['nested_f1_mean']:.4f} ± {m['nested_f1_sd']:.4f}")
     out = RESULTS / f"anomaly_tune_{args.which}_{'_'.join(map(str, SIZES))}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"written {out}")
+    write_results(results, out)
     return 0
 
 

@@ -297,6 +297,8 @@ def casting(anomaly, patches) -> dict:
 
 
 def main() -> int:
+    from anomaly_tune import write_results  # the sibling script: one place for the results file
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", nargs="?", default="magnetic", choices=["magnetic", "casting", "all"])
     parser.add_argument("--folds", default="0,1,2,3,4")
@@ -321,9 +323,7 @@ def main() -> int:
         results["casting"] = casting(anomaly, patches)
     results["seconds"] = time.perf_counter() - started
     out = args.out or RESULTS / f"patch_mil_{args.which}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"written {out}")
+    write_results(results, out)
     return 0
 
 
