@@ -682,7 +682,8 @@ def check_exportable(bundle: Bundle, fmt: str = "onnx", quantize: str | None = N
         asked = fmt + (f" --quantize {quantize}" if quantize else "")
         raise ExportError(f"{bundle.path.name} was trained with head.anomaly_feature: it exports as float32 ONNX only "
                           f"(--format onnx, no --quantize), not as {asked}: the classifier graph with the one-class patch graph, "
-                          "the memory bank and the stacker's record beside it.")
+                          "the memory bank and the stacker's record beside it. For other formats or a quantized model, "
+                          "train with head.anomaly_feature false (the head alone exports in every format).")
 
 
 def export_bundle(
