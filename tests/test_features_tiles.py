@@ -111,7 +111,8 @@ def write_bundle(folder: Path, classifier, spec: InputSpec) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("features,resize", [("gap", "pad"), ("gap+gmp", "crop")])  # "multi": the tiled train test
+@pytest.mark.parametrize("features,resize", [  # "multi": the tiled train test; each case ~20 s (two ONNX conversions)
+    ("gap", "pad"), pytest.param("gap+gmp", "crop", marks=pytest.mark.slow)])
 def test_every_feature_mode_predicts_what_the_embeddings_gave(tmp_path, long_data, features, resize):
     """Training path (embed_manifest on the feature engine, then the head) == bundle on ONNX and on Keras."""
     import keras

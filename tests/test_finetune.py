@@ -126,6 +126,7 @@ def _random_layers(model) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # 22-33 s (a whole train with the images method, not the default); `make test` keeps the cached_top checks
 def test_train_with_fine_tuning_reports_both_phases_and_keeps_the_bundle_contract(tmp_path, demo_data, imagenet_weights) -> None:
     """One fine-tuning train: both phases reported, the bundle contract kept, and a file that breaks after the
     embedding pass (its cached features hide it) is reported by the fine-tuning pipeline, not skipped."""
