@@ -60,6 +60,7 @@ def test_onnx_export_through_the_cli_round_trips(bundle, tmp_path):
     _round_trip(bundle, target, PROBABILITY_TOLERANCE)
 
 
+@pytest.mark.slow  # 13-22 s; `make test` keeps the ONNX and TFLite round trips
 def test_savedmodel_export_round_trips(bundle, tmp_path):
     import tensorflow as tf
 

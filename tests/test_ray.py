@@ -144,6 +144,7 @@ def test_a_folder_that_is_not_a_bundle_fails_before_any_actor_starts(tmp_path, i
         predict_ray(tmp_path, [images], output=tmp_path / "out.json")
 
 
+@pytest.mark.slow  # 13-31 s: the optional Ray embedding pass; `make test` keeps Ray predict
 def test_embedding_pass_on_ray_gives_the_local_vectors_shards_and_reasons(local_ray, demo_data, imagenet_weights, tmp_path):
     """training.embed_on "ray": same vectors (1e-5) and drop reasons as the local pass, written as ordinary cache shards."""
     import hashlib
