@@ -25,7 +25,7 @@ from keeneye.data.files import sha256_of_file
 from keeneye.errors import BundleError
 from keeneye.model.anomaly_feature import Stacker, StackedEngine
 from keeneye.model.decision import predict_labels
-from keeneye.runtime.choice import EngineNotice, candidates, make_engine, onnx_engine
+from keeneye.runtime.choice import EngineNotice, candidates, make_engine
 from keeneye.runtime.convert import is_verified
 from keeneye.runtime.engines import Engine, EngineError
 from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, PatchBank, overlay_anomaly_map
@@ -83,20 +83,6 @@ def stored_patch_onnx(bundle) -> Path | None:
     return path
 
 
-def _stored_patch_engine(path: Path, engine: str, threads: int | None) -> Engine | None:
-    """An ONNX engine (the kinds `engine` asks for, in order) on the stored patch graph: no TensorFlow, no conversion.
-    None when 'auto' finds no ONNX engine that runs it; EngineError when an explicit engine cannot run it."""
-    reasons = []
-    for kind in candidates(engine):
-        try:
-            return onnx_engine(kind, path, threads=threads, source=str(path))
-        except Exception as exc:  # noqa: BLE001 - each reason is reported
-            reasons.append(f"{kind}: {type(exc).__name__}: {exc}")
-    if engine != "auto":
-        raise EngineError(f"engine '{engine}' cannot run {path.name}: {'; '.join(reasons)}")
-    return None  # auto: the Keras patch graph, with make_engine's own fallbacks and warnings
-
-
 def _converted_patch_engine(bundle, engine: str, threads: int | None) -> Engine:
     """The Keras patch graph on `engine`: Keras itself, or converted to ONNX and checked in memory (see
     runtime.choice.make_engine), as every load of a bundle written before the graph was stored does."""
@@ -119,7 +105,14 @@ def make_stacked_engine(bundle, classifier, engine: str = "auto", threads: int |
     if not model_path.is_file() or not bank_path.is_file():
         raise BundleError(f"{bundle.path} was trained with head.anomaly_feature but lacks {info.model_file} or {info.bank_file}.")
     stored = stored_patch_onnx(bundle) if candidates(engine) else None
-    patches = _stored_patch_engine(stored, engine, threads) if stored is not None else None
+    patches = None
+    if stored is not None:  # no TensorFlow, no conversion
+        try:
+            patches = make_engine(None, engine, threads=threads, onnx=(stored, str(stored)))
+        except EngineError:
+            if engine != "auto":
+                raise
+            # auto, no ONNX engine runs it: the Keras patch graph below, with make_engine's own fallbacks and warnings
     if patches is None:
         if candidates(engine) and stored is None:
             why = (f"written before keeneye stored {ANOMALY_FEATURE_ONNX_FILE}, its patch graph is converted to ONNX at every "

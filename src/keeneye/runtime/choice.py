@@ -144,8 +144,13 @@ def _model_onnx(model, bundle) -> tuple[bytes | Path, str]:
     return check.data, "converted in memory"
 
 
-def make_engine(model, engine: str = "auto", bundle=None, threads: int | None = None) -> Engine:
-    """The engine for a model (or a bundle's model): see the module doc for 'auto' and the fallbacks."""
+def make_engine(model, engine: str = "auto", bundle=None, threads: int | None = None,
+                onnx: tuple[bytes | Path, str] | None = None) -> Engine:
+    """The engine for a model (or a bundle's model): see the module doc for 'auto' and the fallbacks.
+
+    onnx: (an ONNX model already verified against `model`, where it came from), e.g. a bundle's stored patch graph;
+    then nothing is converted, and `model` may be None (no Keras fallback: 'auto' raises when no ONNX engine runs it).
+    """
     kinds = candidates(engine)
     if not kinds:
         if model is None:
@@ -153,7 +158,7 @@ def make_engine(model, engine: str = "auto", bundle=None, threads: int | None = 
         return KerasEngine(model, source="model.keras (GPU)" if engine == "auto" else "model.keras")
     reasons: list[str] = []
     try:
-        onnx_model, source = _model_onnx(model, bundle)
+        onnx_model, source = onnx if onnx is not None else _model_onnx(model, bundle)
     except Exception as exc:
         onnx_model, source = None, ""
         reasons.append(f"no verified ONNX model: {_reason(exc)}")

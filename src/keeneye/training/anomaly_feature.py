@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from keeneye.config import Config
-from keeneye.errors import ConfigError, DataError
+from keeneye.errors import DataError
 from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold
 from keeneye.model.anomaly_feature import Stacker, stacking_inputs
 from keeneye.model.patchcore import AnomalyEngine, PatchBank, build_patch_extractor, reweighted_scores
@@ -38,7 +38,7 @@ from keeneye.runtime.choice import make_feature_engine
 from keeneye.training.anomaly import build_bank
 from keeneye.training.crossval import fold_scores
 
-__all__ = ["AnomalyFeature", "anomaly_feature_problems", "check_anomaly_feature", "fit_anomaly_feature", "fit_stacker", "oof_raw_scores", "patch_grids"]
+__all__ = ["AnomalyFeature", "anomaly_feature_problems", "fit_anomaly_feature", "fit_stacker", "oof_raw_scores", "patch_grids"]
 
 
 @dataclass
@@ -86,13 +86,6 @@ def anomaly_feature_problems(cfg: Config, tiled: bool) -> list[str]:
         problems.append('anomaly.standardise false and anomaly.projection "random" are needed (fitted patch transforms are '
                         'not supported here)')
     return problems
-
-
-def check_anomaly_feature(cfg: Config, tiled: bool) -> None:
-    """Refuse the combinations the stacked score is not made for, with the reason (before any work is done)."""
-    problems = anomaly_feature_problems(cfg, tiled)
-    if problems:
-        raise ConfigError("head.anomaly_feature: " + "; ".join(problems) + ".")
 
 
 def patch_grids(engine: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], spec: Any,
@@ -167,7 +160,7 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
         task.advance(1)
     x = stacking_inputs(oof, raw)
     cross = np.full(len(y), np.nan)
-    for k in range(int(folds.max()) + 1):
+    for k in range(n_folds):
         held = folds == k
         cross[held] = fit_stacker(x[~held], y[~held])(np.asarray(oof)[held], raw[held])
     ev = cfg.evaluation

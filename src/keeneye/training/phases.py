@@ -495,15 +495,13 @@ def use_anomaly_feature(cfg: Config, scanned: Scanned, reporter: Reporter) -> bo
     Pinned true, a setting it is not made for (no cross-validation, fine-tuning, tiles) is a config error;
     "auto" (the default) then publishes the head alone and says why, so the default works with every setting.
     """
-    from keeneye.training.anomaly_feature import anomaly_feature_problems, check_anomaly_feature
+    from keeneye.training.anomaly_feature import anomaly_feature_problems
 
     if not cfg.head.anomaly_feature:
         return False
-    tiled = scanned.spec.tiles is not None
-    if cfg.head.anomaly_feature is True:
-        check_anomaly_feature(cfg, tiled)
-        return True
-    problems = anomaly_feature_problems(cfg, tiled)
+    problems = anomaly_feature_problems(cfg, tiled=scanned.spec.tiles is not None)
+    if problems and cfg.head.anomaly_feature is True:
+        raise ConfigError("head.anomaly_feature: " + "; ".join(problems) + ".")
     if problems:
         reporter.line('head.anomaly_feature "auto": the one-class score is not tried: ' + "; ".join(problems) + ".")
     return not problems
