@@ -15,7 +15,8 @@ from keeneye.errors import ConfigError
 
 
 def test_dihedral_views_are_the_8_distinct_symmetries_of_the_square() -> None:
-    from keeneye.training.cached_top import VIEWS, dihedral
+    from keeneye.data.preprocess import dihedral
+    from keeneye.training.cached_top import VIEWS
 
     image = np.arange(2 * 3 * 3 * 1, dtype=np.uint8).reshape(2, 3, 3, 1)
     views = [dihedral(image, v) for v in range(VIEWS)]

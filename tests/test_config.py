@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 15 + 2 + 9 + 7 + 16 + 5 + 8 + 7 + 9 + 5 + 5 + 14  # "$schema" + every field (mode, anomaly: 2; model: 9 with features, resize, reduced_decode, tiles, tile_overlap; head: 7 with kind, logistic_c, anomaly_feature; training: 16 with embed_on, ray_address, ray_actors; fine_tune: 9 with method, views, schedule; video: 5, tracking: 5; anomaly section: 14 with score_neighbours, projection, standardise, score_top_k, search, nprobe)
+    assert count == 1 + 15 + 2 + 10 + 7 + 16 + 5 + 8 + 7 + 9 + 5 + 5 + 14  # "$schema" + every field (mode, anomaly: 2; model: 10 with features, resize, reduced_decode, tiles, tile_overlap, views; head: 7 with kind, logistic_c, anomaly_feature; training: 16 with embed_on, ray_address, ray_actors; fine_tune: 9 with method, views, schedule; video: 5, tracking: 5; anomaly section: 14 with score_neighbours, projection, standardise, score_top_k, search, nprobe)
 
 
 def test_schema_required_and_excluded_fields() -> None:
@@ -328,7 +328,7 @@ def test_unknown_top_level_typo(project: Path) -> None:
 def test_unknown_key_without_close_match_lists_valid_keys(project: Path) -> None:
     message = bad(project, model={"xyzzy": 1})
     assert message.endswith(
-        "model.xyzzy: unknown key; valid keys in 'model' are: backbone, alpha, image_size, weights, features, resize, reduced_decode, tiles, tile_overlap"
+        "model.xyzzy: unknown key; valid keys in 'model' are: backbone, alpha, image_size, weights, features, resize, reduced_decode, tiles, tile_overlap, views"
     )
 
 
@@ -357,7 +357,7 @@ TYPE_CASES = [
     ({"head": {"dense_units": [64, 0]}}, "head.dense_units[1]: expected an integer >= 1, got 0"),
     ({"head": {"dense_units": ["64"]}}, 'head.dense_units[0]: expected an integer >= 1, got "64" (a string)'),
     ({"head": {"dropout": 1}}, "head.dropout: expected a number >= 0 and < 1, got 1"),
-    ({"model": 5}, "model: expected an object with any of the keys backbone, alpha, image_size, weights, features, resize, reduced_decode, tiles, tile_overlap, got 5 (an integer)"),
+    ({"model": 5}, "model: expected an object with any of the keys backbone, alpha, image_size, weights, features, resize, reduced_decode, tiles, tile_overlap, views, got 5 (an integer)"),
     ({"training": [1]}, "training: expected an object with any of the keys epochs, batch_size, learning_rate, validation_fraction, seed, early_stopping_patience, class_weight, oversample, deterministic, mixed_precision, distribute, cv_folds, cv_publish, embed_on, ray_address, ray_actors, got [1] (a list)"),
     ({"model": {"alpha": 0.6}}, "model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got 0.6"),
     ({"model": {"alpha": True}}, "model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got true (a boolean)"),

@@ -97,7 +97,7 @@ def test_unknown_key_without_suggestion(project: Path) -> None:
     [
         ({"training": {"epochs": "ten"}}, 'training.epochs: expected an integer >= 1, got "ten" (a string)'),
         ({"head": {"dense_units": 128}}, "head.dense_units: expected a list of integers >= 1, e.g. [128] or [256, 64] ([] for none), got 128 (an integer)"),
-        ({"model": 5}, "model: expected an object with any of the keys backbone, alpha, image_size, weights, features, resize, reduced_decode, tiles, tile_overlap, got 5 (an integer)"),
+        ({"model": 5}, "model: expected an object with any of the keys backbone, alpha, image_size, weights, features, resize, reduced_decode, tiles, tile_overlap, views, got 5 (an integer)"),
         ({"model": {"alpha": 0.6}}, "model.alpha: expected one of 0.35, 0.5, 0.75, 1.0, 1.3, 1.4, got 0.6"),
         ({"training": {"validation_fraction": 2}}, "training.validation_fraction: expected a number >= 0 and < 0.9, e.g. 0.15, got 2"),
         ({"training": {"epochs": True}}, "training.epochs: expected an integer >= 1, got true (a boolean)"),

@@ -149,7 +149,7 @@ def ray_engine_factory(cfg: Config, scanned: phases.Scanned, backbone: phases.Ba
 
     spec = scanned.spec
     return FeatureEngineFactory(cfg.model.alpha, cfg.model.image_size, scanned.weights, cfg.model.features,
-                                spec.n_tiles if spec.tiles else None, str(backbone.cache_folder) if backbone.cache_folder else None)
+                                spec.n_tiles, str(backbone.cache_folder) if backbone.cache_folder else None, views=spec.views)
 
 
 def _publish(cfg: Config, scanned: phases.Scanned, prepared: phases.Prepared, fit: phases.HeadFit, trained: phases.Trained,
@@ -245,9 +245,9 @@ def _write_train_report(cfg: Config, folder: Path, scanned: phases.Scanned, prep
 
 
 def tiles_note(predictor: Predictor) -> str:
-    """', 3 tiles per image: 3x the backbone passes' for a tiled bundle, else ''."""
-    n = predictor.input_spec.n_tiles
-    return f", {n} tiles per image: {n}x the backbone passes" if n > 1 else ""
+    """', 1x3 = 3 tiles each: 3x the backbone passes' for a tiled bundle (or views for a views one), else ''."""
+    spec = predictor.input_spec
+    return f", {spec.passes_note()}" if spec.passes > 1 else ""
 
 
 def _sequence_evaluation(rows: pd.DataFrame, probabilities: np.ndarray, class_names: tuple[str, str], threshold: float,

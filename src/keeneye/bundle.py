@@ -53,7 +53,8 @@ BUNDLE_FORMAT_VERSION = 1
 PREPROCESSING = {
     "input": "RGB uint8, any size; resized to image_size x image_size by input.resize (squash, pad = letterbox, crop = centre; "
              "cv2.INTER_AREA when a side shrinks by more than 1.5x, else cv2.INTER_LINEAR), or with input.tiles cut at native "
-             "scale into rows x cols overlapping square tiles, each resized so, stacked vertically (keeneye.data.preprocess)",
+             "scale into rows x cols overlapping square tiles, each resized so, stacked vertically; with input.views > 1 the resized "
+             "image and its mirror images / quarter turns stacked vertically (keeneye.data.preprocess)",
     "inside_model": "x / 127.5 - 1 (MobileNetV2 preprocess_input), part of model.keras",
     "decision": "positive when probability >= threshold",
 }
@@ -75,6 +76,8 @@ class InputSpec(BaseModel):
     image_size: int = Field(..., ge=16, le=4096, strict=True, description="Side of the square input, in pixels.")
     resize: Literal["squash", "pad", "crop"] = Field("squash", description="How a non-square image becomes square.")
     tiles: Optional[TilesSpec] = Field(None, description="Tile grid (model.tiles), or null: the whole image.")
+    views: Literal[1, 2, 4, 8] = Field(1, description="Views stacked per image (model.views: the image first, then its "
+                                       "mirrors and turns in keeneye.data.preprocess.VIEW_SETS order); 1 before model.views.")
 
 
 class BackboneInfo(BaseModel):

@@ -228,6 +228,27 @@ class ModelConfig(BaseModel):
         Field(ge=0.0, le=0.75, description="Least overlap between neighbouring tiles, as a fraction of the tile side."),
         _Expect("a number from 0 to 0.75", ("integer", "number")),
     ] = 0.25
+    views: Annotated[
+        StrictInt,
+        Field(
+            description=(
+                "Embed each image in this many views and average their features, so that the head sees features "
+                "that do not depend on how the part or texture lay: 1 = the image only; 2 = + its left-right mirror; "
+                "4 = + the up-down mirror and the half turn; 8 = + the four quarter-turned views. For parts and "
+                "textures without an orientation (not for text or parts that always lie the same way). Costs one "
+                "backbone pass per view, in training and prediction alike. Not combined with tiles, fine_tune or "
+                "augmentation.frozen_views."
+            ),
+        ),
+        _Expect("1, 2, 4 or 8", ("integer",)),
+    ] = 1
+
+    @field_validator("views")
+    @classmethod
+    def _check_views(cls, value: int) -> int:
+        if value not in (1, 2, 4, 8):
+            raise PydanticCustomError("views", "must be 1, 2, 4 or 8")
+        return value
 
     @field_validator("weights")
     @classmethod

@@ -35,7 +35,7 @@ FEATURE_FORMAT_VERSION = 2  # 2: resize rule of decode.resize_square
 
 def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha256: str, features: str = "gap",
                        spec: InputSpec | None = None) -> str:
-    """Features are only reusable for the same network, weights, input size, feature mode, resize and tiles.
+    """Features are only reusable for the same network, weights, input size, feature mode, resize, tiles and views.
 
     Squash with model.reduced_decode keeps the key it had before that option existed (it was how
     every image was decoded then), so earlier caches stay valid; the full decode, now the default,
@@ -51,6 +51,8 @@ def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha
         key += f"-t{spec.tiles[0]}x{spec.tiles[1]}o{spec.overlap:g}"
     elif spec.resize != "squash":
         key += f"-r{spec.resize}"
+    if spec.views > 1:
+        key += f"-views{spec.views}"
     return key
 
 

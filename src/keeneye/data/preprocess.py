@@ -10,13 +10,18 @@ vertically into one (T*S, S, 3) array. The model (model/backbone.build_tiled_cla
 that stack back into T tiles, embeds each and max-pools the features over tiles before the head,
 so one tile can decide. The grid is fixed per bundle (so the model input shape is fixed); the
 tile side follows each image's size so that the grid covers the whole image.
+
+Views (textures and parts without an orientation): the square image and `views - 1` of its mirror
+images and quarter turns (VIEW_SETS) are stacked the same way into one (V*S, S, 3) array; the model
+(model/backbone.build_views_extractor) embeds each view and averages the features, so the head sees
+features that do not depend on how the part lay. The first view is always the image itself.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Literal
 
 import cv2
@@ -27,6 +32,15 @@ from keeneye.data.decode import AREA_SHRINK_FACTOR, decode_image_bytes, load_ima
 ResizeMode = Literal["squash", "pad", "crop"]
 RESIZE_MODES: tuple[str, ...] = ("squash", "pad", "crop")
 MAX_AUTO_TILES = 16
+#: model.views: which dihedral views (see `dihedral`) a view count stacks, the image itself first.
+#: 2 = + its left-right mirror; 4 = + the up-down mirror and the half turn; 8 = the whole group.
+VIEW_SETS: dict[int, tuple[int, ...]] = {1: (0,), 2: (0, 4), 4: (0, 4, 6, 2), 8: (0, 4, 6, 2, 1, 3, 5, 7)}
+
+
+def dihedral(images: np.ndarray, view: int) -> np.ndarray:
+    """View `view` (0..7) of square images (N, S, S, C): `view % 4` quarter turns, mirrored when view >= 4."""
+    turned = np.rot90(images, view % 4, axes=(1, 2))
+    return np.ascontiguousarray(turned[:, :, ::-1] if view >= 4 else turned)
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -115,7 +129,7 @@ def auto_grid(height: float, width: float, image_size: int, overlap: float) -> t
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model takes: image_size, resize rule, (rows, cols, overlap) tiles or none, and the JPEG decode.
+    """What the model takes: image_size, resize rule, (rows, cols, overlap) tiles or none, views, and the JPEG decode.
 
     `reduced_decode`: decode large JPEGs at reduced size inside libjpeg (untiled squash only; see
     config `model.reduced_decode`: faster, but it moves probabilities, so it is off unless asked for).
@@ -126,29 +140,53 @@ class InputSpec:
     tiles: tuple[int, int] | None = None
     overlap: float = 0.25
     reduced_decode: bool = False
+    views: int = 1
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.views not in VIEW_SETS:
+            raise ValueError(f"views must be one of {', '.join(map(str, VIEW_SETS))}, got {self.views!r}")
         if self.tiles is not None and tuple(self.tiles) == (1, 1):
             object.__setattr__(self, "tiles", None)
         elif self.tiles is not None:
             object.__setattr__(self, "tiles", (int(self.tiles[0]), int(self.tiles[1])))
+        if self.tiles is not None and self.views > 1:
+            raise ValueError("tiles and views cannot be combined")
 
     @property
     def n_tiles(self) -> int:
         return 1 if self.tiles is None else self.tiles[0] * self.tiles[1]
 
+    def image_only(self) -> "InputSpec":
+        """This spec without model.views' mirrors and turns: the image itself, the first square of a views stack
+        (what head.anomaly_feature's patch graph sees, in training and in model/anomaly_feature.first_square)."""
+        return replace(self, views=1)
+
+    @property
+    def passes(self) -> int:
+        """Backbone passes per image: one per tile or view."""
+        return self.n_tiles * self.views
+
+    def passes_note(self) -> str:
+        """What each image costs beyond one backbone pass, for progress lines ('' when it is one pass)."""
+        if self.tiles is not None:
+            return f"{self.tiles[0]}x{self.tiles[1]} = {self.n_tiles} tiles each: {self.n_tiles}x the backbone passes"
+        return f"{self.views} views each: {self.views}x the backbone passes" if self.views > 1 else ""
+
     @property
     def shape(self) -> tuple[int, int, int]:
-        """The model input shape of one image (tiles stacked vertically)."""
-        return (self.n_tiles * self.image_size, self.image_size, 3)
+        """The model input shape of one image (tiles or views stacked vertically)."""
+        return (self.n_tiles * self.views * self.image_size, self.image_size, 3)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """A decoded RGB image of any size -> model input; an array already of `shape` is taken as prepared."""
         image = np.asarray(image, dtype=np.uint8)
         if image.shape == self.shape:
             return image
+        if self.tiles is None and self.views > 1:
+            square = fit_square(image, self.image_size, self.resize)[None]
+            return np.concatenate([dihedral(square, view)[0] for view in VIEW_SETS[self.views]])
         if self.tiles is None:
             return fit_square(image, self.image_size, self.resize)
         return cut_tiles(image, self.image_size, self.tiles[0], self.tiles[1], self.overlap)
@@ -172,19 +210,19 @@ class InputSpec:
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "resize": self.resize,
                 "tiles": None if self.tiles is None else {"rows": self.tiles[0], "cols": self.tiles[1], "overlap": self.overlap},
-                "reduced_decode": self.reduced_decode}
+                "reduced_decode": self.reduced_decode, "views": self.views}
 
     @classmethod
     def from_dict(cls, data: dict) -> "InputSpec":
         """From a bundle's metadata "input" (bundles written before tiles/resize existed: squash, no tiles).
 
         Bundles written before `reduced_decode` was recorded were trained with it (the default then):
-        they keep it, so their predictions do not change.
+        they keep it, so their predictions do not change. Bundles from before model.views: one view.
         """
         tiles = data.get("tiles")
         return cls(int(data["image_size"]), data.get("resize", "squash"),
                    None if not tiles else (int(tiles["rows"]), int(tiles["cols"])),
-                   float(tiles["overlap"]) if tiles else 0.25, bool(data.get("reduced_decode", True)))
+                   float(tiles["overlap"]) if tiles else 0.25, bool(data.get("reduced_decode", True)), int(data.get("views", 1)))
 
 
 def median_size(paths: Iterable[str | os.PathLike[str]], limit: int = 200) -> tuple[float, float] | None:

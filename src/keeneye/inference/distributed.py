@@ -199,14 +199,12 @@ class FeatureEngineFactory:
     """
 
     def __init__(self, alpha: float, image_size: int, weights, features: str, n_tiles: int | None,
-                 cache_folder: str | None, engine: str = "auto") -> None:
+                 cache_folder: str | None, engine: str = "auto", views: int = 1) -> None:
         self.alpha, self.image_size, self.weights, self.features = alpha, image_size, weights, features
-        self.n_tiles, self.cache_folder, self.engine = n_tiles, cache_folder, engine
+        self.n_tiles, self.cache_folder, self.engine, self.views = n_tiles or 1, cache_folder, engine, views
 
     def __call__(self) -> Callable[[np.ndarray], np.ndarray]:
-        from keeneye.model.backbone import build_feature_extractor, build_tiled_extractor
+        from keeneye.model.backbone import build_input_extractor
 
-        extractor = build_feature_extractor(self.alpha, self.image_size, self.weights, self.features)
-        if self.n_tiles is not None:
-            extractor = build_tiled_extractor(extractor, self.n_tiles)
+        extractor = build_input_extractor(self.alpha, self.image_size, self.weights, self.features, self.n_tiles, self.views)
         return make_feature_engine(extractor, engine=self.engine, cache_folder=self.cache_folder)

@@ -401,7 +401,10 @@ def _stacked_record(bundle: Bundle, target: Path, stacked: _Stacked) -> dict:
         "classifier_model": target.name, "classifier_output": "p, the supervised probability (N, 1)",
         "patch_model": stacked_patch_path(target).name, "patch_output": "patch features (N, H, W, D)",
         "input": {"name": ONNX_INPUT_NAME, "dtype": "uint8", "layout": "NHWC, RGB", "image_size": bundle.image_size,
-                  "resize": spec.resize, "same input for both graphs": True},
+                  "resize": spec.resize, "same input for both graphs": spec.views == 1,
+                  "patch_model_input": "the classifier's input" if spec.views == 1 else
+                  f"the first {bundle.image_size} rows of the classifier's input (the image itself; the input stacks "
+                  f"{spec.views} views)"},
         "image_preparation": bundle.spec.preprocessing,
         "bank_file": stacked.bank.name, "bank_sha256": stacked.bank.sha256, "bank_size": len(stacked.rows),
         "distance": "Euclidean (L2) distance of each patch (a row of the H*W patches, D values) to its nearest bank row",
@@ -716,7 +719,7 @@ def export_bundle(
     calibration = None
     if quantize == "int8":
         if fmt == "onnx":
-            calibration_images = min(calibration_images, max(16, ONNX_CALIBRATION_PIXELS // (bundle.image_size**2 * bundle.input_spec.n_tiles)))
+            calibration_images = min(calibration_images, max(16, ONNX_CALIBRATION_PIXELS // (bundle.image_size**2 * bundle.input_spec.passes)))
         calibration = representative_images(bundle, calibration_images)
     label = fmt + (f" ({quantize})" if quantize else "")
     stacked = _stacked_parts(bundle) if has_anomaly_feature(bundle) else None

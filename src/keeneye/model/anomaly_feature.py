@@ -53,11 +53,17 @@ class Stacker:
         return 1.0 / (1.0 + np.exp(-z))
 
 
+def first_square(batch: np.ndarray) -> np.ndarray:
+    """The image itself out of a prepared batch (N, H, S, 3): with model.views the input is a stack of views whose
+    first S rows are the image (data/preprocess.VIEW_SETS); the patch graph scores that one, as in training."""
+    return np.ascontiguousarray(batch[:, : batch.shape[2]])
+
+
 class StackedEngine:
     """Classifier engine + patch feature engine + memory bank + stacker: uint8 batch -> probabilities (N, 1).
 
     The engine contract of the Predictor (``name``, ``source``, ``__call__``): both parts see the
-    same prepared batch.
+    same prepared batch (the patch graph its first square: the image itself when the batch stacks views).
     """
 
     def __init__(self, classifier: Callable[[np.ndarray], np.ndarray], patches: Callable[[np.ndarray], np.ndarray],
@@ -80,7 +86,7 @@ class StackedEngine:
     def parts(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(supervised probabilities (N,), raw one-class scores (N,)) of a prepared batch."""
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        return np.asarray(self.classifier(batch), np.float64).reshape(-1), self.scorer.raw_scores(batch)
+        return np.asarray(self.classifier(batch), np.float64).reshape(-1), self.scorer.raw_scores(first_square(batch))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.stacker(*self.parts(batch)).astype(np.float32).reshape(-1, 1)

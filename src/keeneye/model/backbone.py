@@ -110,8 +110,9 @@ def feature_subsets(extractor: keras.Model, features: str) -> dict[str, "np.ndar
     import numpy as np
 
     names = [layer.name for layer in extractor.layers]
-    if "tile_features" in names:
-        extractor = extractor.get_layer("tile_features").layer
+    for wrapper in ("tile_features", "view_features"):  # tiled or views extractor: the per-image one inside
+        if wrapper in names:
+            extractor = extractor.get_layer(wrapper).layer
     parts = FEATURE_PARTS[features]
     layer = extractor.get_layer(FEATURE_LAYER_NAME)
     widths = [int(t.shape[-1]) for t in layer.input] if len(parts) > 1 else [int(layer.output.shape[-1])]
@@ -177,3 +178,30 @@ def build_tiled_extractor(extractor: keras.Model, tiles: int) -> keras.Model:
     features = keras.layers.TimeDistributed(extractor, name="tile_features")(per_tile)
     pooled = keras.layers.GlobalMaxPooling1D(name=FEATURE_LAYER_NAME)(features)
     return keras.Model(stack, pooled, name="tiled_feature_extractor")
+
+
+def build_views_extractor(extractor: keras.Model, views: int) -> keras.Model:
+    """Stacked views (N, V*S, S, 3) -> features averaged over the V views (N, D): features that do not
+    depend on how the part lay (data/preprocess.VIEW_SETS makes the stack; the first view is the image).
+
+    Plain Keras layers as in build_tiled_extractor, so model.keras and its exports average the views
+    themselves; they take the stack, as tiled bundles take theirs.
+    """
+    size = int(extractor.input_shape[1])
+    stack = keras.Input((views * size, size, 3), dtype="uint8", name="image")
+    per_view = keras.layers.Reshape((views, size, size, 3), name="views")(stack)
+    features = keras.layers.TimeDistributed(extractor, name="view_features")(per_view)
+    pooled = keras.layers.GlobalAveragePooling1D(name=FEATURE_LAYER_NAME)(features)
+    return keras.Model(stack, pooled, name="views_feature_extractor")
+
+
+def build_input_extractor(alpha: float, image_size: int, weights: ResolvedWeights, features: str, n_tiles: int = 1,
+                          views: int = 1) -> keras.Model:
+    """The frozen extractor for a run's input: per image, or over its stack of tiles (max) or views (mean).
+
+    One place for that choice, so a local train, a Ray actor and every consumer build the same graph.
+    """
+    extractor = build_feature_extractor(alpha, image_size, weights, features)
+    if n_tiles > 1:
+        return build_tiled_extractor(extractor, n_tiles)
+    return build_views_extractor(extractor, views) if views > 1 else extractor

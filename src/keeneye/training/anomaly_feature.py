@@ -147,7 +147,7 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
     extractor = build_patch_extractor(cfg.model.alpha, cfg.model.image_size, weights_path, a.layers,
                                       projection_dim=a.feature_dim, seed=cfg.training.seed, grid=a.grid)
     features = make_feature_engine(extractor)
-    grids = patch_grids(features, paths, spec, task.advance if task else None)
+    grids = patch_grids(features, paths, spec.image_only(), task.advance if task else None)
     y, folds, good = np.asarray(y).astype(int), np.asarray(folds), np.asarray(y) == 0
     n_folds = int(folds.max()) + 1
     if task:  # the coresets take minutes on thousands of images: a line of their own, not a bar stuck at 100%

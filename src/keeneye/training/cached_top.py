@@ -26,7 +26,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from keeneye.data.preprocess import InputSpec
+from keeneye.data.preprocess import InputSpec, dihedral
 from keeneye.errors import ConfigError
 from keeneye.runtime.batches import run_engine
 from keeneye.training.pipeline import EpochPlan, epoch_rng
@@ -36,12 +36,6 @@ VIEW_STREAM = 2  # epoch_rng stream that draws each epoch's views (0: head, 1: f
 #: Activations larger than this go to a memory-mapped temporary file (block_15's output is ~31 KB per
 #: image and view: 10,000 images x 8 views would otherwise hold 2.5 GB of RAM).
 IN_MEMORY_BYTES = 1 << 30
-
-
-def dihedral(images: np.ndarray, view: int) -> np.ndarray:
-    """View `view` (0..7) of square images (N, S, S, C): `view % 4` quarter turns, mirrored when view >= 4."""
-    turned = np.rot90(images, view % 4, axes=(1, 2))
-    return np.ascontiguousarray(turned[:, :, ::-1] if view >= 4 else turned)
 
 
 def split_backbone(extractor: keras.Model, first_trained: str) -> tuple[keras.Model, keras.Model]:

@@ -75,6 +75,9 @@ def input_spec_for(cfg: Config, paths: Sequence[str], reporter: Any = None) -> I
     if model.tiles != "none" and (cfg.fine_tune.enabled or cfg.augmentation.frozen_views):
         raise ConfigError("model.tiles cannot be combined with fine_tune.enabled or augmentation.frozen_views (yet): "
                           'set model.tiles to "none", or turn those off.')
+    if model.views > 1 and (model.tiles != "none" or cfg.fine_tune.enabled or cfg.augmentation.frozen_views):
+        raise ConfigError(f"model.views {model.views} cannot be combined with model.tiles, fine_tune.enabled or "
+                          "augmentation.frozen_views (yet): set model.views to 1, or turn those off.")
     if model.tiles == "auto":
         size = median_size(paths)
         tiles = auto_grid(*size, model.image_size, model.tile_overlap) if size else None
@@ -83,7 +86,7 @@ def input_spec_for(cfg: Config, paths: Sequence[str], reporter: Any = None) -> I
     elif model.tiles != "none":
         rows, cols = model.tiles.split("x")
         tiles = (int(rows), int(cols))
-    return InputSpec(model.image_size, model.resize, tiles, model.tile_overlap, model.reduced_decode)
+    return InputSpec(model.image_size, model.resize, tiles, model.tile_overlap, model.reduced_decode, model.views)
 
 
 # --- backbone and embeddings ----------------------------------------------------------------------
@@ -102,13 +105,13 @@ class Backbone:
 
 
 def build_backbone(cfg: Config, scanned: Scanned) -> Backbone:
-    from keeneye.model.backbone import build_feature_extractor, build_tiled_extractor
+    from keeneye.model.backbone import build_input_extractor
     from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
 
     spec, weights = scanned.spec, scanned.weights
-    extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, weights, cfg.model.features)
-    if spec.tiles is not None:  # the features of every tile, max-pooled: what the head sees and the bundle computes
-        extractor = build_tiled_extractor(extractor, spec.n_tiles)
+    # tiles: every tile's features, max-pooled; views: averaged: what the head sees and the bundle computes
+    extractor = build_input_extractor(cfg.model.alpha, cfg.model.image_size, weights, cfg.model.features, spec.n_tiles,
+                                      spec.views)
     cache = None
     if weights.sha256:
         key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256, cfg.model.features, spec)
@@ -140,8 +143,7 @@ def embed(cfg: Config, scanned: Scanned, backbone: Backbone, engine: Any, report
     manifest, spec, cache = scanned.scan.manifest, scanned.spec, backbone.cache
     with reporter.task("hashing images", len(manifest)) as task:
         inspection = inspect_images(manifest["path"].tolist(), progress=task.advance)
-    what = "embedding images" if spec.tiles is None else (
-        f"embedding images ({spec.tiles[0]}x{spec.tiles[1]} = {spec.n_tiles} tiles each: {spec.n_tiles}x the backbone passes)")
+    what = "embedding images" + (f" ({spec.passes_note()})" if spec.passes > 1 else "")
     dim = backbone.extractor.output_shape[-1]
     with reporter.task(what, len(manifest)) as task:
         if remote_engine is not None:
@@ -532,7 +534,7 @@ def add_anomaly_feature(cfg: Config, scanned: Scanned, prepared: Prepared, fit: 
     scorer = feature.scorer()
 
     def probability(mask: Mask) -> np.ndarray:
-        raw = run_engine(scorer.raw_scores, prepared.manifest.loc[mask, "path"].tolist(), scanned.spec, 32).outputs
+        raw = run_engine(scorer.raw_scores, prepared.manifest.loc[mask, "path"].tolist(), scanned.spec.image_only(), 32).outputs
         return feature.stacker(trained.probability(mask), raw).astype(np.float32)
 
     e, choice = feature.estimate, feature.choice

@@ -1,0 +1,103 @@
+"""model.views: the image and its mirror images / quarter turns, embedded each and averaged.
+
+The stack is made by data/preprocess (the image itself first), averaged inside model.keras
+(model/backbone.build_views_extractor), so the bundle, its ONNX model and the stacked one-class
+score compute what training computed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from keeneye.data.cache import backbone_cache_key
+from keeneye.data.preprocess import VIEW_SETS, InputSpec, fit_square
+from keeneye.errors import ConfigError
+
+from conftest import tiny_config
+
+
+def test_views_stack_the_image_first_then_its_mirrors_and_turns():
+    image = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    square = fit_square(image, 16)
+    stacks = {views: InputSpec(16, views=views).prepare(image) for views in VIEW_SETS}
+    for views, stack in stacks.items():
+        assert stack.shape == (views * 16, 16, 3) == InputSpec(16, views=views).shape
+        assert np.array_equal(stack[:16], square)  # the image itself first: what the one-class score sees
+    parts = stacks[8].reshape(8, 16, 16, 3)
+    assert np.array_equal(parts[1], square[:, ::-1]) and np.array_equal(parts[2], square[::-1])  # mirrors
+    assert np.array_equal(parts[3], square[::-1, ::-1]) and np.array_equal(parts[4], np.rot90(square))  # half, quarter turn
+    assert len({p.tobytes() for p in parts}) == 8
+    assert np.array_equal(stacks[4], stacks[8][: 4 * 16]) and np.array_equal(stacks[2], stacks[8][: 2 * 16])
+
+
+def test_views_round_trip_and_key_the_cache():
+    spec = InputSpec(96, "pad", views=4)
+    assert InputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert InputSpec.from_dict({"image_size": 96, "resize": "squash"}).views == 1  # bundles from before model.views
+    keys = {backbone_cache_key("mobilenet_v2", 1.0, 96, "ab" * 20, "gap", InputSpec(96, views=v)) for v in VIEW_SETS}
+    assert len(keys) == 4
+    assert backbone_cache_key("mobilenet_v2", 1.0, 96, "ab" * 20, "gap", InputSpec(96, views=1)) == backbone_cache_key(
+        "mobilenet_v2", 1.0, 96, "ab" * 20)  # one view keeps the key caches had before model.views
+    with pytest.raises(ValueError, match="tiles and views"):
+        InputSpec(96, tiles=(1, 3), views=2)
+
+
+def test_the_views_extractor_averages_the_views_and_does_not_care_how_the_part_lay(imagenet_weights):
+    """Mean of the per-view features; with 8 views a mirrored or turned image gets the same features."""
+    from keeneye.demo import add_defect, surface_texture
+    from keeneye.model.backbone import build_feature_extractor, build_views_extractor, resolve_weights
+
+    extractor = build_feature_extractor(1.0, 64, resolve_weights("imagenet", 1.0, 64), "gap+gmp")
+    views = build_views_extractor(extractor, 8)
+    rng = np.random.default_rng(1)
+    image = add_defect(rng, surface_texture(rng, 64))  # square at the model's size: no resize between the views
+    spec = InputSpec(64, views=8)
+    stack = spec.prepare(image)
+    averaged = np.asarray(views(stack[None]))[0]
+    per_view = np.asarray(extractor(stack.reshape(8, 64, 64, 3)))
+    np.testing.assert_allclose(averaged, per_view.mean(axis=0), rtol=1e-5, atol=1e-5)
+    for moved in (image[:, ::-1], np.rot90(image), image[::-1, ::-1]):
+        np.testing.assert_allclose(np.asarray(views(spec.prepare(np.ascontiguousarray(moved))[None]))[0], averaged,
+                                   rtol=1e-4, atol=1e-5)
+    assert np.abs(per_view[0] - averaged).max() > 1e-3  # one view alone does care: the test could fail
+
+
+@pytest.mark.parametrize("sections", [{"model": {"tiles": "1x3"}}, {"fine_tune": {"enabled": True}},
+                                      {"augmentation": {"frozen_views": 2}}])
+def test_views_are_refused_with_what_they_do_not_combine_with(tmp_path, demo_data, sections):
+    from keeneye.config import config_from_dict
+    from keeneye.training.phases import input_spec_for
+
+    config = tiny_config(tmp_path, demo_data, **sections)
+    config["model"] = config["model"] | sections.get("model", {}) | {"views": 2}
+    with pytest.raises(ConfigError, match="model.views 2 cannot be combined"):
+        input_spec_for(config_from_dict(config, base_dir=tmp_path), [])
+
+
+@pytest.mark.slow  # a stacked train (two backbone graphs) with 2 views: ~30 s on a quiet machine
+def test_a_views_bundle_with_the_one_class_score_predicts_what_training_scored(tmp_path, demo_data, imagenet_weights):
+    """Train with 2 views and head.anomaly_feature (real weights, 96 px): the bundle on ONNX Runtime and on Keras,
+    and its ONNX export, give the testing split the probabilities training wrote, within 1e-4."""
+    from keeneye import api
+    from keeneye.bundle import load_bundle
+    from keeneye.config import config_from_dict
+    from keeneye.inference.export import export_bundle
+    from keeneye.inference.predictor import Predictor
+
+    head = {"kind": "logistic", "dense_units": [], "dropout": 0.0, "anomaly_feature": True}
+    config = config_from_dict(tiny_config(tmp_path, demo_data, run_name="views", head=head, model={"views": 2},
+                                          anomaly={"max_bank_size": 500}), base_dir=tmp_path)
+    run = api.train(config, console=Console(quiet=True)).run_dir
+    bundle = load_bundle(run)
+    assert bundle.input_spec.views == 2 and bundle.metadata["input"]["views"] == 2 and "anomaly_feature" in bundle.metadata
+    trained = pd.read_csv(run / "predictions.csv")
+    for engine in ("onnx", "keras"):
+        predicted = Predictor(bundle, engine=engine).predict_paths(trained["path"].tolist())["probability"].to_numpy()
+        np.testing.assert_allclose(predicted, trained["probability"], atol=1e-4, err_msg=engine)
+    exported = export_bundle(run, "onnx", output=tmp_path / "views.onnx")
+    assert exported.verification["max_abs_diff"] < 1e-4
