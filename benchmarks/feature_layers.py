@@ -10,7 +10,8 @@ keeneye's choose_threshold); the refit at that C on all four scores the test fol
 on a test fold. Printed and saved: mean +- sd of test F1, ROC AUC, AP, and the signed and absolute gap
 between the cross-validated F1 estimate and the test F1.
 
-    python benchmarks/feature_layers.py [--sizes 224 320] [--sets multi multi+b6 ...] [--cached KEY:DIM ...] [--out FILE]
+    python benchmarks/feature_layers.py [--sizes 224 320] [--sets multi multi+b6 ...] [--cached KEY:DIM ...]
+        [--views 1|2|4|8] [--contrast none|standard|stretch] [--out FILE]
 
 The pooled features of a size are stored under ~/.cache/keeneye/feature-layers (not keeneye's
 embedding cache: these are many more columns than any model.features mode).
@@ -68,21 +69,42 @@ def extractor(size: int):
     return keras.Model(image, outputs)
 
 
-def pooled_features(paths: list[str], size: int, resize: str) -> dict[str, np.ndarray]:
-    """Every block/pool column of every image at `size`: from CACHE, or one backbone pass (full JPEG decode)."""
-    from keeneye.data.preprocess import InputSpec
+def contrast(image: np.ndarray, how: str) -> np.ndarray:
+    """Per-image contrast normalisation before the backbone (exploratory, --contrast; not a keeneye option):
+    "standard" = mean 127.5 and sd 50 per image, "stretch" = the 1st-99th percentile to 0-255."""
+    if how == "none":
+        return image
+    x = image.astype(np.float32)
+    if how == "standard":
+        x = (x - x.mean()) / max(float(x.std()), 1.0) * 50.0 + 127.5
+    else:
+        low, high = np.percentile(x, 1), np.percentile(x, 99)
+        x = (x - low) * 255.0 / max(high - low, 1.0)
+    return np.clip(x, 0, 255).astype(np.uint8)
 
-    file = CACHE / f"magnetic_tile_s{size}_{resize}.npz"
+
+def pooled_features(paths: list[str], size: int, resize: str, views: int = 1, how: str = "none") -> dict[str, np.ndarray]:
+    """Every block/pool column of every image at `size`: from CACHE, or one backbone pass per view (full JPEG decode).
+
+    views > 1: the columns averaged over the image's model.views views (keeneye.data.preprocess.VIEW_SETS),
+    as keeneye's views extractor averages its features.
+    """
+    from keeneye.data.preprocess import VIEW_SETS, InputSpec, dihedral
+
+    file = CACHE / (f"magnetic_tile_s{size}_{resize}" + (f"_views{views}" if views > 1 else "")
+                    + (f"_{how}" if how != "none" else "") + ".npz")
     if file.exists():
         return dict(np.load(file))
     spec, model, started = InputSpec(size, resize), extractor(size), time.perf_counter()
     parts: dict[str, list] = {}
     for start in range(0, len(paths), 32):
-        out = model.predict(np.stack([spec.load(p) for p in paths[start : start + 32]]), verbose=0)
-        for key, value in out.items():
-            parts.setdefault(key, []).append(np.asarray(value, np.float32))
+        batch = np.stack([contrast(spec.load(p), how) for p in paths[start : start + 32]])
+        outs = [model.predict(dihedral(batch, view), verbose=0) for view in VIEW_SETS[views]]
+        for key in outs[0]:
+            parts.setdefault(key, []).append(np.mean([np.asarray(out[key], np.float32) for out in outs], axis=0))
     features = {key: np.concatenate(value) for key, value in parts.items()}
-    print(f"  size {size} {resize}: {len(paths)} images embedded in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"  size {size} {resize} views {views} contrast {how}: {len(paths)} images embedded in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(file, **features)
     return features
@@ -146,6 +168,9 @@ def main() -> int:
     parser.add_argument("--resize", default="squash", choices=("squash", "pad", "crop"))
     parser.add_argument("--sets", nargs="*", default=list(SETS))
     parser.add_argument("--class-weight", default="balanced", choices=("balanced", "none"))
+    parser.add_argument("--views", type=int, default=1, choices=(1, 2, 4, 8), help="average the features over model.views views")
+    parser.add_argument("--contrast", default="none", choices=("none", "standard", "stretch"),
+                        help="per-image contrast normalisation before the backbone (exploratory)")
     parser.add_argument("--cached", nargs="*", default=[], metavar="KEY:DIM",
                         help="also judge keeneye embedding caches (e.g. an earlier multi run at 320 px, pad or tiles)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "feature_layers.json")
@@ -164,13 +189,14 @@ def main() -> int:
         row = report[key] = judge(x, labels, groups, folds, args.class_weight)
         print(f"{key}: {summary_line(row['summary'])}", flush=True)
     for size in args.sizes:
-        features = pooled_features(paths, size, args.resize)
+        features = pooled_features(paths, size, args.resize, args.views, args.contrast)
         for name in args.sets:
             x = np.concatenate([features[column] for column in SETS[name]], axis=1)
             row = report[f"{name}@{size}"] = judge(x, labels, groups, folds, args.class_weight) | {"dim": int(x.shape[1])}
             print(f"{name + '@' + str(size):18} dim {x.shape[1]:5d}  {summary_line(row['summary'])}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"resize": args.resize, "class_weight": args.class_weight, "results": report}, indent=2))
+    args.out.write_text(json.dumps({"resize": args.resize, "class_weight": args.class_weight, "views": args.views,
+                                    "contrast": args.contrast, "results": report}, indent=2))
     print(f"written to {args.out}")
     return 0
 

@@ -101,3 +101,9 @@ def test_a_views_bundle_with_the_one_class_score_predicts_what_training_scored(t
         np.testing.assert_allclose(predicted, trained["probability"], atol=1e-4, err_msg=engine)
     exported = export_bundle(run, "onnx", output=tmp_path / "views.onnx")
     assert exported.verification["max_abs_diff"] < 1e-4
+
+    from keeneye.errors import BundleError
+    from keeneye.model.gradcam import GradCam
+
+    with pytest.raises(BundleError, match="stacks views"):  # one map per input would not say which view it shows
+        GradCam(bundle.model)

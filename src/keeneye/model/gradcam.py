@@ -52,6 +52,11 @@ class GradCam:
     def __init__(self, model) -> None:
         import keras
 
+        stacked = {layer.name for layer in model.layers} & {"tiled_feature_extractor", "views_feature_extractor"}
+        if stacked:  # several images per input: one map would not say which tile or view it belongs to
+            raise BundleError("Grad-CAM is implemented for single images: this bundle stacks "
+                              f"{'tiles (model.tiles)' if 'tiled_feature_extractor' in stacked else 'views (model.views)'} "
+                              "in each input.")
         try:
             extractor = model.get_layer("feature_extractor")
             head = model.get_layer("head")
