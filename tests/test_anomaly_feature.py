@@ -136,7 +136,8 @@ def test_the_stored_patch_graph_is_loaded_without_converting_anything(stacked_ru
 @pytest.mark.slow  # uses the stacked_run train; converts the patch graph once (~5 s)
 def test_a_bundle_without_the_stored_patch_graph_converts_it_at_load_and_says_so(stacked_run, tmp_path):
     """Bundles written before the patch graph was stored (no onnx_file, no hashes) still load: converted at load,
-    with a notice; so does a bundle whose stored file was replaced (its hash no longer matches)."""
+    with a notice; so does a bundle whose stored file was replaced (its hash no longer matches). A swapped bank
+    is refused at load: the stacker and the threshold were fitted to the scores of the bank metadata.json hashes."""
     import shutil
 
     from keeneye.bundle import ANOMALY_FEATURE_ONNX_FILE
@@ -162,6 +163,16 @@ def test_a_bundle_without_the_stored_patch_graph_converts_it_at_load_and_says_so
     with pytest.warns(EngineNotice, match="does not match the sha256"):
         predictor = Predictor.from_bundle(replaced, engine="onnx")
     assert predictor.engine.scorer.features.source == "converted in memory"
+
+    from keeneye.bundle import ANOMALY_FEATURE_BANK_FILE
+    from keeneye.errors import BundleError
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(stacked_run, swapped)
+    bank = np.load(swapped / ANOMALY_FEATURE_BANK_FILE)
+    np.save(swapped / ANOMALY_FEATURE_BANK_FILE, bank[: len(bank) // 2])  # a bank that loads, but not this bundle's
+    with pytest.raises(BundleError, match="not the memory bank this bundle was trained with"):
+        Predictor.from_bundle(swapped)
 
 
 @pytest.mark.slow  # uses the stacked_run train; the export's checks take a few seconds

@@ -104,6 +104,11 @@ def make_stacked_engine(bundle, classifier, engine: str = "auto", threads: int |
     model_path, bank_path = bundle.path / info.model_file, bundle.path / info.bank_file
     if not model_path.is_file() or not bank_path.is_file():
         raise BundleError(f"{bundle.path} was trained with head.anomaly_feature but lacks {info.model_file} or {info.bank_file}.")
+    expected = (info.sha256 or {}).get(info.bank_file)  # bundles from before the hashes: nothing to check against
+    if expected is not None and sha256_of_file(bank_path) != expected:
+        raise BundleError(f"{bank_path} is not the memory bank this bundle was trained with (its sha256 differs from "
+                          "metadata.json): its scores would not be the ones the stacker and threshold were fitted to. "
+                          "Restore the file or train again.")
     stored = stored_patch_onnx(bundle) if candidates(engine) else None
     patches = None
     if stored is not None:  # no TensorFlow, no conversion
