@@ -166,33 +166,30 @@ def build_feature_extractor(alpha: float, image_size: int, weights: ResolvedWeig
     return keras.Model(inputs, output, name="feature_extractor")
 
 
-def build_tiled_extractor(extractor: keras.Model, tiles: int) -> keras.Model:
-    """Stacked tiles (N, T*S, S, 3) -> features max-pooled over the T tiles (N, D): one tile can decide.
+def _stacked_extractor(extractor: keras.Model, count: int, part: str, pool: keras.layers.Layer, name: str) -> keras.Model:
+    """Stacked squares (N, count*S, S, 3) -> each square's features, pooled over the squares by `pool` (N, D).
 
-    Reshape + TimeDistributed + GlobalMaxPooling1D are plain Keras layers: the bundle's model.keras
-    and its exports tile nothing themselves, they take the stack data/preprocess.cut_tiles makes.
+    Reshape + TimeDistributed + a 1-D pooling are plain Keras layers: the bundle's model.keras and its
+    exports split the stack themselves; they take the stack data/preprocess.InputSpec makes.
     """
     size = int(extractor.input_shape[1])
-    stack = keras.Input((tiles * size, size, 3), dtype="uint8", name="image")
-    per_tile = keras.layers.Reshape((tiles, size, size, 3), name="tiles")(stack)
-    features = keras.layers.TimeDistributed(extractor, name="tile_features")(per_tile)
-    pooled = keras.layers.GlobalMaxPooling1D(name=FEATURE_LAYER_NAME)(features)
-    return keras.Model(stack, pooled, name="tiled_feature_extractor")
+    stack = keras.Input((count * size, size, 3), dtype="uint8", name="image")
+    squares = keras.layers.Reshape((count, size, size, 3), name=f"{part}s")(stack)
+    features = keras.layers.TimeDistributed(extractor, name=f"{part}_features")(squares)
+    return keras.Model(stack, pool(features), name=name)
+
+
+def build_tiled_extractor(extractor: keras.Model, tiles: int) -> keras.Model:
+    """Stacked tiles (N, T*S, S, 3) -> features max-pooled over the T tiles (N, D): one tile can decide."""
+    return _stacked_extractor(extractor, tiles, "tile", keras.layers.GlobalMaxPooling1D(name=FEATURE_LAYER_NAME),
+                              "tiled_feature_extractor")
 
 
 def build_views_extractor(extractor: keras.Model, views: int) -> keras.Model:
     """Stacked views (N, V*S, S, 3) -> features averaged over the V views (N, D): features that do not
-    depend on how the part lay (data/preprocess.VIEW_SETS makes the stack; the first view is the image).
-
-    Plain Keras layers as in build_tiled_extractor, so model.keras and its exports average the views
-    themselves; they take the stack, as tiled bundles take theirs.
-    """
-    size = int(extractor.input_shape[1])
-    stack = keras.Input((views * size, size, 3), dtype="uint8", name="image")
-    per_view = keras.layers.Reshape((views, size, size, 3), name="views")(stack)
-    features = keras.layers.TimeDistributed(extractor, name="view_features")(per_view)
-    pooled = keras.layers.GlobalAveragePooling1D(name=FEATURE_LAYER_NAME)(features)
-    return keras.Model(stack, pooled, name="views_feature_extractor")
+    depend on how the part lay (data/preprocess.VIEW_SETS makes the stack; the first view is the image)."""
+    return _stacked_extractor(extractor, views, "view", keras.layers.GlobalAveragePooling1D(name=FEATURE_LAYER_NAME),
+                              "views_feature_extractor")
 
 
 def build_input_extractor(alpha: float, image_size: int, weights: ResolvedWeights, features: str, n_tiles: int = 1,
