@@ -107,3 +107,31 @@ def test_a_views_bundle_with_the_one_class_score_predicts_what_training_scored(t
 
     with pytest.raises(BundleError, match="stacks views"):  # one map per input would not say which view it shows
         GradCam(bundle.model)
+
+
+def test_the_web_service_predicts_a_views_bundle_and_says_why_it_draws_no_heat_map(tmp_path, imagenet_weights):
+    """POST /predict works on a views bundle; POST /explain answers 501 with the reason (it used to be a bare 500),
+    which the web page shows under the picture."""
+    import cv2
+    from fastapi.testclient import TestClient
+
+    from keeneye.bundle import load_bundle
+    from keeneye.inference.predictor import Predictor
+    from keeneye.model.backbone import build_input_extractor, resolve_weights
+    from keeneye.model.head import build_classifier, build_head
+    from keeneye.serving import ServeSettings, create_app
+
+    spec = InputSpec(64, views=2)
+    extractor = build_input_extractor(1.0, 64, resolve_weights("imagenet", 1.0, 64), "gap", views=2)
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    build_classifier(extractor, build_head(extractor.output_shape[-1], [], 0.0)).save(folder / "model.keras")
+    (folder / "metadata.json").write_text(json.dumps({"bundle_format": 1, "class_names": ["good", "defect"],
+                                                      "positive_class": "defect", "threshold": 0.5, "input": spec.to_dict()}))
+    image = cv2.imencode(".png", np.random.default_rng(2).integers(0, 255, (80, 120, 3), dtype=np.uint8))[1].tobytes()
+    upload = [("files", ("part.png", image, "image/png"))]
+    with TestClient(create_app(Predictor(load_bundle(folder), engine="keras"), ServeSettings())) as client:
+        predicted, explained = client.post("/predict", files=upload), client.post("/explain", files=upload)
+    assert predicted.status_code == 200 and 0.0 <= predicted.json()["results"][0]["probability"] <= 1.0
+    assert explained.status_code == 501 and explained.json()["error"]["code"] == "explain_unsupported"
+    assert "stacks views (model.views)" in explained.json()["error"]["message"]

@@ -76,7 +76,7 @@ class GradCam:
     @staticmethod
     def _pooling(extractor):
         """Last-block feature map -> the extractor's pooled features ("gap" and "gap+gmp"; "multi" pools a
-        second, mid-level map too and tiled or views models several images: not supported, ValueError)."""
+        second, mid-level map too: not supported, BundleError)."""
         import keras
 
         pool = extractor.get_layer("features")
@@ -86,7 +86,8 @@ class GradCam:
         if isinstance(pool, keras.layers.Concatenate) and names >= {"last_avg", "last_max"} and "mid_avg" not in names:
             average, maximum = extractor.get_layer("last_avg"), extractor.get_layer("last_max")
             return lambda features: pool([average(features), maximum(features)])
-        raise ValueError('Grad-CAM is implemented for model.features "gap" and "gap+gmp" without tiles or views')
+        raise BundleError('Grad-CAM is implemented for model.features "gap" and "gap+gmp": this bundle pools the mid-level '
+                          'block too (model.features "multi").')
 
     @staticmethod
     def _maps(features: np.ndarray, gradients: np.ndarray) -> np.ndarray:

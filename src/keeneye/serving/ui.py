@@ -26,7 +26,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from keeneye.errors import KeeneyeError
+from keeneye.errors import BundleError, KeeneyeError
 from keeneye.serving.batcher import Unavailable
 from keeneye.serving.errors import error_response, keeneye_error_response
 from keeneye.serving.inputs import ImageRejected
@@ -101,6 +101,9 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
         except asyncio.TimeoutError:
             timeout = Unavailable("inference_timeout", f"the model did not answer within {service.settings.request_timeout_s} s")
             return keeneye_error_response(timeout, info)
+        except BundleError as exc:  # Grad-CAM is not made for this bundle (multi features, tiles, views): say so, not 500
+            info["errors"].append("explain_unsupported")
+            return error_response(501, "explain_unsupported", f"no heat map for this model: {exc} Use POST /predict.")
         except Exception as exc:
             log.error("Grad-CAM failed", exc_info=exc)
             info["errors"].append("explain_failed")
