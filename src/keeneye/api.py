@@ -244,7 +244,7 @@ def _write_train_report(cfg: Config, folder: Path, scanned: phases.Scanned, prep
     )
 
 
-def tiles_note(predictor: Predictor) -> str:
+def passes_note(predictor: Predictor) -> str:
     """', 1x3 = 3 tiles each: 3x the backbone passes' for a tiled bundle (or views for a views one), else ''."""
     spec = predictor.input_spec
     return f", {spec.passes_note()}" if spec.passes > 1 else ""
@@ -281,7 +281,7 @@ def evaluate(
         scan = scan_evaluation_folder(data, bundle.class_names)
         video, patterns = bundle_video_config(bundle.path)
         scan = with_sequences(scan, video.fps, default_cache_dir(), patterns.get("frame_pattern"), patterns.get("group_pattern"))
-    reporter.print(f"evaluating {escape(bundle.path.name)} on {plural(len(scan.manifest), 'image')} from {escape(str(data))} (engine: {predictor.engine_name}{tiles_note(predictor)})", highlight=False)
+    reporter.print(f"evaluating {escape(bundle.path.name)} on {plural(len(scan.manifest), 'image')} from {escape(str(data))} (engine: {predictor.engine_name}{passes_note(predictor)})", highlight=False)
     with reporter.task("predicting", len(scan.manifest)) as task:
         predictions = predictor.predict_paths(scan.manifest["path"].tolist(), progress=task.advance)
     predictions["true_label"] = scan.manifest["label"].to_numpy()
@@ -334,7 +334,7 @@ def predict(
     videos = [p for p in paths if is_video(p)]
     paths = [p for p in paths if not is_video(p)]
     what = plural(len(paths), "image") + (f" and {plural(len(videos), 'video')}" if videos else "")
-    reporter.print(f"predicting {what} with {predictor.bundle.path.name} (engine: {predictor.engine_name}{tiles_note(predictor)})")
+    reporter.print(f"predicting {what} with {predictor.bundle.path.name} (engine: {predictor.engine_name}{passes_note(predictor)})")
     with reporter.task("predicting", len(paths)) as task:
         frame = predictor.predict_paths(paths, progress=task.advance)
     if videos:
