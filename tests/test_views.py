@@ -135,3 +135,13 @@ def test_the_web_service_predicts_a_views_bundle_and_says_why_it_draws_no_heat_m
     assert predicted.status_code == 200 and 0.0 <= predicted.json()["results"][0]["probability"] <= 1.0
     assert explained.status_code == 501 and explained.json()["error"]["code"] == "explain_unsupported"
     assert "stacks views (model.views)" in explained.json()["error"]["message"]
+
+
+def test_one_class_mode_names_the_supervised_settings_it_does_not_use(tmp_path, demo_data):
+    from keeneye.config import config_from_dict
+    from keeneye.training.anomaly import supervised_only_settings
+
+    base = {"data_folder_path": str(demo_data), "mode": "anomaly"}
+    assert supervised_only_settings(config_from_dict(base, base_dir=tmp_path)) == []
+    chosen = config_from_dict(base | {"model": {"views": 4, "features": "multi", "image_size": 96}}, base_dir=tmp_path)
+    assert supervised_only_settings(chosen) == ["model.features 'multi'", "model.views 4"]

@@ -326,6 +326,13 @@ def _score_held_out(cfg: Config, manifest: pd.DataFrame, engine: AnomalyEngine, 
     return scores, failures, (maps.shape[1:] if maps is not None else (0, 0))
 
 
+def supervised_only_settings(cfg: Config) -> list[str]:
+    """The model settings a user changed that only the supervised mode reads ("model.views 8", ...): said, not ignored."""
+    defaults = type(cfg.model)()
+    names = ("features", "resize", "tiles", "views")
+    return [f"model.{name} {getattr(cfg.model, name)!r}" for name in names if getattr(cfg.model, name) != getattr(defaults, name)]
+
+
 def train_anomaly(cfg: Config, console: Console | None = None, versions: dict | None = None) -> AnomalyTrainResult:
     """Fit a PatchCore bundle from the good training images; evaluate on testing; publish `runs/<name>/`."""
     console = console or Console()
@@ -333,6 +340,10 @@ def train_anomaly(cfg: Config, console: Console | None = None, versions: dict | 
     scan = load_data(cfg)
     negative, positive = scan.class_names
     console.print(f"one-class mode: learning '{escape(negative)}' (good) only; '{escape(positive)}' = anomaly (positive)")
+    unused = supervised_only_settings(cfg)
+    if unused:
+        console.print(f"[yellow]warning:[/] one-class mode does not use {', '.join(unused)} (supervised settings; it squashes each "
+                      "image to model.image_size and scores the anomaly section's patch features).")
     manifest = assign_splits(scan.manifest, cfg.training.validation_fraction, cfg.data.test_fraction, cfg.training.seed).manifest
     good_rows = _good_training_rows(manifest, negative)
     weights = resolve_weights(cfg.model.weights, cfg.model.alpha, cfg.model.image_size)
