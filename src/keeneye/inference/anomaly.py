@@ -28,7 +28,7 @@ from keeneye.model.decision import predict_labels
 from keeneye.runtime.choice import EngineNotice, candidates, make_engine
 from keeneye.runtime.convert import is_verified
 from keeneye.runtime.engines import Engine, EngineError
-from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, PatchBank, overlay_anomaly_map
+from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, BankMismatch, PatchBank, overlay_anomaly_map
 
 __all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "has_anomaly_feature", "is_anomaly_bundle", "make_anomaly_engine",
            "make_stacked_engine", "stored_patch_onnx"]
@@ -104,11 +104,12 @@ def make_stacked_engine(bundle, classifier, engine: str = "auto", threads: int |
     model_path, bank_path = bundle.path / info.model_file, bundle.path / info.bank_file
     if not model_path.is_file() or not bank_path.is_file():
         raise BundleError(f"{bundle.path} was trained with head.anomaly_feature but lacks {info.model_file} or {info.bank_file}.")
-    expected = (info.sha256 or {}).get(info.bank_file)  # bundles from before the hashes: nothing to check against
-    if expected is not None and sha256_of_file(bank_path) != expected:
+    try:  # bundles from before the hashes: nothing to check against
+        bank = PatchBank.load(bank_path, sha256=(info.sha256 or {}).get(info.bank_file))
+    except BankMismatch:
         raise BundleError(f"{bank_path} is not the memory bank this bundle was trained with (its sha256 differs from "
                           "metadata.json): its scores would not be the ones the stacker and threshold were fitted to. "
-                          "Restore the file or train again.")
+                          "Restore the file or train again.") from None
     stored = stored_patch_onnx(bundle) if candidates(engine) else None
     patches = None
     if stored is not None:  # no TensorFlow, no conversion
@@ -127,7 +128,7 @@ def make_stacked_engine(bundle, classifier, engine: str = "auto", threads: int |
             warnings.warn(f"{bundle.path.name}: {why}.", EngineNotice, stacklevel=3)
         patches = _converted_patch_engine(bundle, engine, threads)
     stacker = Stacker(info.coef_logit, info.coef_log_score, info.intercept)
-    return StackedEngine(classifier, patches, PatchBank.load(bank_path), stacker,
+    return StackedEngine(classifier, patches, bank, stacker,
                          top_k=info.score_top_k, neighbours=info.score_neighbours)
 
 

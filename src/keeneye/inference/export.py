@@ -63,7 +63,7 @@ from keeneye.runtime.convert import (
     dedupe_opsets, generated_images, is_verified, onnx_verification_record, verification_path,
 )
 from keeneye.runtime.engines import BaseEngine, Engine, KerasEngine, OnnxEngine, SavedModelEngine, TFLiteEngine, physical_cores
-from keeneye.model.patchcore import BANK_FILE, NORMALISATION, PATCH_OUTPUT_NAME, AnomalyEngine, PatchBank
+from keeneye.model.patchcore import BANK_FILE, NORMALISATION, PATCH_OUTPUT_NAME, AnomalyEngine, BankMismatch, PatchBank
 
 FORMATS = ("onnx", "tflite", "savedmodel")
 QUANTIZATIONS = ("float16", "int8")
@@ -292,20 +292,21 @@ def _scoring(engine: Engine, bank: PatchBank, record: dict) -> AnomalyEngine:
                          top_k=record["score_top_k"])
 
 
-def _checked_bank(sidecar: Path, record: dict) -> Path:
+def _checked_bank(sidecar: Path, record: dict) -> PatchBank:
     """The bank beside an export, refused (ExportError) when it is missing or is not the one exported with it."""
     bank_path = sidecar.parent / record["bank_file"]
-    if not bank_path.is_file() or sha256_of_file(bank_path) != record["bank_sha256"]:
+    try:
+        return PatchBank.load(bank_path, sha256=record["bank_sha256"])
+    except (OSError, BankMismatch):
         raise ExportError(f"{bank_path} is missing or is not the memory bank {sidecar.name} was exported with "
-                          "(export the bundle again into this folder).")
-    return bank_path
+                          "(export the bundle again into this folder).") from None
 
 
 def exported_anomaly_engine(features: Engine, sidecar: str | os.PathLike) -> AnomalyEngine:
     """An exported feature graph's engine + the bank and record beside it -> normalised anomaly scores (N, 1)."""
     sidecar = Path(sidecar)
     record = json.loads(sidecar.read_text())
-    return _scoring(features, PatchBank.load(_checked_bank(sidecar, record)), record)
+    return _scoring(features, _checked_bank(sidecar, record), record)
 
 
 @dataclass
@@ -432,7 +433,7 @@ def exported_stacked_engine(classifier: Engine, sidecar: str | os.PathLike) -> S
     """An exported stacked classifier's engine + the patch graph, bank and record beside it -> probabilities (N, 1)."""
     sidecar = Path(sidecar)
     record = json.loads(sidecar.read_text())
-    bank = PatchBank.load(_checked_bank(sidecar, record))
+    bank = _checked_bank(sidecar, record)
     stacker = Stacker(record["coef_logit"], record["coef_log_score"], record["intercept"])
     return StackedEngine(classifier, _exported_engine(sidecar.parent / record["patch_model"]), bank, stacker,
                          top_k=record["score_top_k"], neighbours=record["score_neighbours"])

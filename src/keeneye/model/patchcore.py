@@ -26,6 +26,8 @@ Nothing here imports keeneye's upper layers; keras and faiss are imported where 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import threading
@@ -323,6 +325,10 @@ def _ivf_index(features: np.ndarray, nprobe: int, seed: int = 0):
     return index
 
 
+class BankMismatch(ValueError):
+    """A memory bank file that is not the one its bundle or export recorded (by sha256)."""
+
+
 @dataclass
 class PatchBank:
     """The memory bank of good patch features (M, D) with L2 nearest-neighbour search, exact or (``method="ivf"``) approximate.
@@ -430,9 +436,20 @@ class PatchBank:
         np.save(Path(path), self.features, allow_pickle=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "blas", method: str = "exact", nprobe: int = 16) -> "PatchBank":
-        """The bank saved by :meth:`save`; an IVF index (``method="ivf"``) is rebuilt from it, the same every time."""
-        return cls(np.load(Path(path), allow_pickle=False), backend=backend, method=method, nprobe=nprobe)
+    def load(cls, path: str | os.PathLike, backend: str = "blas", method: str = "exact", nprobe: int = 16,
+             sha256: str | None = None) -> "PatchBank":
+        """The bank saved by :meth:`save`; an IVF index (``method="ivf"``) is rebuilt from it, the same every time.
+
+        sha256: the hash its bundle or export recorded; the file is then read once, hashed and refused (BankMismatch)
+        unless it matches, so a swapped bank never scores (and is not read twice to be checked).
+        """
+        path = Path(path)
+        if sha256 is None:
+            return cls(np.load(path, allow_pickle=False), backend=backend, method=method, nprobe=nprobe)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise BankMismatch(f"{path} is not the memory bank recorded with sha256 {sha256[:12]}...")
+        return cls(np.load(io.BytesIO(data), allow_pickle=False), backend=backend, method=method, nprobe=nprobe)
 
 
 # --- scores and maps -------------------------------------------------------------------------
