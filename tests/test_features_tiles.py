@@ -97,6 +97,9 @@ def test_tiled_bundle_onnx_and_keras_give_the_training_time_probabilities(tmp_pa
     assert json.loads((result.run_dir / "config.json").read_text())["model"]["tiles"] == "1x3"
     trained = pd.read_csv(result.run_dir / "predictions.csv")
     assert (result.run_dir / "model.onnx").is_file()
+    mistakes = int((trained["label"] != trained["predicted"]).sum())
+    page = (result.run_dir / "report.html").read_text(encoding="utf-8")
+    assert page.count("alt='Grad-CAM'") == min(12, mistakes)  # the report's mistakes carry their tiled Grad-CAM
     for engine in ("onnx", "keras"):
         predicted = Predictor(bundle, engine=engine).predict_paths(trained["path"].tolist())
         assert np.abs(predicted["probability"].to_numpy() - trained["probability"].to_numpy()).max() < 1e-4, engine
@@ -139,10 +142,12 @@ def test_every_feature_mode_predicts_what_the_embeddings_gave(tmp_path, long_dat
 
 def test_one_tile_carries_the_defect_and_decides():
     """A head fitted on max-pooled tile features of strips (as train fits it): the one defective tile,
-    wherever it is, lifts the strip over 0.5; the same strip without it stays below."""
+    wherever it is, lifts the strip over 0.5; the same strip without it stays below; Grad-CAM names
+    that tile as the one that decided and heats it more than the others."""
     from sklearn.linear_model import LogisticRegression
 
     from keeneye.model.backbone import build_feature_extractor, build_tiled_extractor, resolve_weights
+    from keeneye.model.gradcam import GradCam, explain_batch
     from keeneye.model.head import build_classifier, build_head
 
     rng = np.random.default_rng(11)
@@ -159,6 +164,11 @@ def test_one_tile_carries_the_defect_and_decides():
         parts = [surface_texture(rng, SIDE) for _ in range(3)]
         clean = np.concatenate(parts, 1)
         parts[where] = add_defect(rng, parts[where])
-        stacks = np.stack([spec.prepare(clean), spec.prepare(np.concatenate(parts, 1))])
+        strip = np.concatenate(parts, 1)
+        stacks = np.stack([spec.prepare(clean), spec.prepare(strip)])
         scores[where] = np.asarray(classifier(stacks)).reshape(-1)
+        explained = explain_batch(GradCam(classifier), stacks[1:], [strip], 0.5, ("good", "defect"), ["strip"], spec)[0]
+        assert explained.tile == where  # the report and `keeneye explain` outline the tile that decided
+        inside = explained.heatmap[:, where * SIDE : (where + 1) * SIDE]
+        assert inside.mean() > 2 * np.delete(explained.heatmap, np.s_[where * SIDE : (where + 1) * SIDE], axis=1).mean()
     assert all(clean < 0.5 < defect for clean, defect in scores.values()), scores

@@ -7,6 +7,7 @@ score compute what training computed.
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -103,17 +104,18 @@ def test_a_views_bundle_with_the_one_class_score_predicts_what_training_scored(t
     exported = export_bundle(run, "onnx", output=tmp_path / "views.onnx")
     assert exported.verification["max_abs_diff"] < 1e-4
 
-    from keeneye.errors import BundleError
-    from keeneye.model.gradcam import GradCam
+    from keeneye.explain import explain_images
 
-    with pytest.raises(BundleError, match="stacks views"):  # one map per input would not say which view it shows
-        GradCam(bundle.model)
+    explained = explain_images(bundle.model, trained["path"].tolist()[:2], bundle.threshold, bundle.class_names,
+                               spec=bundle.input_spec)
+    assert all(item.error is None and item.heatmap.max() == pytest.approx(1.0) for item in explained)
 
 
-def test_the_web_service_predicts_a_views_bundle_and_says_why_it_draws_no_heat_map(tmp_path, imagenet_weights):
-    """POST /predict works on a views bundle; POST /explain answers 501 with the reason (it used to be a bare 500),
-    which the web page shows under the picture."""
+def test_the_web_service_explains_a_views_bundle_and_says_why_when_it_cannot(tmp_path, imagenet_weights):
+    """POST /predict and POST /explain work on a views bundle (the views' maps turned back onto the image); a model
+    Grad-CAM cannot read gets 501 with the reason (it used to be a bare 500), which the web page shows."""
     import cv2
+    import keras
     from fastapi.testclient import TestClient
 
     from keeneye.bundle import load_bundle
@@ -124,18 +126,30 @@ def test_the_web_service_predicts_a_views_bundle_and_says_why_it_draws_no_heat_m
 
     spec = InputSpec(64, views=2)
     extractor = build_input_extractor(1.0, 64, resolve_weights("imagenet", 1.0, 64), "gap", views=2)
-    folder = tmp_path / "bundle"
-    folder.mkdir()
-    build_classifier(extractor, build_head(extractor.output_shape[-1], [], 0.0)).save(folder / "model.keras")
-    (folder / "metadata.json").write_text(json.dumps({"bundle_format": 1, "class_names": ["good", "defect"],
-                                                      "positive_class": "defect", "threshold": 0.5, "input": spec.to_dict()}))
+    inputs = keras.Input(spec.shape, dtype="uint8")
+    opaque = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(  # not a keeneye classifier's layout
+        keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))))
     image = cv2.imencode(".png", np.random.default_rng(2).integers(0, 255, (80, 120, 3), dtype=np.uint8))[1].tobytes()
     upload = [("files", ("part.png", image, "image/png"))]
-    with TestClient(create_app(Predictor(load_bundle(folder), engine="keras"), ServeSettings())) as client:
-        predicted, explained = client.post("/predict", files=upload), client.post("/explain", files=upload)
-    assert predicted.status_code == 200 and 0.0 <= predicted.json()["results"][0]["probability"] <= 1.0
-    assert explained.status_code == 501 and explained.json()["error"]["code"] == "explain_unsupported"
-    assert "stacks views (model.views)" in explained.json()["error"]["message"]
+    answers = {}
+    for name, model in (("views", build_classifier(extractor, build_head(extractor.output_shape[-1], [], 0.0))),
+                        ("opaque", opaque)):
+        folder = tmp_path / name
+        folder.mkdir()
+        model.save(folder / "model.keras")
+        (folder / "metadata.json").write_text(json.dumps({"bundle_format": 1, "class_names": ["good", "defect"],
+                                                          "positive_class": "defect", "threshold": 0.5, "input": spec.to_dict()}))
+        with TestClient(create_app(Predictor(load_bundle(folder), engine="keras"), ServeSettings())) as client:
+            answers[name] = client.post("/predict", files=upload), client.post("/explain", files=upload)
+    predicted, explained = answers["views"]
+    assert predicted.status_code == 200 and explained.status_code == 200
+    result = explained.json()["results"][0]
+    assert result["probability"] == pytest.approx(predicted.json()["results"][0]["probability"], abs=1e-5)
+    heat = cv2.imdecode(np.frombuffer(base64.b64decode(result["heatmap"].split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    assert heat.shape == (80, 120, 3) and result["tile"] is None  # laid over the image as sent; no tiles to name
+    predicted, explained = answers["opaque"]
+    assert predicted.status_code == 200 and explained.status_code == 501
+    assert explained.json()["error"]["code"] == "explain_unsupported" and "laid out differently" in explained.json()["error"]["message"]
 
 
 def test_one_class_mode_names_the_supervised_settings_it_does_not_use(tmp_path, demo_data):

@@ -231,7 +231,7 @@ def _write_train_report(cfg: Config, folder: Path, scanned: phases.Scanned, prep
     shape = f"{spec.tiles[0]}x{spec.tiles[1]} tiles" if spec.tiles else f"resize {spec.resize}"
     write_run_report(
         folder, title=f"keeneye run {run_name}", metrics=metrics, class_names=scanned.class_names, threshold=choice.threshold,
-        audit=prepared.audit.report, config=cfg.model_dump(mode="json"), model=classifier, console=reporter,
+        audit=prepared.audit.report, config=cfg.model_dump(mode="json"), model=classifier, spec=spec, console=reporter,
         summary=[("run", run_name), ("data", prepared.audit.report["data_source"]),
                  ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px, "
                               f"features {cfg.model.features}, " + shape),
@@ -305,7 +305,7 @@ def evaluate(
         reporter.warning(f"{plural(int((~ok).sum()), 'unreadable image')} left out (dropped_files.csv).")
     write_run_report(
         folder, title=f"keeneye evaluation of {bundle.path.name}", metrics=metrics, class_names=bundle.class_names,
-        threshold=bundle.threshold, model=bundle.keras_model(), console=reporter,  # Grad-CAM of the mistakes (loaded now
+        threshold=bundle.threshold, model=bundle.keras_model(), spec=bundle.input_spec, console=reporter,  # Grad-CAM of the mistakes (loaded now
         # if an ONNX engine predicted)
         summary=[("model bundle", str(bundle.path)), ("data", str(data)), ("engine", predictor.engine_name)],
     )

@@ -42,7 +42,7 @@ def explain_decoded(
     names = list(names) if names is not None else [f"image-{i}" for i in range(len(images))]
     prepared = np.stack([spec.prepare(image) for image in images])
     displays = [fit_display(image, max_side) for image in images]
-    return explain_batch(cam, prepared, displays, threshold, class_names, names)
+    return explain_batch(cam, prepared, displays, threshold, class_names, names, spec)
 
 
 def explain_images(
@@ -100,6 +100,14 @@ def explain_anomaly_images(
     return results
 
 
+def tiles_note(spec: InputSpec) -> str:
+    """What the console says about a tiled or views bundle's overlays ('' for single images)."""
+    if spec.tiles is not None:
+        return (f"; {spec.tiles[0]}x{spec.tiles[1]} tiles, each mapped where it lies; the tile that decided is outlined "
+                "and listed in the tile column, counted row by row from 0")
+    return f"; the {spec.views} views' maps turned back and averaged" if spec.views > 1 else ""
+
+
 def overlay_file_name(path: str, used: set[str], suffix: str = "gradcam") -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem) or "image"
     name = f"{stem}_{suffix}.png"
@@ -112,7 +120,8 @@ def overlay_file_name(path: str, used: set[str], suffix: str = "gradcam") -> str
 
 
 def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike, console=None) -> pd.DataFrame:
-    """Write a Grad-CAM overlay PNG per image into `out`, and `explanations.csv` (path, probability, label, overlay, error)."""
+    """Write a Grad-CAM overlay PNG per image into `out`, and `explanations.csv` (path, probability, label, overlay,
+    tile: the tile that decided, for tiled bundles; error)."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -126,7 +135,7 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
         console.print(f"explaining {len(paths)} images with {bundle.path.name} (anomaly maps: patch distances to the good patches)")
         explanations = explain_anomaly_images(Predictor(bundle).engine, paths, bundle.class_names, bundle.image_size)
     else:
-        console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM on the last MobileNetV2 feature map)")
+        console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM{tiles_note(bundle.input_spec)})")
         explanations = explain_images(bundle.model, paths, bundle.threshold, bundle.class_names, spec=bundle.input_spec)
         if has_anomaly_feature(bundle):  # the probability also holds the one-class score: the Predictor's
             done = [item.path for item in explanations if item.error is None]
@@ -139,9 +148,10 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
             overlay_path = folder / overlay_file_name(item.path, used, "anomaly" if anomaly else "gradcam")
             cv2.imwrite(str(overlay_path), cv2.cvtColor(item.overlay, cv2.COLOR_RGB2BGR))
         rows.append({"path": item.path, "probability": item.probability, "label": item.label,
-                     "overlay": None if overlay_path is None else str(overlay_path), "error": item.error})
-    rows += [{"path": p["path"], "probability": None, "label": None, "overlay": None, "error": p["error"]} for p in problems]
-    frame = pd.DataFrame(rows, columns=["path", "probability", "label", "overlay", "error"])
+                     "overlay": None if overlay_path is None else str(overlay_path), "tile": item.tile, "error": item.error})
+    rows += [{"path": p["path"], "probability": None, "label": None, "overlay": None, "tile": None, "error": p["error"]}
+             for p in problems]
+    frame = pd.DataFrame(rows, columns=["path", "probability", "label", "overlay", "tile", "error"]).astype({"tile": "Int64"})
     frame.to_csv(folder / "explanations.csv", index=False)
     for row in frame[frame["error"].notna()].itertuples():
         console.print(f"[yellow]not explained:[/] {escape(str(row.path))}: {escape(str(row.error))}", highlight=False)

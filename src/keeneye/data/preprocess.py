@@ -43,6 +43,12 @@ def dihedral(images: np.ndarray, view: int) -> np.ndarray:
     return np.ascontiguousarray(turned[:, :, ::-1] if view >= 4 else turned)
 
 
+def undo_dihedral(images: np.ndarray, view: int) -> np.ndarray:
+    """The inverse of `dihedral` (N, S, S[, C]): a map computed on view `view` laid back the way the image lay."""
+    mirrored = images[:, :, ::-1] if view >= 4 else images
+    return np.ascontiguousarray(np.rot90(mirrored, -(view % 4), axes=(1, 2)))
+
+
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """decode.resize_square's interpolation rule for a (width, height) target."""
     if image.shape[1] == width and image.shape[0] == height:
@@ -190,6 +196,39 @@ class InputSpec:
         if self.tiles is None:
             return fit_square(image, self.image_size, self.resize)
         return cut_tiles(image, self.image_size, self.tiles[0], self.tiles[1], self.overlap)
+
+    def lay_over_image(self, maps: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Maps computed on the squares of one input stack (squares, h, w) -> one (height, width) map over the image.
+
+        The inverse of `prepare` for heat maps: each tile's map goes back to its place at native
+        scale (the larger value where tiles overlap), the views' maps are turned back and averaged,
+        and a single square is stretched back (squash), cut to the image inside the letterbox (pad)
+        or put on the centre square (crop).
+        """
+        maps = np.asarray(maps, np.float32)
+        if self.tiles is not None:
+            canvas = np.zeros((height, width), np.float32)
+            for (top, left, side), square in zip(tile_boxes(height, width, *self.tiles, self.overlap), maps):
+                stretched = cv2.resize(square, (side, side), interpolation=cv2.INTER_CUBIC)
+                y0, x0 = max(top, 0), max(left, 0)
+                y1, x1 = min(top + side, height), min(left + side, width)
+                np.maximum(canvas[y0:y1, x0:x1], stretched[y0 - top : y1 - top, x0 - left : x1 - left], out=canvas[y0:y1, x0:x1])
+            return canvas
+        if self.views > 1:
+            maps = np.mean([undo_dihedral(square[None], view)[0] for square, view in zip(maps, VIEW_SETS[self.views])], axis=0)[None]
+        square = maps[0]
+        if self.resize == "squash" or height == width:
+            return cv2.resize(square, (width, height), interpolation=cv2.INTER_CUBIC)
+        if self.resize == "pad":  # the image sits in the middle of the letterboxed square
+            side = max(height, width)
+            stretched = cv2.resize(square, (side, side), interpolation=cv2.INTER_CUBIC)
+            top, left = (side - height) // 2, (side - width) // 2
+            return np.ascontiguousarray(stretched[top : top + height, left : left + width])
+        side = min(height, width)  # crop: the model saw the centre square only
+        canvas = np.zeros((height, width), np.float32)
+        top, left = (height - side) // 2, (width - side) // 2
+        canvas[top : top + side, left : left + side] = cv2.resize(square, (side, side), interpolation=cv2.INTER_CUBIC)
+        return canvas
 
     def _decode_size(self) -> int | None:
         # With reduced_decode, untiled squash decodes JPEGs at reduced size (both sides stay >= image_size);

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from keeneye.data.decode import DecodeError, load_image
+from keeneye.data.preprocess import InputSpec
 from keeneye.evaluation.metrics import predict_labels
 
 __all__ = ["REPORT_FILE", "PLOTS", "GalleryItem", "mistake_gallery", "write_report", "data_uri"]
@@ -323,7 +324,8 @@ def _gallery_section(gallery: list[GalleryItem] | None, has_predictions: bool) -
             f"true <b>{_e(item.label)}</b>, predicted <b>{_e(item.predicted)}</b>, p = {item.probability:.3f}"
             f"<br><span class='muted'>{_e(item.path)}</span></div>"
         )
-    note = "Left: the image; right: Grad-CAM (red = the regions that drove the prediction)." if any(g.overlay is not None for g in gallery) else ""
+    note = ("Left: the image; right: Grad-CAM (red = the regions that drove the prediction; with model.tiles a white "
+            "frame marks the tile that decided).") if any(g.overlay is not None for g in gallery) else ""
     return f"<p class='muted'>{note} Probability p is that of the positive class.</p><div class='gallery'>" + "".join(tiles) + "</div>"
 
 
@@ -393,12 +395,13 @@ def write_run_report(
     audit: dict | None = None,
     config: dict | None = None,
     model=None,
+    spec: InputSpec | None = None,
     console=None,
     explainer: Callable[[list[str]], Sequence[np.ndarray | None]] | None = None,
 ) -> Path | None:
     """report.html for a run or evaluation folder, with the mistake gallery from its predictions.csv.
 
-    Grad-CAM overlays are added when `model` (the keeneye classifier) is given, or the overlays of
+    Grad-CAM overlays are added when `model` (the keeneye classifier, whose inputs `spec` makes) is given, or the overlays of
     `explainer` (paths -> RGB images, e.g. anomaly maps) when that is given. A failure here
     is reported on the console and never costs the run its bundle.
     """
@@ -410,7 +413,7 @@ def write_run_report(
             from keeneye.model.gradcam import GradCam, explain_files
 
             def explainer(paths: list[str]):
-                return [e.overlay for e in explain_files(GradCam(model), paths, threshold, class_names, max_side=THUMBNAIL_SIDE)]
+                return [e.overlay for e in explain_files(GradCam(model), paths, threshold, class_names, spec, max_side=THUMBNAIL_SIDE)]
 
         gallery = mistake_gallery(predictions, class_names, threshold, explainer=explainer) if predictions is not None else None
         return write_report(folder, title=title, summary=summary, metrics=metrics, class_names=class_names,

@@ -1,17 +1,27 @@
 """Grad-CAM: where the model looked when it made its decision (the computation; files and the CLI in keeneye.explain).
 
 The bundle's ``model.keras`` is ``Input(uint8) -> feature_extractor -> head``, where
-``feature_extractor`` is ``Rescaling -> MobileNetV2 (functional) -> GlobalAveragePooling2D`` and
-``head`` is a few Dense layers ending in one sigmoid unit. Grad-CAM (Selvaraju et al., 2017) takes
-the last convolutional feature map ``A`` (MobileNetV2's output, e.g. 7x7x1280 at 224 px), the
-gradient of the decision score ``s`` with respect to it, weights each channel by its mean
-gradient and keeps the positive part: ``relu(sum_k mean_ij(ds/dA_ijk) * A_k)``.
+``feature_extractor`` is ``Rescaling -> MobileNetV2 (functional) -> pooling`` (model.features) and
+``head`` is a few Dense layers ending in one sigmoid unit; with tiles or views the extractor runs
+on every square of the input stack and pools over the squares (max over tiles, mean over views).
+Grad-CAM (Selvaraju et al., 2017) takes a convolutional feature map ``A``, the gradient of the
+decision score ``s`` with respect to it, weights each channel by its mean gradient and keeps the
+positive part: ``relu(sum_k mean_ij(ds/dA_ijk) * A_k)``.
+
+The map ``A`` is the deepest one that every pooled feature is computed from: MobileNetV2's output
+(7x7 at 224 px) for "gap" and "gap+gmp"; for "multi", which pools MID_LEVEL_LAYER as well,
+MID_LEVEL_LAYER itself (14x14), with the gradient through both its own pooling and the last block
+built on it. With tiles or views each square gets its map (one backward pass through the pooling
+over squares, so a tile that did not decide gets little), and `InputSpec.lay_over_image` puts the
+maps back where the squares came from. With tiles, the tile that decided is the one without which
+the score for the predicted class falls most (the head on the features pooled over the other
+tiles); the overlay outlines it.
 
 The score is the head's *logit* (before the sigmoid), signed for the predicted class: ``+logit``
 when the image is called positive, ``-logit`` when negative. The logit keeps its gradient where
 the probability saturates at 0 or 1 (exactly the confident mistakes one wants to look at).
 The map is computed on the model input, prepared exactly as predict prepares it (same decode,
-same resize: the probability shown is predict's), and stretched back over the original image.
+same resize: the probability shown is predict's), and laid back over the original image.
 
 It lives in the model layer so that the run report (evaluation) can draw it without importing
 the layers above.
@@ -27,11 +37,14 @@ import cv2
 import numpy as np
 
 from keeneye.data.decode import DecodeError, decode_image_bytes
-from keeneye.data.preprocess import InputSpec
+from keeneye.data.preprocess import InputSpec, tile_boxes
 from keeneye.errors import BundleError
+from keeneye.model.backbone import FEATURE_LAYER_NAME, MID_LEVEL_LAYER
 from keeneye.model.decision import predict_labels
 
 MAX_OVERLAY_SIDE = 512
+#: The stacked extractors (model/backbone._stacked_extractor) and the layer that runs the per-square extractor.
+STACKED_EXTRACTORS = {"tiled_feature_extractor": "tile_features", "views_feature_extractor": "view_features"}
 
 
 @dataclass
@@ -41,28 +54,34 @@ class Explanation:
     path: str
     probability: float | None
     label: str | None
-    heatmap: np.ndarray | None  # float32 in [0, 1] on the feature-map grid (stretched over the image in `overlay`)
+    heatmap: np.ndarray | None  # float32 in [0, 1] laid over the image (at the size of `overlay`)
     overlay: np.ndarray | None  # RGB uint8
     error: str | None = None
+    tile: int | None = None  # tiled bundles: the tile that decided (row by row from 0), outlined on the overlay
+
+
+@dataclass
+class CamMaps:
+    """Grad-CAM of one batch: per image and square of its input stack."""
+
+    maps: np.ndarray  # (N, squares, h, w) float32, each image's largest value 1 (0 where nothing argued for the class)
+    probabilities: np.ndarray  # (N,)
+    shares: np.ndarray  # (N, squares): how far the signed logit falls without that square (zeros for a single image)
 
 
 class GradCam:
-    """Grad-CAM for a keeneye classifier (a loaded bundle model or the one train just built)."""
+    """Grad-CAM for a keeneye classifier (a loaded bundle model or the one train just built): every
+    model.features mode, single images or stacks of tiles or views."""
 
     def __init__(self, model) -> None:
         import keras
 
-        stacked = {layer.name for layer in model.layers} & {"tiled_feature_extractor", "views_feature_extractor"}
-        if stacked:  # several images per input: one map would not say which tile or view it belongs to
-            raise BundleError("Grad-CAM is implemented for single images: this bundle stacks "
-                              f"{'tiles (model.tiles)' if 'tiled_feature_extractor' in stacked else 'views (model.views)'} "
-                              "in each input.")
         try:
-            extractor = model.get_layer("feature_extractor")
+            extractor, self.across, self.squares = self._per_square(model)
             head = model.get_layer("head")
             self.preprocess = extractor.get_layer("mobilenet_v2_preprocess")
-            self.pool = self._pooling(extractor)
-            self.backbone = next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
+            backbone = next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
+            self.to_map, self.pool = self._map_and_pooling(extractor, backbone)
             output = head.get_layer("probability")
         except (ValueError, StopIteration) as exc:
             raise BundleError(
@@ -71,46 +90,88 @@ class GradCam:
             ) from None
         self.hidden = keras.Model(head.inputs, output.input, name="head_hidden")
         self.kernel, self.bias = output.kernel, output.bias
-        self.image_size = int(model.input_shape[1])
+        self.image_size = int(extractor.input_shape[1])
 
     @staticmethod
-    def _pooling(extractor):
-        """Last-block feature map -> the extractor's pooled features ("gap" and "gap+gmp"; "multi" pools a
-        second, mid-level map too: not supported, BundleError)."""
+    def _per_square(model):
+        """(the extractor of one square, the pooling over the squares or None, squares per input)."""
+        names = {layer.name for layer in model.layers}
+        for stacked, wrapper in STACKED_EXTRACTORS.items():
+            if stacked in names:
+                outer = model.get_layer(stacked)
+                inner = outer.get_layer(wrapper).layer
+                return inner, outer.get_layer(FEATURE_LAYER_NAME), int(outer.input_shape[1]) // int(inner.input_shape[1])
+        return model.get_layer("feature_extractor"), None, 1
+
+    @staticmethod
+    def _map_and_pooling(extractor, backbone) -> tuple[Callable, Callable]:
+        """(scaled image -> the map Grad-CAM weighs, that map -> the extractor's pooled features), per model.features."""
         import keras
 
-        pool = extractor.get_layer("features")
-        if isinstance(pool, keras.layers.GlobalAveragePooling2D):
-            return pool
+        pool = extractor.get_layer(FEATURE_LAYER_NAME)
         names = {layer.name for layer in extractor.layers}
-        if isinstance(pool, keras.layers.Concatenate) and names >= {"last_avg", "last_max"} and "mid_avg" not in names:
+        if "mid_avg" in names:  # "multi": the last block is computed from the mid-level map, so the map is that one
+            middle = backbone.get_layer(MID_LEVEL_LAYER).output
+            below = keras.Model(backbone.inputs, middle, name="below_mid_level")
+            above = keras.Model(middle, backbone.outputs[-1], name="above_mid_level")
+            mid_avg, mid_max, last_avg, last_max = (extractor.get_layer(n) for n in ("mid_avg", "mid_max", "last_avg", "last_max"))
+
+            def pooled_multi(features):
+                last = above(features, training=False)
+                return pool([mid_avg(features), mid_max(features), last_avg(last), last_max(last)])
+
+            return below, pooled_multi
+        if "last_avg" in names:  # "gap+gmp"
             average, maximum = extractor.get_layer("last_avg"), extractor.get_layer("last_max")
-            return lambda features: pool([average(features), maximum(features)])
-        raise BundleError('Grad-CAM is implemented for model.features "gap" and "gap+gmp": this bundle pools the mid-level '
-                          'block too (model.features "multi").')
+            return backbone, lambda features: pool([average(features), maximum(features)])
+        return backbone, pool  # "gap"
 
-    @staticmethod
-    def _maps(features: np.ndarray, gradients: np.ndarray) -> np.ndarray:
-        weights = gradients.mean(axis=(1, 2))  # (N, C): mean gradient per channel
-        maps = np.maximum(np.einsum("nhwc,nc->nhw", features, weights), 0.0)
-        peak = maps.reshape(len(maps), -1).max(axis=1)
-        return np.where(peak[:, None, None] > 0, maps / np.maximum(peak, 1e-12)[:, None, None], 0.0).astype(np.float32)
+    def _logit(self, pooled):
+        """The head's logit (N,) for pooled features: its hidden layers, then the output unit without the sigmoid."""
+        import tensorflow as tf
 
-    def explain(self, batch: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        hidden = self.hidden(pooled, training=False)
+        return tf.reshape(tf.matmul(hidden, tf.cast(self.kernel, hidden.dtype)) + tf.cast(self.bias, hidden.dtype), [-1])
+
+    def explain(self, batch: np.ndarray, threshold: float) -> CamMaps:
         """Maps for the class each image is predicted as (positive iff probability >= threshold)."""
         import tensorflow as tf
 
         x = tf.convert_to_tensor(np.asarray(batch, dtype=np.uint8))
-        features = self.backbone(self.preprocess(x), training=False)
+        n, size = int(x.shape[0]), self.image_size
+        maps = self.to_map(self.preprocess(tf.reshape(x, (n * self.squares, size, size, 3))), training=False)
         with tf.GradientTape() as tape:
-            tape.watch(features)
-            hidden = self.hidden(self.pool(features), training=False)
-            logit = tf.reshape(tf.matmul(hidden, tf.cast(self.kernel, hidden.dtype)) + tf.cast(self.bias, hidden.dtype), [-1])
+            tape.watch(maps)
+            features = self.pool(maps)
+            pooled = features if self.across is None else self.across(tf.reshape(features, (n, self.squares, -1)))
+            logit = self._logit(pooled)
             probability = tf.sigmoid(logit)
             sign = tf.stop_gradient(tf.where(probability >= threshold, 1.0, -1.0))  # predict_labels' rule, inside the graph
             score = tf.reduce_sum(logit * sign)
-        gradients = tape.gradient(score, features)
-        return self._maps(features.numpy(), gradients.numpy()), probability.numpy().astype(np.float64)
+        map_gradients = tape.gradient(score, maps)
+        weights = map_gradients.numpy().mean(axis=(1, 2))  # (N * squares, C): mean gradient per channel
+        cams = np.maximum(np.einsum("nhwc,nc->nhw", maps.numpy(), weights), 0.0).reshape(n, self.squares, *maps.shape[1:3])
+        peak = cams.reshape(n, -1).max(axis=1)[:, None, None, None]
+        cams = np.where(peak > 0, cams / np.maximum(peak, 1e-12), 0.0).astype(np.float32)
+        per_square = tf.reshape(features, (n, self.squares, -1))
+        return CamMaps(cams, probability.numpy().astype(np.float64), self._shares(per_square, logit * sign, sign))
+
+    def _shares(self, per_square, signed_logit, sign) -> np.ndarray:
+        """(N, squares): how much the signed logit falls when a square is left out of the pooling over squares.
+
+        Leaving a tile out asks the question directly (would the decision stand without it?), where
+        gradient x features would also credit a tile for features that are large on every tile.
+        """
+        import tensorflow as tf
+
+        n = int(per_square.shape[0])
+        if self.across is None or self.squares == 1:
+            return np.zeros((n, 1), np.float32)
+        falls = []
+        for square in range(self.squares):
+            others = tf.concat([per_square[:, :square], per_square[:, square + 1 :]], axis=1)
+            falls.append((signed_logit - self._logit(self.across(others)) * sign).numpy())
+        return np.stack(falls, axis=1)
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -134,19 +195,43 @@ def fit_display(image: np.ndarray, max_side: int) -> np.ndarray:
 Decoded = Iterator[tuple[int, "tuple[np.ndarray, np.ndarray] | None", "str | None"]]
 
 
+def lay_out(spec: InputSpec, maps: np.ndarray, display: np.ndarray) -> np.ndarray:
+    """One image's square maps laid over its display image, largest value 1."""
+    heat = np.clip(spec.lay_over_image(maps, *display.shape[:2]), 0.0, None)
+    peak = float(heat.max())
+    return (heat / peak if peak > 0 else heat).astype(np.float32)
+
+
+def outline_tile(overlay: np.ndarray, spec: InputSpec, tile: int) -> np.ndarray:
+    """The overlay with tile `tile` of the spec's grid outlined in white."""
+    height, width = overlay.shape[:2]
+    top, left, side = tile_boxes(height, width, *spec.tiles, spec.overlap)[tile]
+    thickness = max(1, round(min(height, width) / 120))
+    return cv2.rectangle(overlay.copy(), (max(left, 0), max(top, 0)),
+                         (min(left + side, width) - 1, min(top + side, height) - 1), (255, 255, 255), thickness)
+
+
 def explain_batch(
     cam: GradCam, prepared: np.ndarray, displays: Sequence[np.ndarray], threshold: float, class_names: tuple[str, str],
-    names: Sequence[str],
+    names: Sequence[str], spec: InputSpec | None = None,
 ) -> list[Explanation]:
-    """Grad-CAM for model inputs (`prepared`), drawn over the images in `displays` (any size)."""
+    """Grad-CAM for model inputs (`prepared`, made by `spec`), drawn over the images in `displays` (any size)."""
+    spec = spec or InputSpec(cam.image_size)
+    if spec.passes != cam.squares:
+        raise BundleError(f"the model takes {cam.squares} squares per image, the input spec makes {spec.passes}")
     negative, positive = class_names
-    maps, probabilities = cam.explain(prepared, threshold)
-    labels = predict_labels(probabilities, threshold)
-    return [
-        Explanation(path=name, probability=float(probability), label=positive if label == 1 else negative,
-                    heatmap=heat, overlay=overlay_heatmap(display, heat))
-        for name, display, heat, probability, label in zip(names, displays, maps, probabilities, labels)
-    ]
+    found = cam.explain(prepared, threshold)
+    labels = predict_labels(found.probabilities, threshold)
+    explanations = []
+    for name, display, maps, shares, probability, label in zip(names, displays, found.maps, found.shares, found.probabilities, labels):
+        heat = lay_out(spec, maps, display)
+        overlay, tile = overlay_heatmap(display, heat), None
+        if spec.tiles is not None:
+            tile = int(np.argmax(shares))
+            overlay = outline_tile(overlay, spec, tile)
+        explanations.append(Explanation(path=name, probability=float(probability), label=positive if label == 1 else negative,
+                                        heatmap=heat, overlay=overlay, tile=tile))
+    return explanations
 
 
 def load_for_explaining(path: str, spec: InputSpec, max_side: int = MAX_OVERLAY_SIDE) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +268,7 @@ def explain_files(
     def flush() -> None:
         if pending:
             names, prepared, displays = zip(*pending)
-            results.extend(explain_batch(cam, np.stack(prepared), displays, threshold, class_names, names))
+            results.extend(explain_batch(cam, np.stack(prepared), displays, threshold, class_names, names, spec))
             pending.clear()
 
     for key, item, reason in (decode or _in_order)(enumerate(paths), lambda p: load_for_explaining(p, spec, max_side)):

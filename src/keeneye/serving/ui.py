@@ -67,14 +67,16 @@ class Explainer:
         bundle = self.service.predictor.bundle
         if is_anomaly_bundle(bundle):  # one-class bundle: the anomaly map (patch distances to the good ones)
             explained = anomaly_overlays(self.service.predictor.engine, images, bundle.image_size, bundle.class_names, threshold)
-            return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
+            return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay), "tile": None}
+                    for item in explained]
         if self.cam is None:
             self.cam = GradCam(bundle.keras_model())  # an ONNX predictor's bundle may not hold it yet
         explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names, spec=bundle.input_spec)
         if has_anomaly_feature(bundle):  # Grad-CAM is the head's view; the probability also holds the one-class score
             stacked = self.service.predictor.predict_images(images)
             explained = with_probabilities(explained, stacked, threshold, bundle.class_names)
-        return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay)} for item in explained]
+        return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay), "tile": item.tile}
+                for item in explained]
 
 
 async def explain_request(service: Any, explainer: Explainer, request: Request, threshold: float | None) -> JSONResponse:
@@ -101,7 +103,7 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
         except asyncio.TimeoutError:
             timeout = Unavailable("inference_timeout", f"the model did not answer within {service.settings.request_timeout_s} s")
             return keeneye_error_response(timeout, info)
-        except BundleError as exc:  # Grad-CAM is not made for this bundle (multi features, tiles, views): say so, not 500
+        except BundleError as exc:  # Grad-CAM cannot read this bundle's model (not a keeneye classifier): say so, not 500
             info["errors"].append("explain_unsupported")
             return error_response(501, "explain_unsupported", f"no heat map for this model: {exc} Use POST /predict.")
         except Exception as exc:
@@ -112,7 +114,7 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
     for upload, item in zip(uploads, decoded):
         if isinstance(item, ImageRejected):
             info["errors"].append(item.code)
-            results.append({"name": upload.name, "probability": None, "label": None, "threshold": used, "heatmap": None,
+            results.append({"name": upload.name, "probability": None, "label": None, "threshold": used, "heatmap": None, "tile": None,
                             "error": {"code": item.code, "message": item.message}})
         else:
             results.append({"name": upload.name, **explained[k], "threshold": used, "error": None})
