@@ -53,8 +53,8 @@ def test_grad_cam_gives_the_models_probability_and_a_map_per_square(imagenet_wei
     extractor = build_input_extractor(1.0, 96, resolve_weights("imagenet", 1.0, 96), features, spec.n_tiles, views)
     keras.utils.set_random_seed(0)
     head = build_head(extractor.output_shape[-1], [], 0.0)
-    if features == "multi":  # zero weights on the mid-level block's own columns: its map (what Grad-CAM weighs) then
-        kernel, bias = head.get_layer("probability").get_weights()  # counts only through the last block built on it
+    if features == "multi":  # zero weights on the mid-level block's columns: the map on the mid-level grid must then
+        kernel, bias = head.get_layer("probability").get_weights()  # come from the last block's part of the logit alone
         kernel[np.setdiff1d(np.arange(len(kernel)), feature_subsets(extractor, "multi")["gap+gmp"])] = 0.0
         head.get_layer("probability").set_weights([kernel, bias])
     classifier = build_classifier(extractor, head)
