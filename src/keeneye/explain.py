@@ -100,7 +100,7 @@ def explain_anomaly_images(
     return results
 
 
-def tiles_note(spec: InputSpec) -> str:
+def stack_note(spec: InputSpec) -> str:
     """What the console says about a tiled or views bundle's overlays ('' for single images)."""
     if spec.tiles is not None:
         return (f"; {spec.tiles[0]}x{spec.tiles[1]} tiles, each mapped where it lies; the tile that decided is outlined "
@@ -135,7 +135,7 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
         console.print(f"explaining {len(paths)} images with {bundle.path.name} (anomaly maps: patch distances to the good patches)")
         explanations = explain_anomaly_images(Predictor(bundle).engine, paths, bundle.class_names, bundle.image_size)
     else:
-        console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM{tiles_note(bundle.input_spec)})")
+        console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM{stack_note(bundle.input_spec)})")
         explanations = explain_images(bundle.model, paths, bundle.threshold, bundle.class_names, spec=bundle.input_spec)
         if has_anomaly_feature(bundle):  # the probability also holds the one-class score: the Predictor's
             done = [item.path for item in explanations if item.error is None]
