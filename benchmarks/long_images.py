@@ -11,8 +11,10 @@ Sources are split by the group folds of folds_5.csv: training images are built f
 testing images from fold 0 only; keeneye carves validation from training. Then `keeneye train` runs
 once per mode on the same files, and the test ROC AUC / AP / F1 of each are printed side by side.
 
-    python benchmarks/long_images.py [--train 160] [--test 80] [--modes gap multi multi/tiles=auto]
+    python benchmarks/long_images.py [--train 160] [--test 80] [--modes gap multi multi/tiles=auto] [--explain]
         [--out benchmarks/results/long_images.json]
+
+--explain: Grad-CAM of each mode on the test split's true positives, against the pasted defect's box.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def good_patch(rng: np.random.Generator, path: str, shape: tuple[int, int]) -> n
     return image[top : top + h, left : left + w]
 
 
-def paste(rng: np.random.Generator, canvas: np.ndarray, patch: np.ndarray, area_fraction: float) -> np.ndarray:
+def paste(rng: np.random.Generator, canvas: np.ndarray, patch: np.ndarray, area_fraction: float) -> tuple[np.ndarray, list[int]]:
+    """The canvas with the patch pasted at a random place, and that place: [top, left, height, width]."""
     import cv2
 
     scale = np.sqrt(area_fraction * canvas.shape[0] * canvas.shape[1] / (patch.shape[0] * patch.shape[1]))
@@ -81,7 +84,7 @@ def paste(rng: np.random.Generator, canvas: np.ndarray, patch: np.ndarray, area_
     top, left = rng.integers(canvas.shape[0] - h + 1), rng.integers(canvas.shape[1] - w + 1)
     out = canvas.copy()
     out[top : top + h, left : left + w] = patch
-    return out
+    return out, [int(top), int(left), h, w]
 
 
 def build(folder: Path, n_train: int, n_test: int, height: int, width: int, area: float, seed: int) -> Path:
@@ -90,7 +93,7 @@ def build(folder: Path, n_train: int, n_test: int, height: int, width: int, area
     folds = pd.read_csv(MT / "folds_5.csv")
     folds["path"] = [str(MT / p) for p in folds["path"]]
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, boxes = [], {}
     for split, count, in_split in (("training", n_train, folds["fold"] != 0), ("testing", n_test, folds["fold"] == 0)):
         goods = folds.loc[in_split & (folds["binary_label"] == 0), "path"].tolist()
         defects = [p for p in folds.loc[in_split & (folds["binary_label"] == 1), "path"]]
@@ -101,13 +104,15 @@ def build(folder: Path, n_train: int, n_test: int, height: int, width: int, area
             patch = patches[rng.integers(len(patches))]
             if label == "good":
                 patch = good_patch(rng, goods[rng.integers(len(goods))], patch.shape[:2])
-            image = paste(rng, canvas, patch, area)
+            image, box = paste(rng, canvas, patch, area)
             path = folder / split / label / f"{index:04d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             rows.append({"path": str(path), "label": label, "split": split})
+            boxes[str(path)] = box
     manifest = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
+    (folder / "boxes.json").write_text(json.dumps(boxes))
     return manifest
 
 
@@ -131,7 +136,35 @@ def train(manifest: Path, work: Path, mode: str) -> dict:
     at = result.metrics["at_threshold"]
     return {"auc": result.metrics["roc_auc"], "ap": result.metrics["average_precision"], "f1": at["f1"],
             "threshold": result.threshold, "input": metadata["input"], "seconds": time.perf_counter() - started,
-            "embedding_s": result.timings.get("scan_and_embeddings_s")}
+            "embedding_s": result.timings.get("scan_and_embeddings_s"), "run_dir": str(result.run_dir)}
+
+
+def explained_boxes(run_dir: Path, boxes: dict[str, list[int]], tolerance: int = 15) -> dict:
+    """Grad-CAM of the test split's true positives against the pasted defect's box: the pointing game (the map's peak
+    within `tolerance` px of the box) and, with tiles, how often the tile named as the one that decided holds the box's
+    centre (beside chance: the share of the grid's tiles that hold it)."""
+    from keeneye.bundle import load_bundle
+    from keeneye.data.preprocess import tile_boxes
+    from keeneye.explain import explain_images
+
+    bundle = load_bundle(run_dir)
+    predictions = pd.read_csv(run_dir / "predictions.csv")
+    found = predictions[(predictions["label"] == "defect") & (predictions["predicted"] == "defect")]["path"].tolist()
+    explained = explain_images(bundle.model, found, bundle.threshold, bundle.class_names, spec=bundle.input_spec, max_side=4096)
+    hits, tiles_hit, tiles_chance = [], [], []
+    for item in explained:
+        top, left, h, w = boxes[item.path]
+        y, x = np.unravel_index(int(np.argmax(item.heatmap)), item.heatmap.shape)
+        hits.append(top - tolerance <= y < top + h + tolerance and left - tolerance <= x < left + w + tolerance)
+        if item.tile is not None:
+            centre = (top + h / 2, left + w / 2)
+            holds = [t <= centre[0] < t + side and l <= centre[1] < l + side
+                     for t, l, side in tile_boxes(*item.heatmap.shape, *bundle.input_spec.tiles, bundle.input_spec.overlap)]
+            tiles_hit.append(holds[item.tile])
+            tiles_chance.append(float(np.mean(holds)))
+    return {"n": len(hits), "pointing": float(np.mean(hits)) if hits else None,
+            "tile_holds_defect": float(np.mean(tiles_hit)) if tiles_hit else None,
+            "tile_chance": float(np.mean(tiles_chance)) if tiles_chance else None}
 
 
 def main() -> int:
@@ -143,6 +176,8 @@ def main() -> int:
     parser.add_argument("--area", type=float, default=0.01, help="defect box area / image area")
     parser.add_argument("--modes", nargs="+", default=["gap", "multi", "multi/tiles=auto"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--explain", action="store_true",
+                        help="also score each mode's Grad-CAM on the test true positives against the pasted defect's box")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "long_images.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
@@ -154,6 +189,11 @@ def main() -> int:
         for mode in args.modes:
             results[mode] = train(manifest, work, mode)
             print(f"{mode}: AUC {results[mode]['auc']:.3f} AP {results[mode]['ap']:.3f} F1 {results[mode]['f1']:.3f}", flush=True)
+            if args.explain:
+                boxes = json.loads((manifest.parent / "boxes.json").read_text())
+                results[mode]["explained"] = found = explained_boxes(Path(results[mode]["run_dir"]), boxes)
+                print(f"{mode}: Grad-CAM of {found['n']} true positives: peak on the defect (15 px) {found['pointing']}, "
+                      f"tile named holds the defect {found['tile_holds_defect']} (chance {found['tile_chance']})", flush=True)
     report = {"settings": vars(args) | {"out": str(args.out)}, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
