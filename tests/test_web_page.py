@@ -154,6 +154,8 @@ def test_page_checks_images_like_the_cli(browser, server, uploads, cli_probabili
     assert overlay.shape == original.shape  # drawn over the image as sent (96 px: not scaled down)
     assert np.abs(overlay.astype(int) - original.astype(int)).mean() > 5  # the colour map is really there
     assert card.locator("button.heat").get_attribute("aria-pressed") == "true"
+    note = card.locator(".heat-note").inner_text()
+    assert note.startswith("Red:") and "white frame" not in note  # the frame note is for tiled bundles only
     assert outside == []
     context.close()
 

@@ -186,6 +186,7 @@ async function toggleHeat(card, file) {
       const result = body && body.results && body.results[0];
       if (!result || !result.heatmap) throw new Error(plainError((result && result.error) || (body && body.error) || { message: `HTTP ${response.status}` }).text);
       card.dataset.heatmap = result.heatmap;
+      card.dataset.tile = Number.isInteger(result.tile) ? String(result.tile) : "";
     } catch (err) {
       button.disabled = false;
       button.textContent = "Show heat map";
@@ -201,7 +202,8 @@ async function toggleHeat(card, file) {
   picture.alt = `${card.dataset.name}, heat map`;
   button.setAttribute("aria-pressed", "true");
   button.textContent = "Show the picture";
-  $(".heat-note", card).textContent = "Red: the areas that weighed most in this decision (Grad-CAM).";
+  $(".heat-note", card).textContent = "Red: the areas that weighed most in this decision (Grad-CAM)." +
+    (card.dataset.tile ? " The white frame marks the part of the image that decided." : "");
   $(".heat-note", card).hidden = false;
 }
 
