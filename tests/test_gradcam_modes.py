@@ -45,18 +45,14 @@ def test_grad_cam_gives_the_models_probability_and_a_map_per_square(imagenet_wei
     import keras
 
     from keeneye.demo import add_defect, surface_texture
-    from keeneye.model.backbone import build_input_extractor, feature_subsets, resolve_weights
+    from keeneye.model.backbone import build_input_extractor, resolve_weights
     from keeneye.model.gradcam import GradCam, explain_batch
     from keeneye.model.head import build_classifier, build_head
 
     spec = InputSpec(96, tiles=tiles, views=views)
     extractor = build_input_extractor(1.0, 96, resolve_weights("imagenet", 1.0, 96), features, spec.n_tiles, views)
     keras.utils.set_random_seed(0)
-    head = build_head(extractor.output_shape[-1], [], 0.0)
-    if features == "multi":  # zero weights on the mid-level block's columns: the map on the mid-level grid must then
-        kernel, bias = head.get_layer("probability").get_weights()  # come from the last block's part of the logit alone
-        kernel[np.setdiff1d(np.arange(len(kernel)), feature_subsets(extractor, "multi")["gap+gmp"])] = 0.0
-        head.get_layer("probability").set_weights([kernel, bias])
+    head = build_head(extractor.output_shape[-1], [], 0.0)  # one linear unit: the logit is k . features + b
     classifier = build_classifier(extractor, head)
     rng = np.random.default_rng(4)
     images = [add_defect(rng, surface_texture(rng, 96)) for _ in range(2)] + [surface_texture(rng, 96)]
@@ -69,7 +65,34 @@ def test_grad_cam_gives_the_models_probability_and_a_map_per_square(imagenet_wei
     grid = 6 if features == "multi" else 3  # block_13 (stride 16) or the last block (stride 32) at 96 px
     assert found.maps.shape == (3, spec.passes, grid, grid) and found.shares.shape == (3, spec.passes)
     assert np.allclose(found.maps.reshape(3, -1).max(axis=1), 1.0)  # each image has a map: the gradient got through
+    if features == "multi":
+        expected = multi_maps_by_hand(classifier, head, batch, found.probabilities >= 0.5, views)
+        np.testing.assert_allclose(found.maps, expected, atol=1e-4)
     explained = explain_batch(cam, batch, images, 0.5, ("good", "defect"), ["a", "b", "c"], spec)
     for item, image in zip(explained, images):
         assert item.heatmap.shape == image.shape[:2] and item.overlay.shape == image.shape
         assert (item.tile is not None) == (tiles is not None)
+
+
+def multi_maps_by_hand(classifier, head, batch: np.ndarray, positive: np.ndarray, views: int) -> np.ndarray:
+    """Grad-CAM of a "multi" views model with a linear head, in closed form: the mean gradient of the logit over a map
+    of h x w positions is (k_avg + k_max) / (views * h * w) per channel, for the mid-level map's own pooled columns and
+    for the last block's; each map weighted by its own, the last one stretched (bilinear) onto the mid grid, added,
+    signed for the predicted class, ReLU, each image's largest value 1."""
+    import cv2
+
+    from keeneye.model.gradcam import GradCam
+
+    extractor = GradCam._per_square(classifier)[0]
+    backbone = next(layer for layer in extractor.layers if hasattr(layer, "layers"))
+    squares = batch.reshape(-1, 96, 96, 3)
+    mid, last = (np.asarray(m) for m in backbone(extractor.get_layer("mobilenet_v2_preprocess")(squares)))
+    kernel = head.get_layer("probability").get_weights()[0][:, 0]
+    c_mid, c_last = mid.shape[-1], last.shape[-1]  # columns: mid avg, mid max, last avg, last max
+    w_mid = (kernel[:c_mid] + kernel[c_mid : 2 * c_mid]) / (views * mid.shape[1] * mid.shape[2])
+    w_last = (kernel[2 * c_mid : 2 * c_mid + c_last] + kernel[2 * c_mid + c_last :]) / (views * last.shape[1] * last.shape[2])
+    size = mid.shape[1:3]
+    summed = mid @ w_mid + np.stack([cv2.resize(m, size[::-1], interpolation=cv2.INTER_LINEAR) for m in last @ w_last])
+    signs = np.repeat(np.where(positive, 1.0, -1.0), views)[:, None, None]
+    maps = np.maximum(summed * signs, 0.0).reshape(len(batch), views, *size)
+    return maps / maps.reshape(len(batch), -1).max(axis=1)[:, None, None, None]
