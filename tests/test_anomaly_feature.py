@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,8 @@ def test_stacker_is_the_standardised_logistic_regression_folded():
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(x, y).predict_proba(x)[:, 1]
     np.testing.assert_allclose(stacker(p, s), reference, atol=1e-9)
     assert stacker.coef_logit > 0 and stacker.coef_log_score > 0
+    for threshold in (0.2, 0.5, 0.9):  # the one-class map's scale: the score that flags a part while the head is undecided
+        assert stacker([0.5], [stacker.score_alone_at(threshold)])[0] == pytest.approx(threshold, abs=1e-9)
 
 
 def test_out_of_fold_scores_never_use_the_image_itself():
@@ -91,6 +94,21 @@ def test_stacked_bundle_predicts_the_probabilities_training_scored(stacked_run, 
 
     explained = explain(run, trained["path"][:3].tolist(), tmp_path / "explained", console=Console(quiet=True))
     np.testing.assert_allclose(explained["probability"], trained["probability"][:3], atol=1e-4)  # Grad-CAM view, stacked probability
+    import cv2
+
+    for row in explained.itertuples():  # the one-class part of the decision, drawn beside Grad-CAM over the same image
+        one_class, gradcam = cv2.imread(row.one_class_overlay), cv2.imread(row.overlay)
+        assert one_class.shape == gradcam.shape == cv2.imread(row.path).shape and not np.array_equal(one_class, gradcam)
+
+    from fastapi.testclient import TestClient
+
+    from keeneye.serving import ServeSettings, create_app
+
+    upload = [("files", ("part.png", Path(trained["path"][0]).read_bytes(), "image/png"))]
+    with TestClient(create_app(Predictor.from_bundle(run), ServeSettings())) as client:
+        result = client.post("/explain", files=upload).json()["results"][0]
+    assert result["probability"] == pytest.approx(trained["probability"][0], abs=1e-4)
+    assert result["heatmap"].startswith("data:image/png") and result["one_class_heatmap"].startswith("data:image/png")
 
 
 @pytest.mark.slow  # uses the stacked_run train (~20 s); the test itself is about a second

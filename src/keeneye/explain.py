@@ -20,7 +20,8 @@ import pandas as pd
 
 from keeneye.bundle import load_bundle
 from keeneye.data.preprocess import InputSpec
-from keeneye.inference.anomaly import has_anomaly_feature, is_anomaly_bundle
+from keeneye.data.decode import load_image
+from keeneye.inference.anomaly import has_anomaly_feature, is_anomaly_bundle, one_class_part_overlays
 from keeneye.inference.predictor import Predictor, expand_inputs
 from keeneye.model.gradcam import (
     MAX_OVERLAY_SIDE, Explanation, GradCam, explain_batch, explain_files, fit_display, load_for_explaining, overlay_heatmap,
@@ -119,9 +120,19 @@ def overlay_file_name(path: str, used: set[str], suffix: str = "gradcam") -> str
     return name
 
 
+def _save_overlay(folder: Path, used: set[str], path: str, overlay: np.ndarray | None, suffix: str) -> str | None:
+    """Write one RGB overlay as `<stem>_<suffix>.png` in `folder` (None when there is none); its path."""
+    if overlay is None:
+        return None
+    target = folder / overlay_file_name(path, used, suffix)
+    cv2.imwrite(str(target), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+    return str(target)
+
+
 def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike, console=None) -> pd.DataFrame:
     """Write a Grad-CAM overlay PNG per image into `out`, and `explanations.csv` (path, probability, label, overlay,
-    tile: the tile that decided, for tiled bundles; error)."""
+    one_class_overlay: the one-class part's map, for head.anomaly_feature bundles; tile: the tile that decided, for
+    tiled bundles; error)."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -130,7 +141,7 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
     paths, problems = expand_inputs(inputs)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    anomaly = is_anomaly_bundle(bundle)
+    anomaly, stacked = is_anomaly_bundle(bundle), None
     if anomaly:  # one-class bundle: the anomaly map (distance of each patch to the good ones) is the explanation
         console.print(f"explaining {len(paths)} images with {bundle.path.name} (anomaly maps: patch distances to the good patches)")
         explanations = explain_anomaly_images(Predictor(bundle).engine, paths, bundle.class_names, bundle.image_size)
@@ -138,20 +149,25 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
         console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM{stack_note(bundle.input_spec)})")
         explanations = explain_images(bundle.model, paths, bundle.threshold, bundle.class_names, spec=bundle.input_spec)
         if has_anomaly_feature(bundle):  # the probability also holds the one-class score: the Predictor's
+            stacked = Predictor(bundle)
             done = [item.path for item in explanations if item.error is None]
-            stacked = Predictor(bundle).predict_paths(done)["probability"].to_numpy()
-            explanations = with_probabilities(explanations, stacked, bundle.threshold, bundle.class_names)
+            explanations = with_probabilities(explanations, stacked.predict_paths(done)["probability"].to_numpy(),
+                                              bundle.threshold, bundle.class_names)
+            console.print("the probability holds the one-class score too: its part is drawn beside Grad-CAM "
+                          "(<name>_one_class.png: patch distances to the good patches)")
     rows, used = [], set()
     for item in explanations:
-        overlay_path = None
-        if item.overlay is not None:
-            overlay_path = folder / overlay_file_name(item.path, used, "anomaly" if anomaly else "gradcam")
-            cv2.imwrite(str(overlay_path), cv2.cvtColor(item.overlay, cv2.COLOR_RGB2BGR))
+        one_class = None
+        if stacked is not None and item.error is None:
+            drawn = one_class_part_overlays(stacked.engine, bundle.input_spec, bundle.threshold, [load_image(item.path)])[0]
+            one_class = _save_overlay(folder, used, item.path, drawn, "one_class")
         rows.append({"path": item.path, "probability": item.probability, "label": item.label,
-                     "overlay": None if overlay_path is None else str(overlay_path), "tile": item.tile, "error": item.error})
-    rows += [{"path": p["path"], "probability": None, "label": None, "overlay": None, "tile": None, "error": p["error"]}
-             for p in problems]
-    frame = pd.DataFrame(rows, columns=["path", "probability", "label", "overlay", "tile", "error"]).astype({"tile": "Int64"})
+                     "overlay": _save_overlay(folder, used, item.path, item.overlay, "anomaly" if anomaly else "gradcam"),
+                     "one_class_overlay": one_class, "tile": item.tile, "error": item.error})
+    rows += [{"path": p["path"], "probability": None, "label": None, "overlay": None, "one_class_overlay": None, "tile": None,
+              "error": p["error"]} for p in problems]
+    columns = ["path", "probability", "label", "overlay", "one_class_overlay", "tile", "error"]
+    frame = pd.DataFrame(rows, columns=columns).astype({"tile": "Int64"})
     frame.to_csv(folder / "explanations.csv", index=False)
     for row in frame[frame["error"].notna()].itertuples():
         console.print(f"[yellow]not explained:[/] {escape(str(row.path))}: {escape(str(row.error))}", highlight=False)

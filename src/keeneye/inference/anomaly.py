@@ -21,6 +21,7 @@ import numpy as np
 
 from keeneye.bundle import ANOMALY_FEATURE_ONNX_FILE
 from keeneye.data.decode import resize_square
+from keeneye.data.preprocess import InputSpec
 from keeneye.data.files import sha256_of_file
 from keeneye.errors import BundleError
 from keeneye.model.anomaly_feature import Stacker, StackedEngine
@@ -31,7 +32,7 @@ from keeneye.runtime.engines import Engine, EngineError
 from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, BankMismatch, PatchBank, overlay_anomaly_map
 
 __all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "has_anomaly_feature", "is_anomaly_bundle", "make_anomaly_engine",
-           "make_stacked_engine", "stored_patch_onnx"]
+           "make_stacked_engine", "one_class_part_overlays", "stored_patch_onnx"]
 
 #: Overlays are drawn on the image shrunk to at most this side (as Grad-CAM overlays are).
 MAX_OVERLAY_SIDE = 512
@@ -161,3 +162,23 @@ def anomaly_overlays(
                        overlay_anomaly_map(_shrunk(image, max_side), heat, engine.raw_threshold))
         for image, heat, score, label in zip(images, maps, scores, labels)
     ]
+
+
+def one_class_part_overlays(engine: StackedEngine, spec: InputSpec, threshold: float, images: Sequence[np.ndarray],
+                            max_side: int = MAX_OVERLAY_SIDE) -> list[np.ndarray]:
+    """The one-class part of a head.anomaly_feature bundle's decision: each image's patch distances to the good patches,
+    drawn like a one-class bundle's map (RGB overlays of the images shrunk to `max_side`).
+
+    Grad-CAM shows the supervised head's part only. The colour scale is the same for every image:
+    the middle colour is the raw score that flags a part on its own while the head is undecided
+    (Stacker.score_alone_at). The patch graph sees the image itself (the first square), as in training.
+    """
+    image_only = spec.image_only()
+    scale = engine.stacker.score_alone_at(threshold)
+    overlays = []
+    for image in images:
+        maps, _ = engine.scorer.maps(image_only.prepare(image)[None])
+        display = _shrunk(image, max_side)
+        overlays.append(overlay_anomaly_map(display, image_only.lay_over_image(maps, *display.shape[:2]), scale))
+    return overlays
+

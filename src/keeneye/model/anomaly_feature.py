@@ -52,6 +52,13 @@ class Stacker:
         z = stacking_inputs(probability, raw_score) @ np.array([self.coef_logit, self.coef_log_score]) + self.intercept
         return 1.0 / (1.0 + np.exp(-z))
 
+    def score_alone_at(self, threshold: float) -> float:
+        """The raw one-class score at which the stacked probability reaches `threshold` while the head is undecided
+        (probability 0.5): the score that flags a part on its own, the natural scale of a stacked bundle's
+        one-class map (as the raw threshold is a one-class bundle's)."""
+        t = min(max(float(threshold), _EPS_P), 1.0 - _EPS_P)
+        return float(np.exp((np.log(t / (1.0 - t)) - self.intercept) / self.coef_log_score))
+
 
 def first_square(batch: np.ndarray) -> np.ndarray:
     """The image itself out of a prepared batch (N, H, S, 3): with model.views the input is a stack of views whose

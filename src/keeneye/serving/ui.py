@@ -62,21 +62,24 @@ class Explainer:
 
     def __call__(self, images: list[np.ndarray], names: list[str], threshold: float) -> list[dict]:
         from keeneye.explain import GradCam, explain_decoded, with_probabilities
-        from keeneye.inference.anomaly import anomaly_overlays, has_anomaly_feature, is_anomaly_bundle
+        from keeneye.inference.anomaly import anomaly_overlays, has_anomaly_feature, is_anomaly_bundle, one_class_part_overlays
 
         bundle = self.service.predictor.bundle
         if is_anomaly_bundle(bundle):  # one-class bundle: the anomaly map (patch distances to the good ones)
             explained = anomaly_overlays(self.service.predictor.engine, images, bundle.image_size, bundle.class_names, threshold)
-            return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay), "tile": None}
-                    for item in explained]
+            return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay),
+                     "one_class_heatmap": None, "tile": None} for item in explained]
         if self.cam is None:
             self.cam = GradCam(bundle.keras_model())  # an ONNX predictor's bundle may not hold it yet
         explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names, spec=bundle.input_spec)
+        one_class = [None] * len(explained)
         if has_anomaly_feature(bundle):  # Grad-CAM is the head's view; the probability also holds the one-class score
             stacked = self.service.predictor.predict_images(images)
             explained = with_probabilities(explained, stacked, threshold, bundle.class_names)
-        return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay), "tile": item.tile}
-                for item in explained]
+            drawn = one_class_part_overlays(self.service.predictor.engine, bundle.input_spec, threshold, images)
+            one_class = [png_data_url(overlay) for overlay in drawn]
+        return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay),
+                 "one_class_heatmap": part, "tile": item.tile} for item, part in zip(explained, one_class)]
 
 
 async def explain_request(service: Any, explainer: Explainer, request: Request, threshold: float | None) -> JSONResponse:
@@ -114,7 +117,7 @@ async def explain_request(service: Any, explainer: Explainer, request: Request, 
     for upload, item in zip(uploads, decoded):
         if isinstance(item, ImageRejected):
             info["errors"].append(item.code)
-            results.append({"name": upload.name, "probability": None, "label": None, "threshold": used, "heatmap": None, "tile": None,
+            results.append({"name": upload.name, "probability": None, "label": None, "threshold": used, "heatmap": None, "one_class_heatmap": None, "tile": None,
                             "error": {"code": item.code, "message": item.message}})
         else:
             results.append({"name": upload.name, **explained[k], "threshold": used, "error": None})
