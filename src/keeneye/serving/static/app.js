@@ -169,7 +169,12 @@ function showError(card, error) {
 async function toggleHeat(card, file) {
   const button = $(".heat", card);
   const picture = $(".picture", card);
+  if (button.getAttribute("aria-pressed") === "true" && card.dataset.view === "gradcam" && card.dataset.oneclass) {
+    showOneClassMap(card, button, picture);
+    return;
+  }
   if (button.getAttribute("aria-pressed") === "true") {
+    card.dataset.view = "picture";
     picture.src = card.dataset.original;
     picture.alt = card.dataset.name;
     picture.classList.remove("heatmap");
@@ -187,6 +192,7 @@ async function toggleHeat(card, file) {
       if (!result || !result.heatmap) throw new Error(plainError((result && result.error) || (body && body.error) || { message: `HTTP ${response.status}` }).text);
       card.dataset.heatmap = result.heatmap;
       card.dataset.tile = Number.isInteger(result.tile) ? String(result.tile) : "";
+      card.dataset.oneclass = result.one_class_heatmap || "";
     } catch (err) {
       button.disabled = false;
       button.textContent = "Show heat map";
@@ -201,10 +207,22 @@ async function toggleHeat(card, file) {
   picture.classList.add("heatmap");
   picture.alt = `${card.dataset.name}, heat map`;
   button.setAttribute("aria-pressed", "true");
-  button.textContent = "Show the picture";
+  card.dataset.view = "gradcam";
+  button.textContent = card.dataset.oneclass ? "Show the one-class map" : "Show the picture";
   $(".heat-note", card).textContent = "Red: the areas that weighed most in this decision (Grad-CAM)." +
-    (card.dataset.tile ? " The white frame marks the part of the image that decided." : "");
+    (card.dataset.tile ? " The white frame marks the part of the image that decided." : "") +
+    (card.dataset.oneclass ? " This model also weighs how far the part looks from the good parts it remembers: the next map." : "");
   $(".heat-note", card).hidden = false;
+}
+
+// Models trained with head.anomaly_feature: the one-class part of the decision (patch distances to the good parts).
+function showOneClassMap(card, button, picture) {
+  picture.src = card.dataset.oneclass;
+  picture.alt = `${card.dataset.name}, one-class map`;
+  card.dataset.view = "oneclass";
+  button.textContent = "Show the picture";
+  $(".heat-note", card).textContent = "Blue and cyan: like the good parts the model remembers; green to red: unlike them, " +
+    "enough to flag the part by this alone.";
 }
 
 function summarise() {
