@@ -21,8 +21,8 @@ import numpy as np
 
 from keeneye.bundle import ANOMALY_FEATURE_ONNX_FILE
 from keeneye.data.decode import resize_square
-from keeneye.data.preprocess import InputSpec
 from keeneye.data.files import sha256_of_file
+from keeneye.data.preprocess import InputSpec
 from keeneye.errors import BundleError
 from keeneye.model.anomaly_feature import Stacker, StackedEngine
 from keeneye.model.decision import predict_labels
@@ -181,4 +181,3 @@ def one_class_part_overlays(engine: StackedEngine, spec: InputSpec, threshold: f
         display = _shrunk(image, max_side)
         overlays.append(overlay_anomaly_map(display, image_only.lay_over_image(maps, *display.shape[:2]), scale))
     return overlays
-

@@ -55,7 +55,10 @@ class Stacker:
     def score_alone_at(self, threshold: float) -> float:
         """The raw one-class score at which the stacked probability reaches `threshold` while the head is undecided
         (probability 0.5): the score that flags a part on its own, the natural scale of a stacked bundle's
-        one-class map (as the raw threshold is a one-class bundle's)."""
+        one-class map (as the raw threshold is a one-class bundle's). Infinite when the score does not raise the
+        probability (a stacker fitted to data where it did not help), so no patch is painted as flagging."""
+        if self.coef_log_score <= 0:
+            return float("inf")
         t = min(max(float(threshold), _EPS_P), 1.0 - _EPS_P)
         return float(np.exp((np.log(t / (1.0 - t)) - self.intercept) / self.coef_log_score))
 
