@@ -31,6 +31,10 @@ def test_each_tile_map_lands_on_its_tile_and_a_single_square_follows_the_resize_
     assert heat.shape == (40, 120) and left == 80 and side == 40
     assert np.allclose(heat[:, 80:], 1.0) and np.all(heat[:, :80] == 0.0)
 
+    for height, width, rows, cols in [(500, 1250, 2, 4), (37, 91, 3, 2), (1000, 333, 5, 1), (100, 300, 1, 3)]:
+        grid = InputSpec(16, tiles=(rows, cols), overlap=0.25)  # tiles longer than a side start before the image
+        assert np.allclose(grid.lay_over_image(np.ones((rows * cols, 3, 3), np.float32), height, width), 1.0)  # all covered
+
     ones = np.ones((1, 4, 4), np.float32)
     cropped = InputSpec(16, "crop").lay_over_image(ones, 60, 100)  # the model saw the centre 60 x 60 only
     assert np.allclose(cropped[:, 20:80], 1.0) and np.all(cropped[:, :20] == 0.0) and np.all(cropped[:, 80:] == 0.0)
