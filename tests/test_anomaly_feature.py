@@ -96,6 +96,8 @@ def test_stacked_bundle_predicts_the_probabilities_training_scored(stacked_run, 
     np.testing.assert_allclose(explained["probability"], trained["probability"][:3], atol=1e-4)  # Grad-CAM view, stacked probability
     import cv2
 
+    page = (run / "report.html").read_text(encoding="utf-8")  # the mistakes of the run: Grad-CAM and the one-class map
+    assert page.count("alt='one-class map'") == page.count("alt='Grad-CAM'")
     for row in explained.itertuples():  # the one-class part of the decision, drawn beside Grad-CAM over the same image
         one_class, gradcam = cv2.imread(row.one_class_overlay), cv2.imread(row.overlay)
         assert one_class.shape == gradcam.shape == cv2.imread(row.path).shape and not np.array_equal(one_class, gradcam)

@@ -119,6 +119,16 @@ def test_gallery_shows_the_most_confident_mistakes_first(tmp_path: Path) -> None
     assert len(embedded_pngs(page)) == 4
     assert page.index("fp_sure.png") < page.index("fn_sure.png") < page.index("fp_mid.png")
 
+    def failing(paths):
+        raise RuntimeError("no maps")
+
+    with_maps = mistake_gallery(predictions, ("good", "defect"), 0.5, n=4, explainer=failing,  # a failure costs the pictures only
+                                one_class=lambda paths: [np.full((40, 60, 3), 9, np.uint8) for _ in paths])
+    assert all(g.overlay is None and g.one_class is not None for g in with_maps)
+    write_report(folder, title="t", summary=[], metrics=metrics, class_names=("good", "defect"), gallery=with_maps)
+    page = (folder / REPORT_FILE).read_text(encoding="utf-8")
+    assert page.count("alt='one-class map'") == 4 and "Third: the one-class part" in page and "alt='Grad-CAM'" not in page
+
 
 def test_explain_writes_grad_cam_overlays(tiny_bundle, demo_data: Path, tmp_path: Path) -> None:
     from keeneye.cli import app

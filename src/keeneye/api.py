@@ -31,11 +31,13 @@ from keeneye.bundle import (
 from keeneye.config import Config, load_config
 from keeneye.data.scan import scan_evaluation_folder
 from keeneye.data.manifest import run_testing_manifest
-from keeneye.evaluation.report import write_run_report
+from keeneye.evaluation.report import THUMBNAIL_SIDE, write_run_report
 from keeneye.errors import ConfigError
 from keeneye.evaluation.metrics import format_metrics_table
 from keeneye.evaluation.outputs import write_evaluation
 from keeneye.evaluation.plots import plot_training_curves
+from keeneye.data.decode import load_image
+from keeneye.inference.anomaly import has_anomaly_feature, one_class_part_overlays
 from keeneye.inference.predictor import Predictor, expand_inputs, with_problem_rows
 from keeneye.data.cache import default_cache_dir
 from keeneye.data.video import is_video, with_sequences
@@ -232,6 +234,8 @@ def _write_train_report(cfg: Config, folder: Path, scanned: phases.Scanned, prep
     write_run_report(
         folder, title=f"keeneye run {run_name}", metrics=metrics, class_names=scanned.class_names, threshold=choice.threshold,
         audit=prepared.audit.report, config=cfg.model_dump(mode="json"), model=classifier, spec=spec, console=reporter,
+        one_class=None if trained.anomaly_feature is None else one_class_drawer(
+            trained.anomaly_feature.scorer(), trained.anomaly_feature.stacker, spec, choice.threshold),
         summary=[("run", run_name), ("data", prepared.audit.report["data_source"]),
                  ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px, "
                               f"features {cfg.model.features}, " + shape),
@@ -242,6 +246,12 @@ def _write_train_report(cfg: Config, folder: Path, scanned: phases.Scanned, prep
                    if cv is not None and len(cv.results) > 1 else []),
                  ("split", " ".join(prepared.splits.notes) or "as given"), ("total time", f"{timings['total_s']:.1f} s")],
     )
+
+
+def one_class_drawer(scorer, stacker, spec, threshold: float):
+    """paths -> the one-class part's maps of a head.anomaly_feature model, report-thumbnail sized (the mistake gallery)."""
+    return lambda paths: one_class_part_overlays(scorer, stacker, spec, threshold, [load_image(p) for p in paths],
+                                                 max_side=THUMBNAIL_SIDE)
 
 
 def passes_note(predictor: Predictor) -> str:
@@ -306,7 +316,9 @@ def evaluate(
     write_run_report(
         folder, title=f"keeneye evaluation of {bundle.path.name}", metrics=metrics, class_names=bundle.class_names,
         threshold=bundle.threshold, model=bundle.keras_model(), spec=bundle.input_spec, console=reporter,  # Grad-CAM of the mistakes (loaded now
-        # if an ONNX engine predicted)
+        # if an ONNX engine predicted), and for a head.anomaly_feature bundle the one-class part's maps
+        one_class=one_class_drawer(predictor.engine.scorer, predictor.engine.stacker, bundle.input_spec, bundle.threshold)
+        if has_anomaly_feature(bundle) else None,
         summary=[("model bundle", str(bundle.path)), ("data", str(data)), ("engine", predictor.engine_name)],
     )
     reporter.print(format_metrics_table(metrics))

@@ -159,7 +159,8 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
     for item in explanations:
         one_class = None
         if stacked is not None and item.error is None:
-            drawn = one_class_part_overlays(stacked.engine, bundle.input_spec, bundle.threshold, [load_image(item.path)])[0]
+            drawn = one_class_part_overlays(stacked.engine.scorer, stacked.engine.stacker, bundle.input_spec, bundle.threshold,
+                                            [load_image(item.path)])[0]
             one_class = _save_overlay(folder, used, item.path, drawn, "one_class")
         rows.append({"path": item.path, "probability": item.probability, "label": item.label,
                      "overlay": _save_overlay(folder, used, item.path, item.overlay, "anomaly" if anomaly else "gradcam"),

@@ -73,14 +73,17 @@ class GalleryItem:
     kind: str  # "false positive" | "false negative"
     thumbnail: np.ndarray | None
     overlay: np.ndarray | None = None
+    one_class: np.ndarray | None = None  # head.anomaly_feature runs: the one-class part's map
 
 
 def mistake_gallery(
     predictions: pd.DataFrame, class_names: tuple[str, str], threshold: float, n: int = 12,
     explainer: Callable[[list[str]], Sequence[np.ndarray | None]] | None = None,
+    one_class: Callable[[list[str]], Sequence[np.ndarray | None]] | None = None,
 ) -> list[GalleryItem]:
     """The `n` most confident mistakes (false positives with the highest probability, false
-    negatives with the lowest), alternating between the two kinds while both last."""
+    negatives with the lowest), alternating between the two kinds while both last; `explainer` and
+    `one_class` (paths -> overlays) draw beside each its Grad-CAM and its one-class part's map."""
     negative, positive = class_names
     if predictions is None or not len(predictions):
         return []
@@ -97,17 +100,23 @@ def mistake_gallery(
         if fn_rows and len(chosen) < n:
             chosen.append(("false negative", fn_rows.pop(0)[1]))
     paths = [str(row["path"]) for _, row in chosen]
-    overlays: Sequence[np.ndarray | None] = [None] * len(paths)
-    if explainer is not None and paths:
-        try:
-            overlays = explainer(paths)
-        except Exception:  # the gallery must never cost the run; thumbnails alone still help
-            overlays = [None] * len(paths)
+    overlays, parts = _drawn(explainer, paths), _drawn(one_class, paths)
     return [
         GalleryItem(str(row["path"]), str(row["label"]), float(row["probability"]), str(row["predicted"]), kind,
-                    _thumbnail(str(row["path"])), overlay)
-        for (kind, row), overlay in zip(chosen, overlays)
+                    _thumbnail(str(row["path"])), overlay, part)
+        for (kind, row), overlay, part in zip(chosen, overlays, parts)
     ]
+
+
+def _drawn(draw: Callable[[list[str]], Sequence[np.ndarray | None]] | None, paths: list[str]) -> Sequence[np.ndarray | None]:
+    """`draw(paths)`, or no pictures when there is nothing to draw with or it fails (the gallery must never cost the
+    run; thumbnails alone still help)."""
+    if draw is None or not paths:
+        return [None] * len(paths)
+    try:
+        return draw(paths)
+    except Exception:  # noqa: BLE001
+        return [None] * len(paths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +144,7 @@ figure{margin:12px 0 22px} figure.wide{grid-column:1/-1} figure img{max-width:10
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:14px}
 .tile{border:1px solid #d0d7de;border-radius:8px;padding:8px;font-size:13px;word-break:break-all}
 .tile img{width:100%;height:auto;display:block;margin-bottom:4px}
-.pair{display:flex;gap:6px} .pair img{width:50%}
+.pair{display:flex;gap:6px;align-items:flex-start} .pair img{flex:1 1 0;min-width:0;width:auto}
 .fp{color:#bc4c00;font-weight:600} .fn{color:#8250df;font-weight:600}
 pre{background:#f6f8fa;border:1px solid #d0d7de;padding:10px;overflow:auto;font-size:12.5px}
 .muted{color:#57606a}
@@ -318,6 +327,8 @@ def _gallery_section(gallery: list[GalleryItem] | None, has_predictions: bool) -
             images += f"<img alt='image' src='{_image_uri(item.thumbnail)}'>"
         if item.overlay is not None:
             images += f"<img alt='Grad-CAM' src='{_image_uri(item.overlay)}'>"
+        if item.one_class is not None:
+            images += f"<img alt='one-class map' src='{_image_uri(item.one_class)}'>"
         cls = "fp" if item.kind == "false positive" else "fn"
         tiles.append(
             f"<div class='tile'><div class='pair'>{images}</div><span class='{cls}'>{_e(item.kind)}</span>: "
@@ -326,6 +337,9 @@ def _gallery_section(gallery: list[GalleryItem] | None, has_predictions: bool) -
         )
     note = ("Left: the image; right: Grad-CAM (red = the regions that drove the prediction; with model.tiles a white "
             "frame marks the tile that decided).") if any(g.overlay is not None for g in gallery) else ""
+    if any(g.one_class is not None for g in gallery):
+        note += (" Third: the one-class part of the probability (the patches' distances to the good ones; from green "
+                 "on, far enough to flag the part on its own).")
     return f"<p class='muted'>{note} Probability p is that of the positive class.</p><div class='gallery'>" + "".join(tiles) + "</div>"
 
 
@@ -398,11 +412,13 @@ def write_run_report(
     spec: InputSpec | None = None,
     console=None,
     explainer: Callable[[list[str]], Sequence[np.ndarray | None]] | None = None,
+    one_class: Callable[[list[str]], Sequence[np.ndarray | None]] | None = None,
 ) -> Path | None:
     """report.html for a run or evaluation folder, with the mistake gallery from its predictions.csv.
 
     Grad-CAM overlays are added when `model` (the keeneye classifier, whose inputs `spec` makes) is given, or the overlays of
-    `explainer` (paths -> RGB images, e.g. anomaly maps) when that is given. A failure here
+    `explainer` (paths -> RGB images, e.g. anomaly maps) when that is given; `one_class` (the same
+    kind of callable) adds a head.anomaly_feature run's one-class maps. A failure here
     is reported on the console and never costs the run its bundle.
     """
     folder = Path(folder)
@@ -415,7 +431,8 @@ def write_run_report(
             def explainer(paths: list[str]):
                 return [e.overlay for e in explain_files(GradCam(model), paths, threshold, class_names, spec, max_side=THUMBNAIL_SIDE)]
 
-        gallery = mistake_gallery(predictions, class_names, threshold, explainer=explainer) if predictions is not None else None
+        gallery = (mistake_gallery(predictions, class_names, threshold, explainer=explainer, one_class=one_class)
+                   if predictions is not None else None)
         return write_report(folder, title=title, summary=summary, metrics=metrics, class_names=class_names,
                             audit=audit, config=config, gallery=gallery)
     except Exception as exc:  # noqa: BLE001 - the report is a by-product; the bundle matters more

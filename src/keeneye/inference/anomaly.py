@@ -164,20 +164,21 @@ def anomaly_overlays(
     ]
 
 
-def one_class_part_overlays(engine: StackedEngine, spec: InputSpec, threshold: float, images: Sequence[np.ndarray],
-                            max_side: int = MAX_OVERLAY_SIDE) -> list[np.ndarray]:
+def one_class_part_overlays(scorer: AnomalyEngine, stacker: Stacker, spec: InputSpec, threshold: float,
+                            images: Sequence[np.ndarray], max_side: int = MAX_OVERLAY_SIDE) -> list[np.ndarray]:
     """The one-class part of a head.anomaly_feature bundle's decision: each image's patch distances to the good patches,
     drawn like a one-class bundle's map (RGB overlays of the images shrunk to `max_side`).
 
-    Grad-CAM shows the supervised head's part only. The colour scale is the same for every image:
-    the middle colour is the raw score that flags a part on its own while the head is undecided
+    Grad-CAM shows the supervised head's part only. `scorer` and `stacker`: a StackedEngine's (predict,
+    serve) or the training run's (its report). The colour scale is the same for every image: the
+    middle colour is the raw score that flags a part on its own while the head is undecided
     (Stacker.score_alone_at). The patch graph sees the image itself (the first square), as in training.
     """
     image_only = spec.image_only()
-    scale = engine.stacker.score_alone_at(threshold)
+    scale = stacker.score_alone_at(threshold)
     overlays = []
     for image in images:
-        maps, _ = engine.scorer.maps(image_only.prepare(image)[None])
+        maps, _ = scorer.maps(image_only.prepare(image)[None])
         display = _shrunk(image, max_side)
         overlays.append(overlay_anomaly_map(display, image_only.lay_over_image(maps, *display.shape[:2]), scale))
     return overlays

@@ -76,7 +76,8 @@ class Explainer:
         if has_anomaly_feature(bundle):  # Grad-CAM is the head's view; the probability also holds the one-class score
             stacked = self.service.predictor.predict_images(images)
             explained = with_probabilities(explained, stacked, threshold, bundle.class_names)
-            drawn = one_class_part_overlays(self.service.predictor.engine, bundle.input_spec, threshold, images)
+            engine = self.service.predictor.engine
+            drawn = one_class_part_overlays(engine.scorer, engine.stacker, bundle.input_spec, threshold, images)
             one_class = [png_data_url(overlay) for overlay in drawn]
         return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay),
                  "one_class_heatmap": part, "tile": item.tile} for item, part in zip(explained, one_class)]
