@@ -235,7 +235,7 @@ def _write_train_report(cfg: Config, folder: Path, scanned: phases.Scanned, prep
         folder, title=f"keeneye run {run_name}", metrics=metrics, class_names=scanned.class_names, threshold=choice.threshold,
         audit=prepared.audit.report, config=cfg.model_dump(mode="json"), model=classifier, spec=spec, console=reporter,
         one_class=None if trained.anomaly_feature is None else one_class_drawer(
-            trained.anomaly_feature.scorer(), trained.anomaly_feature.stacker, spec, choice.threshold),
+            trained.anomaly_feature.scorer, trained.anomaly_feature.stacker, spec, choice.threshold),
         summary=[("run", run_name), ("data", prepared.audit.report["data_source"]),
                  ("backbone", f"{cfg.model.backbone} alpha {cfg.model.alpha} at {cfg.model.image_size} px, "
                               f"features {cfg.model.features}, " + shape),
@@ -248,10 +248,16 @@ def _write_train_report(cfg: Config, folder: Path, scanned: phases.Scanned, prep
     )
 
 
-def one_class_drawer(scorer, stacker, spec, threshold: float):
-    """paths -> the one-class part's maps of a head.anomaly_feature model, report-thumbnail sized (the mistake gallery)."""
-    return lambda paths: one_class_part_overlays(scorer, stacker, spec, threshold, [load_image(p) for p in paths],
-                                                 max_side=THUMBNAIL_SIDE)
+def one_class_drawer(make_scorer, stacker, spec, threshold: float):
+    """paths -> the one-class part's maps of a head.anomaly_feature model, report-thumbnail sized (the mistake gallery).
+
+    The scorer is made when the gallery is drawn, inside the report's guard: a failure there costs pictures, not the run.
+    """
+    def draw(paths: list[str]) -> list[np.ndarray]:
+        return one_class_part_overlays(make_scorer(), stacker, spec, threshold, [load_image(p) for p in paths],
+                                       max_side=THUMBNAIL_SIDE)
+
+    return draw
 
 
 def passes_note(predictor: Predictor) -> str:
@@ -317,7 +323,7 @@ def evaluate(
         folder, title=f"keeneye evaluation of {bundle.path.name}", metrics=metrics, class_names=bundle.class_names,
         threshold=bundle.threshold, model=bundle.keras_model(), spec=bundle.input_spec, console=reporter,  # Grad-CAM of the mistakes (loaded now
         # if an ONNX engine predicted), and for a head.anomaly_feature bundle the one-class part's maps
-        one_class=one_class_drawer(predictor.engine.scorer, predictor.engine.stacker, bundle.input_spec, bundle.threshold)
+        one_class=one_class_drawer(lambda: predictor.engine.scorer, predictor.engine.stacker, bundle.input_spec, bundle.threshold)
         if has_anomaly_feature(bundle) else None,
         summary=[("model bundle", str(bundle.path)), ("data", str(data)), ("engine", predictor.engine_name)],
     )
