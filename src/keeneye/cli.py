@@ -317,8 +317,9 @@ def explain(
     images: List[str] = typer.Argument(..., metavar="IMAGE", help="Image files, folders (recursive) or glob patterns."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the overlays (PNG) and explanations.csv."),
 ) -> None:
-    """Heat maps: Grad-CAM (with the one-class part's map beside it when that score is stacked in), or the anomaly map
-    for one-class bundles.
+    """Heat maps: Grad-CAM, or the anomaly map for one-class bundles.
+
+    For a bundle with the one-class score stacked in (head.anomaly_feature), that part's map is drawn beside Grad-CAM.
 
     Exit status 1 only when no image could be explained.
     """
