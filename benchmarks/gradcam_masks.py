@@ -58,10 +58,10 @@ def score_map(heat: np.ndarray, mask: np.ndarray) -> dict:
 def one_class_heat(predictor, spec, path: str) -> np.ndarray:
     """The one-class part's map of a head.anomaly_feature bundle over the image (patch distances, raw units)."""
     from keeneye.data.decode import load_image
+    from keeneye.inference.anomaly import one_class_part_map
 
     image = load_image(path)
-    maps, _ = predictor.engine.scorer.maps(spec.image_only().prepare(image)[None])
-    return spec.image_only().lay_over_image(maps, *image.shape[:2])
+    return one_class_part_map(predictor.engine.scorer, spec, image, *image.shape[:2])
 
 
 def score_fold(run_dir: Path) -> dict:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from keeneye.bundle import ANOMALY_FEATURE_ONNX_FILE
@@ -26,13 +25,14 @@ from keeneye.data.preprocess import InputSpec
 from keeneye.errors import BundleError
 from keeneye.model.anomaly_feature import Stacker, StackedEngine
 from keeneye.model.decision import predict_labels
+from keeneye.model.gradcam import fit_display
 from keeneye.runtime.choice import EngineNotice, candidates, make_engine
 from keeneye.runtime.convert import is_verified
 from keeneye.runtime.engines import Engine, EngineError
 from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, BankMismatch, PatchBank, overlay_anomaly_map
 
 __all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "has_anomaly_feature", "is_anomaly_bundle", "make_anomaly_engine",
-           "make_stacked_engine", "one_class_part_overlays", "stored_patch_onnx"]
+           "make_stacked_engine", "one_class_part_map", "one_class_part_overlays", "stored_patch_onnx"]
 
 #: Overlays are drawn on the image shrunk to at most this side (as Grad-CAM overlays are).
 MAX_OVERLAY_SIDE = 512
@@ -133,14 +133,6 @@ def make_stacked_engine(bundle, classifier, engine: str = "auto", threads: int |
                          top_k=info.score_top_k, neighbours=info.score_neighbours)
 
 
-def _shrunk(image: np.ndarray, max_side: int) -> np.ndarray:
-    scale = max_side / max(image.shape[:2])
-    if scale >= 1:
-        return image
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
 def anomaly_overlays(
     engine: AnomalyEngine, images: Sequence[np.ndarray], image_size: int, class_names: Sequence[str],
     threshold: float = 0.5, max_side: int = MAX_OVERLAY_SIDE,
@@ -159,7 +151,7 @@ def anomaly_overlays(
     return [
         AnomalyOverlay(float(score), positive if label == 1 else negative,
                        np.clip(heat / (2.0 * engine.raw_threshold), 0.0, 1.0).astype(np.float32),
-                       overlay_anomaly_map(_shrunk(image, max_side), heat, engine.raw_threshold))
+                       overlay_anomaly_map(fit_display(image, max_side), heat, engine.raw_threshold))
         for image, heat, score, label in zip(images, maps, scores, labels)
     ]
 
@@ -174,11 +166,17 @@ def one_class_part_overlays(scorer: AnomalyEngine, stacker: Stacker, spec: Input
     middle colour is the raw score that flags a part on its own while the head is undecided
     (Stacker.score_alone_at). The patch graph sees the image itself (the first square), as in training.
     """
-    image_only = spec.image_only()
     scale = stacker.score_alone_at(threshold)
     overlays = []
     for image in images:
-        maps, _ = scorer.maps(image_only.prepare(image)[None])
-        display = _shrunk(image, max_side)
-        overlays.append(overlay_anomaly_map(display, image_only.lay_over_image(maps, *display.shape[:2]), scale))
+        display = fit_display(image, max_side)
+        overlays.append(overlay_anomaly_map(display, one_class_part_map(scorer, spec, image, *display.shape[:2]), scale))
     return overlays
+
+
+def one_class_part_map(scorer: AnomalyEngine, spec: InputSpec, image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """One image's patch distances to the good patches (raw units), laid over a (height, width) picture of it; the patch
+    graph sees the image itself (the first square of a views stack), as in training."""
+    image_only = spec.image_only()
+    maps, _ = scorer.maps(image_only.prepare(image)[None])
+    return image_only.lay_over_image(maps, height, width)

@@ -109,10 +109,7 @@ def feature_subsets(extractor: keras.Model, features: str) -> dict[str, "np.ndar
     """
     import numpy as np
 
-    names = [layer.name for layer in extractor.layers]
-    for wrapper in ("tile_features", "view_features"):  # tiled or views extractor: the per-image one inside
-        if wrapper in names:
-            extractor = extractor.get_layer(wrapper).layer
+    extractor = per_square(extractor)[0]  # tiled or views extractor: the per-image one inside
     parts = FEATURE_PARTS[features]
     layer = extractor.get_layer(FEATURE_LAYER_NAME)
     widths = [int(t.shape[-1]) for t in layer.input] if len(parts) > 1 else [int(layer.output.shape[-1])]
@@ -177,6 +174,20 @@ def _stacked_extractor(extractor: keras.Model, count: int, part: str, pool: kera
     squares = keras.layers.Reshape((count, size, size, 3), name=f"{part}s")(stack)
     features = keras.layers.TimeDistributed(extractor, name=f"{part}_features")(squares)
     return keras.Model(stack, pool(features), name=name)
+
+
+#: The stacked extractors' names, and the TimeDistributed layer in each that runs the per-square extractor.
+STACKED_EXTRACTORS = {"tiled_feature_extractor": "tile_features", "views_feature_extractor": "view_features"}
+
+
+def per_square(extractor: keras.Model) -> tuple[keras.Model, keras.layers.Layer | None, int]:
+    """(the extractor of one square, the pooling over the squares or None, squares per input) of an input extractor:
+    what a tiled or views extractor runs on each square, or a plain extractor itself."""
+    wrapper = STACKED_EXTRACTORS.get(extractor.name)
+    if wrapper is None:
+        return extractor, None, 1
+    inner = extractor.get_layer(wrapper).layer
+    return inner, extractor.get_layer(FEATURE_LAYER_NAME), int(extractor.input_shape[1]) // int(inner.input_shape[1])
 
 
 def build_tiled_extractor(extractor: keras.Model, tiles: int) -> keras.Model:

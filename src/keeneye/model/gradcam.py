@@ -46,12 +46,9 @@ import numpy as np
 from keeneye.data.decode import DecodeError, decode_image_bytes
 from keeneye.data.preprocess import InputSpec, tile_boxes
 from keeneye.errors import BundleError
-from keeneye.model.backbone import FEATURE_LAYER_NAME, MID_LEVEL_LAYER
 from keeneye.model.decision import predict_labels
 
 MAX_OVERLAY_SIDE = 512
-#: The stacked extractors (model/backbone._stacked_extractor) and the layer that runs the per-square extractor.
-STACKED_EXTRACTORS = {"tiled_feature_extractor": "tile_features", "views_feature_extractor": "view_features"}
 
 
 @dataclass
@@ -101,14 +98,11 @@ class GradCam:
 
     @staticmethod
     def _per_square(model):
-        """(the extractor of one square, the pooling over the squares or None, squares per input)."""
+        """(the extractor of one square, the pooling over the squares or None, squares per input) of a classifier."""
+        from keeneye.model.backbone import STACKED_EXTRACTORS, per_square  # keras: imported only when Grad-CAM runs
+
         names = {layer.name for layer in model.layers}
-        for stacked, wrapper in STACKED_EXTRACTORS.items():
-            if stacked in names:
-                outer = model.get_layer(stacked)
-                inner = outer.get_layer(wrapper).layer
-                return inner, outer.get_layer(FEATURE_LAYER_NAME), int(outer.input_shape[1]) // int(inner.input_shape[1])
-        return model.get_layer("feature_extractor"), None, 1
+        return per_square(model.get_layer(next((n for n in STACKED_EXTRACTORS if n in names), "feature_extractor")))
 
     @staticmethod
     def _map_and_pooling(extractor, backbone) -> tuple[Callable, Callable]:
@@ -118,6 +112,8 @@ class GradCam:
         (outside the gradient tape, so that each map's gradient is that of its own pooled part).
         """
         import keras
+
+        from keeneye.model.backbone import FEATURE_LAYER_NAME, MID_LEVEL_LAYER
 
         pool = extractor.get_layer(FEATURE_LAYER_NAME)
         names = {layer.name for layer in extractor.layers}
