@@ -40,3 +40,14 @@ def test_predict_on_an_onnx_bundle_never_imports_tensorflow(tiny_bundle, demo_da
     size = model.input_shape[1]
     expected = np.asarray(model.predict_on_batch(np.stack([load_image(p, size) for p in paths]))).reshape(-1)
     np.testing.assert_allclose(result["probability"], expected, atol=1e-4)
+
+
+@pytest.mark.slow  # a fresh Python process importing keeneye
+def test_the_overlay_modules_import_without_tensorflow() -> None:
+    """`predict --maps` on a one-class ONNX bundle imports keeneye.explain for its overlays; Grad-CAM's keras import
+    waits until Grad-CAM runs (once it sat at module level and every such predict loaded TensorFlow)."""
+    code = "import sys, keeneye.explain, keeneye.inference.anomaly; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "False"]
