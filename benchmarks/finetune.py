@@ -106,7 +106,8 @@ def run_one(name: str, settings: dict, work: Path, seed: int) -> dict:
         "output_dir": str(work / "runs"), "run_name": f"{name}-seed{seed}",
         "model": {"weights": str(WEIGHTS), "image_size": settings["image_size"]},
         "training": {"seed": seed, **({"batch_size": settings["batch_size"]} if "batch_size" in settings else {})},
-        "fine_tune": {"enabled": True, **{k: settings[k] for k in FINE_TUNE_KEYS if k in settings}},
+        # one fine-tune judged on validation: this benchmark compares that one fine-tuned model with the frozen one on test
+        "fine_tune": {"enabled": True, "judge": "validation", **{k: settings[k] for k in FINE_TUNE_KEYS if k in settings}},
     }
     if os.environ.get("KEENEYE_BENCH_FRESH_CACHE"):  # cold embeddings; default: the shared cache (~/.cache/keeneye)
         section["cache_dir"] = str(work / "cache")

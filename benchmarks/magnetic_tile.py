@@ -71,8 +71,11 @@ def run_fold(manifest: Path, work: Path, name: str, weights: Path, overrides: li
     seconds = time.perf_counter() - started
     m = result.metrics
     cv = m.get("cross_validation") or {}
-    # with head.anomaly_feature the published model is the stacked one: its own cross-validated estimate
-    estimate = ((m.get("anomaly_feature") or {}).get("cross_validation") or cv).get("estimate", {})
+    # with head.anomaly_feature the published model is the stacked one, with fine-tuning judged across the folds and
+    # kept the fine-tuned one: each has its own cross-validated estimate
+    tuned = m.get("fine_tune") or {}
+    published = tuned.get("cross_validation") if tuned.get("kept") else (m.get("anomaly_feature") or {}).get("cross_validation")
+    estimate = (published or cv).get("estimate", {})
     audit = json.loads((result.run_dir / "audit.json").read_text())
     entry = {
         "run_dir": str(result.run_dir), "n": m["n"], "n_positive": m["n_positive"], "threshold": result.threshold,
@@ -84,6 +87,7 @@ def run_fold(manifest: Path, work: Path, name: str, weights: Path, overrides: li
                                and c.get("kind") == "logistic"), None),
         "cv_candidates": cv.get("candidates"), "automatic_groups": audit["groups"].get("automatic"),
         "seconds": round(seconds, 1),
+        "fine_tune_kept": tuned.get("kept"), "fine_tune_verdict": (tuned.get("cross_validation") or {}).get("verdict"),
     }
     entry["cv_gap"] = None if entry["cv_f1"] is None else entry["cv_f1"] - entry["f1"]
     entry["cv_unpaired_choice"] = unpaired_choice(entry["cv_candidates"] or [])
@@ -137,7 +141,9 @@ def main() -> int:
               f"AP {r['average_precision']:.3f}, threshold {r['threshold']:.3f}, head {r['cv_head']}"
               f"{'' if r['cv_logistic_c'] is None else ' (logistic, C %g)' % r['cv_logistic_c'][0]}"
               f"{'' if r['cv_unpaired_choice'] is None else ' [unpaired rule: %s]' % r['cv_unpaired_choice']}, automatic groups "
-              f"{auto.get('n_groups')} (largest {auto.get('largest')}), {r['seconds']:.0f} s", flush=True)
+              f"{auto.get('n_groups')} (largest {auto.get('largest')}), {r['seconds']:.0f} s"
+              f"{'' if r['fine_tune_kept'] is None else '; fine-tuning %s across the folds: %s' % ('kept' if r['fine_tune_kept'] else 'dropped', r['fine_tune_verdict']['reason'])}",
+              flush=True)
     summary = {key: mean_sd([r[key] for r in folds.values()]) for key in KEYS}
     summary["abs_cv_gap"] = mean_sd([abs(r["cv_gap"]) for r in folds.values() if r["cv_gap"] is not None])
     for key, value in summary.items():

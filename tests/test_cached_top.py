@@ -111,7 +111,7 @@ def test_train_with_cached_top_records_the_method_and_judges_it(tmp_path, demo_d
 
     config = tiny_config(tmp_path, demo_data, run_name="top", training={"epochs": 8},
                          fine_tune={"enabled": True, "method": "cached_top", "unfreeze": "block_16_expand", "views": 2,
-                                    "epochs": 2, "patience": 0})
+                                    "epochs": 2, "patience": 0, "judge": "validation"})  # folds: test_finetune_folds
     console = Console(record=True, width=250)
     result = api.train(config_from_dict(config, base_dir=tmp_path), console=console)
     text = console.export_text()

@@ -215,7 +215,7 @@ def test_schema_describes_every_property() -> None:
         for prop, spec in obj["properties"].items():
             assert isinstance(spec.get("description"), str) and len(spec["description"]) > 15, f"{name}.{prop}"
             count += 1
-    assert count == 1 + 15 + 2 + 10 + 7 + 16 + 5 + 8 + 7 + 9 + 5 + 5 + 14  # "$schema" + every field (mode, anomaly: 2; model: 10 with features, resize, reduced_decode, tiles, tile_overlap, views; head: 7 with kind, logistic_c, anomaly_feature; training: 16 with embed_on, ray_address, ray_actors; fine_tune: 9 with method, views, schedule; video: 5, tracking: 5; anomaly section: 14 with score_neighbours, projection, standardise, score_top_k, search, nprobe)
+    assert count == 1 + 15 + 2 + 10 + 7 + 16 + 5 + 8 + 7 + 10 + 5 + 5 + 14  # "$schema" + every field (mode, anomaly: 2; model: 10 with features, resize, reduced_decode, tiles, tile_overlap, views; head: 7 with kind, logistic_c, anomaly_feature; training: 16 with embed_on, ray_address, ray_actors; fine_tune: 10 with method, views, schedule, judge; video: 5, tracking: 5; anomaly section: 14 with score_neighbours, projection, standardise, score_top_k, search, nprobe)
 
 
 def test_schema_required_and_excluded_fields() -> None:
@@ -697,7 +697,8 @@ ISSUE4_CASES = [
     ({"fine_tune": {"epochs": 0}}, "fine_tune.epochs: expected an integer >= 1, got 0"),
     ({"fine_tune": {"patience": -1}}, "fine_tune.patience: expected an integer >= 0, got -1"),
     ({"fine_tune": {"augment": "no"}}, 'fine_tune.augment: expected true or false, got "no" (a string)'),
-    ({"fine_tune": True}, "fine_tune: expected an object with any of the keys enabled, unfreeze, learning_rate, epochs, patience, augment, method, views, schedule, got true (a boolean)"),
+    ({"fine_tune": {"judge": "test"}}, 'fine_tune.judge: expected "folds" or "validation", got "test"'),
+    ({"fine_tune": True}, "fine_tune: expected an object with any of the keys enabled, unfreeze, learning_rate, epochs, patience, augment, method, views, schedule, judge, got true (a boolean)"),
     ({"fine_tune": {"unfreez": 3}}, "fine_tune.unfreez: unknown key; did you mean 'fine_tune.unfreeze'?"),
     ({"augment": {}}, "augment: unknown key; did you mean 'augmentation'?"),
 ]

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus_trains_end_to_end(tmp_path, demo_data, imagenet_weights) -> None:
     config = tiny_config(tmp_path, demo_data, run_name="mirrored", training={"epochs": 3, "distribute": "mirrored"},
-                         fine_tune={"enabled": True, "method": "images", "unfreeze": 5, "epochs": 1})
+                         fine_tune={"enabled": True, "method": "images", "unfreeze": 5, "epochs": 1, "judge": "validation"})
     (tmp_path / "config.json").write_text(json.dumps(config))
     script = textwrap.dedent(f"""
         import json, sys
@@ -69,7 +69,7 @@ def test_multi_worker_strategy_with_two_local_workers(tmp_path, demo_data, image
     """TF_CONFIG with two workers on this machine: both train in lockstep, only the chief writes the bundle.
     (Keras 3 needs keeneye's workaround for keras-team/keras#20585 here: this test is its guard.)"""
     config = tiny_config(tmp_path, demo_data, run_name="mw", training={"epochs": 2, "distribute": "multi_worker"},
-                         fine_tune={"enabled": True, "method": "images", "unfreeze": 3, "epochs": 1})
+                         fine_tune={"enabled": True, "method": "images", "unfreeze": 3, "epochs": 1, "judge": "validation"})
     (tmp_path / "config.json").write_text(json.dumps(config))
     script = textwrap.dedent(f"""
         import json

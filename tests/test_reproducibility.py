@@ -24,7 +24,8 @@ def test_two_runs_with_one_seed_give_identical_metrics_and_weights(tmp_path, dem
     results = []
     for name in ("first", "second"):
         config = tiny_config(tmp_path, demo_data, run_name=name, training={"epochs": 6, "oversample": True},
-                             fine_tune={"enabled": True, "method": "images", "unfreeze": 8, "epochs": 2, "learning_rate": 1e-4})
+                             fine_tune={"enabled": True, "method": "images", "unfreeze": 8, "epochs": 2, "learning_rate": 1e-4,
+                                       "judge": "validation"})
         results.append(api.train(config_from_dict(config, base_dir=tmp_path), console=QUIET))
     first, second = results
     assert first.metrics == second.metrics

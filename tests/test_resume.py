@@ -57,7 +57,8 @@ def _config(root: Path, data: Path, name: str) -> dict:
     return tiny_config(
         root, data, run_name=name,
         training={"epochs": 6, "early_stopping_patience": 0, "deterministic": True},
-        fine_tune={"enabled": True, "method": "images", "unfreeze": 10, "epochs": 4, "patience": 10, "learning_rate": 1e-4},
+        fine_tune={"enabled": True, "method": "images", "unfreeze": 10, "epochs": 4, "patience": 10, "learning_rate": 1e-4,
+                   "judge": "validation"},  # one fine-tune to interrupt; fold fine-tunes resume by the same run_phase
     )
 
 

@@ -180,7 +180,7 @@ def _publish(cfg: Config, scanned: phases.Scanned, prepared: phases.Prepared, fi
         bundle.write_metadata(metadata)
         final = bundle.publish()
     partial.remove()  # the bundle is published: the resumable state has served its purpose
-    reporter.trained(format_metrics_table(metrics), final, cv_summary(fit.cv) if fit.cv is not None else None)
+    reporter.trained(format_metrics_table(metrics), final, trained.estimate or (cv_summary(fit.cv) if fit.cv is not None else None))
     return TrainResult(final, metrics, trained.choice.threshold, scanned.class_names, trained.counts, timings)
 
 
@@ -208,7 +208,8 @@ def _evaluate_testing(cfg: Config, scanned: phases.Scanned, prepared: phases.Pre
         extra={"split": "testing", "threshold_choice": choice.to_dict(), "leakage": leakage_summary(prepared.audit),
                **_sequence_evaluation(rows, probability, class_names, choice.threshold, cfg.video, folder)}
         | ({"cross_validation": fit.cv.to_dict()} if fit.cv is not None else {})
-        | ({"anomaly_feature": trained.anomaly_feature.info()} if trained.anomaly_feature is not None else {}),
+        | ({"anomaly_feature": trained.anomaly_feature.info()} if trained.anomaly_feature is not None else {})
+        | phases.fine_tune_metrics(trained.info),
     )
 
 

@@ -660,8 +660,7 @@ class FineTuneConfig(BaseModel):
         Field(
             description=(
                 "Run the fine-tuning phase after the head is trained. The fine-tuned model is kept only when it beats "
-                "the head-only model on validation (by more than the cross-validation folds' AP spread when "
-                "training.cv_folds is on, else by validation F1); otherwise the simpler head-only model is published."
+                "the head-only model (see judge); otherwise the simpler head-only model is published."
             )
         ),
         _Expect("true or false", ("boolean",)),
@@ -745,6 +744,22 @@ class FineTuneConfig(BaseModel):
         ),
         _Expect('"constant" or "cosine"', ("string",)),
     ] = "cosine"
+    judge: Annotated[
+        Literal["folds", "validation"],
+        Field(
+            description=(
+                '"folds" (with training.cv_folds >= 2): fine-tune once per cross-validation fold, from that fold\'s '
+                "frozen head, early-stopping on the held-out fold; keep fine-tuning only when its out-of-fold AP beats "
+                "the frozen head's by more than one paired standard error over the folds, and then publish a "
+                "fine-tune on all training + validation images for the median of the folds' best epochs (K + 1 "
+                'fine-tunes; cached_top runs the frozen bottom once). "validation": one fine-tune on the training '
+                "split, judged on the validation split: cheaper, but a split holds the defects of only a few parts, "
+                "and on magnetic-tile it kept fine-tunes that then lost on every test fold (README). Without "
+                "cross-validation the validation split judges."
+            )
+        ),
+        _Expect('"folds" or "validation"', ("string",)),
+    ] = "folds"
 
     @field_validator("unfreeze")
     @classmethod

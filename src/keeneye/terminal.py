@@ -274,8 +274,9 @@ class Task:
     def advance(self, n: float = 1) -> None:
         self.progress.advance(self.task_id, n)
 
-    def keras_callback(self):
-        return keras_progress(self.progress, self.task_id, self.label)
+    def keras_callback(self, label: str | None = None):
+        """Progress per training batch; `label` names what trains (default: the task's label)."""
+        return keras_progress(self.progress, self.task_id, label or self.label)
 
     def step(self, description: str, total: float | None) -> None:
         """Show another step of the same phase on this line, counted from 0 (e.g. a pass over the images before the

@@ -59,7 +59,7 @@ from keeneye.training.fit import LOGISTIC_C_GRID, fused_adam, logistic_head, log
 __all__ = [
     "AUTO_CANDIDATES", "CandidateResult", "CrossValidation", "HeadCandidate", "PairedDifference", "best_index",
     "candidates_for", "cross_validate", "cross_validate_logistic",
-    "fold_scores", "group_folds", "paired_difference", "paired_differences", "select_candidate", "train_head",
+    "fold_scores", "gain_verdict", "group_folds", "paired_difference", "paired_differences", "select_candidate", "train_head",
 ]
 
 
@@ -331,6 +331,24 @@ def paired_difference(fold_ap: Sequence[float], reference_fold_ap: Sequence[floa
     d = d[np.isfinite(d)]
     se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
     return PairedDifference([float(v) for v in d], float(np.mean(d)) if len(d) else 0.0, se)
+
+
+def gain_verdict(fold_ap: Sequence[float], reference_fold_ap: Sequence[float], model: str, reference: str,
+                 simpler: str) -> dict:
+    """Keep a costlier `model` over its `reference` only when it beats it by more than one paired standard error.
+
+    Both per-fold APs come from the same group folds, so the paired difference cancels each fold's
+    difficulty (:func:`paired_difference`); a tie, or a single fold (no spread, no evidence), keeps the
+    simpler reference. Used for head.anomaly_feature "auto" and fine_tune.judge "folds".
+    """
+    paired = paired_difference(fold_ap, reference_fold_ap)
+    d, mean, se = paired.fold_difference, paired.mean, paired.standard_error
+    kept = len(d) > 1 and mean > se
+    reason = (f"out-of-fold AP of {model} minus {reference}'s, paired over {len(d)} folds: {mean:+.3g} "
+              f"(paired standard error {se:.3g}); " + ("more than one standard error better" if kept else
+                                                       f"not more than one standard error better, so {simpler}"))
+    return {"kept": kept, "ap_differences": [round(float(v), 6) for v in d], "mean": round(mean, 6), "se": round(se, 6),
+            "reason": reason}
 
 
 def select_candidate(results: Sequence[CandidateResult]) -> tuple[int, str]:

@@ -7,10 +7,12 @@ Recipe (Keras's transfer-learning guide, and what holds up on small inspection s
   (``trainable = False``, which in Keras 3 also means inference mode: moving statistics, never
   batch statistics) and the backbone is called with ``training=False``: a small batch of
   near-identical parts would otherwise wreck the ImageNet statistics in one epoch;
-* a much lower learning rate (``fine_tune.learning_rate``, default 1e-5), Adam;
+* a much lower learning rate (``fine_tune.learning_rate``, default 3e-5), Adam;
 * online augmentation (:mod:`keeneye.training.augment`), inside the training model only;
-* early stopping on the validation loss, best weights kept, resumable per epoch
+* early stopping on the held-out loss, best weights kept, resumable per epoch
   (:func:`keeneye.training.fit.run_phase`);
+* judged against the frozen head across the cross-validation folds (:class:`FoldFineTuner`,
+  ``fine_tune.judge: "folds"``) or on the validation split (:func:`fine_tune_and_choose`);
 * images streamed from disk by :class:`keeneye.training.pipeline.ImagePipeline`.
 
 Training happens on a **copy** of the feature extractor and head built inside the distribution
@@ -99,11 +101,13 @@ def build_finetune_model(extractor: keras.Model, head: keras.Model, augmenter: k
     return keras.Model(image, head(extractor(x)), name="keeneye_finetune")
 
 
-def plain_copy(cfg: Config, extractor: keras.Model, head: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """Float32 extractor and head with the bundle's architecture, holding the given models' weights."""
+def plain_copy(cfg: Config, extractor: keras.Model, head: keras.Model | None) -> tuple[keras.Model, keras.Model | None]:
+    """Float32 extractor and head with the bundle's architecture, holding the given models' weights (head None: none)."""
     new_extractor = build_feature_extractor(cfg.model.alpha, cfg.model.image_size, ResolvedWeights("none", None, None),
                                             cfg.model.features)
     new_extractor.set_weights(extractor.get_weights())
+    if head is None:
+        return new_extractor, None
     new_head = build_head(new_extractor.output_shape[-1], cfg.head.dense_units, cfg.head.dropout, seed=cfg.training.seed, l2=cfg.head.l2)
     new_head.set_weights(head.get_weights())
     return new_extractor, new_head
@@ -204,6 +208,18 @@ def fine_tune(
     )
 
 
+def cached_top_parts(cfg: Config, extractor: keras.Model, head: keras.Model | None):
+    """(extractor copy, head copy, unfrozen layer names, bottom, top) for cached_top: training the top trains the copy."""
+    from keeneye.training.cached_top import split_backbone
+
+    ft = cfg.fine_tune
+    ext_copy, head_copy = plain_copy(cfg, extractor, head)
+    base = find_backbone(ext_copy)
+    unfrozen = unfreeze_top(base, ft.unfreeze)
+    bottom, top = split_backbone(ext_copy, base.layers[first_unfrozen(base, ft.unfreeze)].name)
+    return ext_copy, head_copy, unfrozen, bottom, top
+
+
 def fine_tune_cached_top(
     cfg: Config, extractor: keras.Model, head: keras.Model, train_rows: pd.DataFrame, train_labels: np.ndarray,
     val_rows: pd.DataFrame, val_labels: np.ndarray, devices: Devices, policy: str = "float32",
@@ -214,15 +230,12 @@ def fine_tune_cached_top(
 
     task: the phase's progress line; the pass of the bottom over the images (minutes to an hour on a CPU) counts on it.
     """
-    from keeneye.training.cached_top import cache_views, dropped_frame, split_backbone, train_top
+    from keeneye.training.cached_top import cache_views, dropped_frame, train_top
 
     started = time.perf_counter()
     ft = cfg.fine_tune
     keras.utils.set_random_seed(cfg.training.seed)
-    ext_copy, head_copy = plain_copy(cfg, extractor, head)
-    base = find_backbone(ext_copy)
-    unfrozen = unfreeze_top(base, ft.unfreeze)
-    bottom, top = split_backbone(ext_copy, base.layers[first_unfrozen(base, ft.unfreeze)].name)
+    ext_copy, head_copy, unfrozen, bottom, top = cached_top_parts(cfg, extractor, head)
     spec = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)
     advance = None
     if task is not None:
@@ -355,6 +368,7 @@ class PhaseChoice:
     dropped: pd.DataFrame  # manifest index -> reason: files that failed to decode while fine-tuning
     phases: dict
     policy: str
+    estimate: str | None = None  # fine_tune.judge "folds", fine-tuned model kept: its cross-validated estimate
 
 
 def both_phases(head_history: pd.DataFrame, fine_history: pd.DataFrame) -> pd.DataFrame:
@@ -455,3 +469,197 @@ def fine_tune_and_choose(
         return PhaseChoice(kept, reason, result.extractor, result.head, fine_choice, lambda mask: probabilities[mask],
                            testing, history, all_dropped, phases, policy)
     return PhaseChoice(kept, reason, extractor, head, head_choice, head_probability, testing, history, all_dropped, phases, policy)
+
+
+# --- fine_tune.judge "folds": fine-tuning cross-validated like the head --------------------------------------------
+
+
+@dataclass
+class FoldFineTunes:
+    """Fine-tunes of the cross-validation folds: what the judge and the refit need."""
+
+    oof: np.ndarray  # per row: the probability of the fine-tune whose fold held it out (NaN: failed to decode)
+    best_epochs: list[int]  # per fold: the epoch early stopping kept
+    seconds: float
+
+    @property
+    def refit_epochs(self) -> int:
+        """The published fine-tune's epoch count: the median of the folds' best epochs (no rows are left to stop on)."""
+        return max(1, int(round(float(np.median(self.best_epochs)))))
+
+
+class FoldFineTuner:
+    """Fine-tuning cross-validated over the head's group folds, then refit on every row (``fine_tune.judge: "folds"``).
+
+    Why: a validation split holds the defects of a few parts; the model that early stopping chose on it
+    was then judged on it, and on magnetic-tile deep fine-tunes that won there lost on every test fold
+    (README). Each fold's fine-tune starts from that fold's frozen head (which never saw the fold), so the
+    fine-tuned and the frozen out-of-fold probabilities cover the same rows and pair fold by fold.
+
+    `rows`/`labels`: training + validation (manifest rows, column `path`), in the order of `folds`.
+    With cached_top the frozen bottom runs once over all rows (and views) and every fine-tune trains on it.
+    """
+
+    def __init__(self, cfg: Config, extractor: keras.Model, rows: pd.DataFrame, labels: np.ndarray, devices: Devices,
+                 policy: str = "float32", checkpoint_dir: Path | None = None, callbacks: Sequence = (),
+                 task: Task | None = None) -> None:
+        self.cfg, self.extractor, self.rows, self.labels = cfg, extractor, rows, np.asarray(labels)
+        self.devices, self.policy, self.checkpoint_dir, self.callbacks, self.task = devices, policy, checkpoint_dir, callbacks, task
+        self.spec = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)
+        self.dropped: list[pd.DataFrame] = []
+        self.activations, self.decoded = None, np.ones(len(rows), bool)
+        if cfg.fine_tune.method == "cached_top":
+            self._cache_bottom()
+
+    def _cache_bottom(self) -> None:
+        from keeneye.training.cached_top import cache_views, dropped_frame
+
+        views = self.cfg.fine_tune.views
+        bottom = cached_top_parts(self.cfg, self.extractor, None)[3]
+        advance = None
+        if self.task is not None:
+            self.task.step(f"fine-tuning: frozen bottom over {len(self.rows)} training + validation images x {views} views",
+                           len(self.rows))
+            advance = self.task.advance
+        self.activations, failed = cache_views(bottom, self.rows["path"].tolist(), self.spec, views,
+                                               self.cfg.training.batch_size, advance)
+        self.decoded[list(failed)] = False
+        self.dropped.append(dropped_frame(self.rows.index, failed))
+
+    def cross_validate(self, fold_heads: Sequence[keras.Model], folds: np.ndarray) -> FoldFineTunes:
+        """One fine-tune per fold from its frozen head, early-stopping on the held-out fold, which it then scores."""
+        started = time.perf_counter()
+        oof = np.full(len(self.labels), np.nan, np.float32)
+        best_epochs = []
+        for k, head in enumerate(fold_heads):
+            held = folds == k
+            label = f"fine-tuning fold {k + 1}/{len(fold_heads)}"
+            result, oof[held] = self._fine_tune(self.cfg, head, ~held, held, f"fold_{k}", label)
+            best_epochs.append(int(result.history.attrs.get("best_epoch", len(result.history))))
+        return FoldFineTunes(oof, best_epochs, time.perf_counter() - started)
+
+    def refit(self, head: keras.Model, epochs: int) -> FineTuneResult:
+        """The fine-tune to publish: from the published frozen head, on every row, for `epochs` (no early stopping)."""
+        cfg = self.cfg.model_copy(update={"fine_tune": self.cfg.fine_tune.model_copy(update={"epochs": epochs, "patience": 0})})
+        every, none = np.ones(len(self.labels), bool), np.zeros(len(self.labels), bool)
+        return self._fine_tune(cfg, head, every, none, "refit", "fine-tuning on all rows")[0]
+
+    def _fine_tune(self, cfg: Config, head: keras.Model, train: np.ndarray, held: np.ndarray, name: str,
+                   label: str) -> tuple[FineTuneResult, np.ndarray]:
+        """Fine-tune copies of the extractor and `head` on the `train` rows, early-stopping on the `held` ones (if any);
+        the result and the held rows' probabilities (NaN where a file failed)."""
+        folder = None if self.checkpoint_dir is None else self.checkpoint_dir / name
+        callbacks = (*self.callbacks, self.task.keras_callback(label)) if self.task is not None else self.callbacks
+        if self.activations is None:  # method images: the ordinary fine-tune, then its probabilities of the held rows
+            rows, y = self.rows, self.labels
+            result = fine_tune(cfg, self.extractor, head, rows[train], y[train], rows[held], y[held], self.devices,
+                               self.policy, folder, callbacks)
+            p, failed = predict_paths(build_classifier(result.extractor, result.head), rows.loc[held, "path"].tolist(), self.spec)
+            self.dropped += [result.dropped, pd.DataFrame({"reason": pd.Series(
+                {rows.index[held][k]: r for k, r in failed.items()}, dtype=object)})]
+            return result, p
+        return self._fine_tune_cached(cfg, head, train, held, folder, callbacks)
+
+    def _fine_tune_cached(self, cfg: Config, head: keras.Model, train: np.ndarray, held: np.ndarray, folder: Path | None,
+                          callbacks: Sequence) -> tuple[FineTuneResult, np.ndarray]:
+        from keeneye.training.cached_top import train_top
+
+        started = time.perf_counter()
+        keras.utils.set_random_seed(cfg.training.seed)
+        ext_copy, head_copy, unfrozen, _, top = cached_top_parts(cfg, self.extractor, head)
+        train_at, held_at = np.flatnonzero(train & self.decoded), np.flatnonzero(held & self.decoded)
+        held_acts = self.activations[0, held_at]
+        model, outcome = train_top(cfg, top, head_copy, (self.activations, self.labels[train_at]),
+                                   (held_acts, self.labels[held_at]), folder, callbacks, positions=train_at)
+        p = np.full(int(held.sum()), np.nan, np.float32)
+        if len(held_at):
+            p[self.decoded[held]] = np.asarray(model.predict(held_acts, batch_size=cfg.training.batch_size, verbose=0))[:, 0]
+        final_extractor, final_head = plain_copy(cfg, ext_copy, head_copy)
+        history = outcome.history
+        del model, outcome, held_acts, top, ext_copy, head_copy
+        gc.collect()
+        empty = pd.DataFrame({"reason": pd.Series(dtype=object)})
+        return FineTuneResult(final_extractor, final_head, history, unfrozen, empty, "float32",
+                              time.perf_counter() - started), p
+
+    def dropped_files(self) -> pd.DataFrame:
+        """manifest index -> reason for the files that failed to decode while fine-tuning (each once)."""
+        frames = [f for f in self.dropped if len(f)]
+        if not frames:
+            return pd.DataFrame({"reason": pd.Series(dtype=object)})
+        found = pd.concat(frames)
+        return found[~found.index.duplicated()]
+
+
+def fine_tune_folds_and_choose(
+    cfg: Config, extractor: keras.Model, head: keras.Model, fold_heads: Sequence[keras.Model], cv, manifest: pd.DataFrame,
+    y: np.ndarray, sets: dict, head_history: pd.DataFrame, head_probability: Callable[[np.ndarray], np.ndarray],
+    head_seconds: float, devices: Devices, checkpoint_dir: Path | None, callbacks: Sequence = (), console=None,
+    task: Task | None = None,
+) -> PhaseChoice:
+    """fine_tune.judge "folds": fine-tune in every fold of `cv` (crossval.CrossValidation, over training + validation),
+    keep fine-tuning only when its out-of-fold AP beats the frozen head's by more than one paired standard error
+    (crossval.gain_verdict), and then publish a fine-tune of `head` (the frozen head refit on every row) on every row
+    for the median of the folds' best epochs, at the threshold chosen on the fine-tuned out-of-fold probabilities.
+    """
+    from keeneye.evaluation.threshold import choose_threshold
+    from keeneye.training.crossval import fold_scores, gain_verdict
+    from keeneye.training.distribute import mixed_precision_policy
+
+    say = console.print if console is not None else (lambda *a, **k: None)
+    policy, note = mixed_precision_policy(cfg.training.mixed_precision, devices)
+    if note:
+        say(f"[yellow]note:[/] {note}")
+    ft, ev = cfg.fine_tune, cfg.evaluation
+    pool = sets["training"] | sets["validation"]
+    tuner = FoldFineTuner(cfg, extractor, manifest[pool], y[pool], devices, policy, checkpoint_dir, callbacks, task)
+    tuned = tuner.cross_validate(fold_heads, cv.folds)
+    scored = np.isfinite(tuned.oof)  # rows whose files decoded: both models are judged on the same rows
+    y_pool, folds = y[pool][scored], cv.folds[scored]
+    fine_choice = choose_threshold(y_pool, tuned.oof[scored], min_per_class=ev.min_validation_per_class,
+                                   fixed=None if ev.threshold == "auto" else float(ev.threshold), objective=ev.threshold_objective,
+                                   target=ev.objective_target, source="out_of_fold")
+    fine_scores = fold_scores(y_pool, tuned.oof[scored], folds, fine_choice.threshold)
+    frozen_scores = fold_scores(y_pool, cv.best.oof[scored], folds, cv.choice.threshold)
+    verdict = gain_verdict(fine_scores["average_precision"], frozen_scores["average_precision"], "the fine-tuned model",
+                           "the frozen head", "the simpler frozen model")
+    kept = "fine_tune" if verdict["kept"] else "head"
+    estimate = (f"F1 {fine_scores['f1_mean']:.4f} +- {fine_scores['f1_sd']:.4f}, AP {fine_scores['average_precision_mean']:.4f} "
+                f"+- {fine_scores['average_precision_sd']:.4f} over {len(fold_heads)} group folds (fine-tuned, threshold "
+                f"{fine_choice.threshold:.4f})")
+    say(f"fine-tuned in {len(fold_heads)} group folds (best epochs {tuned.best_epochs}, {tuned.seconds:.0f} s): cross-validated "
+        f"{estimate}; frozen head AP {frozen_scores['average_precision_mean']:.4f} -> keeping the "
+        f"[bold]{'fine-tuned' if kept == 'fine_tune' else 'head-only'}[/] model: {verdict['reason']}", highlight=False)
+    folds_record = {"judge": "folds", "folds": len(fold_heads), "fold_best_epochs": tuned.best_epochs, "verdict": verdict,
+                    "estimate": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
+                                 for k, v in fine_scores.items()},
+                    "threshold_choice": fine_choice.to_dict(), "folds_seconds": round(tuned.seconds, 1)}
+    settings = {"unfreeze": ft.unfreeze, "learning_rate": ft.learning_rate, "augment": ft.augment, "precision": policy,
+                "method": ft.method, "schedule": ft.schedule} | ({"views": ft.views} if ft.method == "cached_top" else {})
+    head_phase = phase_summary(head_history, cv.choice.validation_f1, cv.choice.threshold, head_seconds)
+    if kept == "head":
+        history = head_history.assign(phase="head")
+        history.attrs.update(head_history.attrs)
+        phases = {"head": head_phase, "fine_tune": {"epochs_run": 0, "best_epoch": 0, "validation_f1": fine_choice.validation_f1,
+                                                    "threshold": fine_choice.threshold, "seconds": round(tuned.seconds, 1)}
+                  | folds_record | settings}
+        return PhaseChoice("head", verdict["reason"], extractor, head, cv.choice, head_probability, sets["testing"], history,
+                           tuner.dropped_files(), phases, policy)
+
+    result = tuner.refit(head, tuned.refit_epochs)
+    say(fine_tune_line(ft.unfreeze, result) + f", on all {int(pool.sum())} training + validation images", highlight=False)
+    classifier = build_classifier(result.extractor, result.head)
+    testing = sets["testing"].copy()
+    positions = np.flatnonzero(testing)
+    probabilities = np.full(len(manifest), np.nan, np.float32)
+    probabilities[positions], failed = predict_paths(classifier, manifest["path"].to_numpy()[positions].tolist(), tuner.spec)
+    testing[positions[list(failed)]] = False
+    dropped = pd.concat([tuner.dropped_files(), pd.DataFrame({"reason": pd.Series(
+        {manifest.index[positions[k]]: r for k, r in failed.items()}, dtype=object)})])
+    seconds = tuned.seconds + result.seconds
+    phases = {"head": head_phase,
+              "fine_tune": phase_summary(result.history, fine_choice.validation_f1, fine_choice.threshold, seconds)
+              | folds_record | settings | {"layers_trained": len(result.unfrozen)}}
+    return PhaseChoice("fine_tune", verdict["reason"], result.extractor, result.head, fine_choice, lambda mask: probabilities[mask],
+                       testing, both_phases(head_history, result.history), dropped[~dropped.index.duplicated()], phases, policy,
+                       estimate=estimate)

@@ -283,9 +283,23 @@ class HeadFit:
     publish: str  # "refit" or "average" (training.cv_publish)
     seconds: float
     features: np.ndarray = field(repr=False, default=None)
+    columns: np.ndarray | None = None  # the feature subset head.auto chose (its fold heads are that narrow), else None
 
     def probability(self, mask: Mask) -> np.ndarray:
         return np.asarray(self.head(self.features[mask], training=False)).reshape(-1)
+
+    def fold_heads(self) -> list:
+        """The cross-validation's fold heads of the chosen candidate, each taking the whole embedding."""
+        return whole_fold_heads(self.cv, self.columns, self.features.shape[1])
+
+
+def whole_fold_heads(cv, columns: np.ndarray | None, dim: int) -> list:
+    """cv's fold heads of the chosen candidate; trained on a feature subset (`columns`), widened to all `dim` features."""
+    if columns is None:
+        return list(cv.best.heads)
+    from keeneye.model.head import widen_head
+
+    return [widen_head(h, columns, dim) for h in cv.best.heads]
 
 
 def fit_head(cfg: Config, prepared: Prepared, extractor: Any, partial: PartialRun, devices: Any, callbacks: tuple,
@@ -301,22 +315,27 @@ def fit_head(cfg: Config, prepared: Prepared, extractor: Any, partial: PartialRu
     run_cfg = cfg if cv is None else cv_config(cfg, cv)  # the chosen head (head.auto) and the refit's epochs
     # head.auto may have chosen a feature subset: the published head trains on its columns only
     columns = feature_sets.get(cv.best.candidate.features) if cv is not None and cv.best.candidate.features else None
-    # With cross-validation the head is refit on training + validation, except when fine-tuning: then validation
-    # stays unseen, for the honest comparison of the fine-tuned model with the frozen one.
-    pool = sets["training"] | sets["validation"] if cv is not None and not cfg.fine_tune.enabled else sets["training"]
+    # With cross-validation the head is refit on training + validation, except when fine-tuning is judged on the
+    # validation split (fine_tune.judge "validation"): then validation stays unseen, for that comparison.
+    whole_pool = cv is not None and not judged_on_validation(cfg)
+    pool = sets["training"] | sets["validation"] if whole_pool else sets["training"]
     validation = sets["validation"] if cv is None else np.zeros_like(pool)
-    publish = cfg.training.cv_publish if cv is not None and not cfg.fine_tune.enabled else "refit"
+    publish = cfg.training.cv_publish if whole_pool else "refit"
     if publish == "average":
-        from keeneye.model.head import average_heads, widen_head
+        from keeneye.model.head import average_heads
 
-        dim = prepared.features.shape[1]
-        heads = cv.best.heads if columns is None else [widen_head(h, columns, dim) for h in cv.best.heads]
+        heads = whole_fold_heads(cv, columns, prepared.features.shape[1])
         head, history = average_heads(heads), fold_history(cv)
         reporter.print(f"head: the mean of the {len(cv.best.heads)} fold heads (training.cv_publish average)")
     else:
         head, history = fit_published_head(run_cfg, extractor, prepared, pool, validation, partial, callbacks, devices, reporter,
                                            columns)
-    return HeadFit(head, history, cv, run_cfg, publish, time.perf_counter() - started, prepared.features)
+    return HeadFit(head, history, cv, run_cfg, publish, time.perf_counter() - started, prepared.features, columns)
+
+
+def judged_on_validation(cfg: Config) -> bool:
+    """Whether fine-tuning runs and is judged on the validation split (fine_tune.judge "validation")."""
+    return cfg.fine_tune.enabled and cfg.fine_tune.judge == "validation"
 
 
 def auto_feature_sets(cfg: Config, extractor: Any) -> dict[str, np.ndarray]:
@@ -476,6 +495,7 @@ class Trained:
     fine_tuned: bool = False
     fine_tuning_s: float | None = None
     anomaly_feature: Any = None  # training.anomaly_feature.AnomalyFeature with head.anomaly_feature, else None
+    estimate: str | None = None  # the published model's cross-validated estimate when it is not the head's (cv_summary)
 
 
 def keep_head(cfg: Config, prepared: Prepared, extractor: Any, fit: HeadFit, choice: ThresholdChoice, devices: Any) -> Trained:
@@ -554,44 +574,49 @@ def add_anomaly_feature(cfg: Config, scanned: Scanned, prepared: Prepared, fit: 
 def anomaly_feature_verdict(stacked_fold_ap: Sequence[float], head_fold_ap: Sequence[float]) -> dict:
     """Keep the stacked model only when cross-validation says the one-class score helps (issue 13 part 5).
 
-    Both per-fold APs come from the same group folds (the stacked ones cross-fitted), so the paired
-    difference cancels each fold's difficulty, as in head.auto's rule (crossval.paired_difference):
-    the stacked model must beat the head by more than one paired standard error; a tie keeps the
-    simpler head, which needs no second backbone pass and no nearest-neighbour search per image.
+    The stacked model must beat the head by more than one paired standard error over the same group folds
+    (crossval.gain_verdict); a tie keeps the simpler head, which needs no second backbone pass and no
+    nearest-neighbour search per image.
     """
-    from keeneye.training.crossval import paired_difference
+    from keeneye.training.crossval import gain_verdict
 
-    paired = paired_difference(stacked_fold_ap, head_fold_ap)
-    d, mean, se = paired.fold_difference, paired.mean, paired.standard_error
-    kept = len(d) > 1 and mean > se
-    reason = (f"out-of-fold AP of the stacked model minus the head's, paired over {len(d)} folds: {mean:+.3g} "
-              f"(paired standard error {se:.3g}); " + ("more than one standard error better" if kept else
-                                                       "not more than one standard error better, so the simpler head"))
-    return {"kept": kept, "ap_differences": [round(float(v), 6) for v in d], "mean": round(mean, 6), "se": round(se, 6),
-            "reason": reason}
+    return gain_verdict(stacked_fold_ap, head_fold_ap, "the stacked model", "the head", "the simpler head")
 
 
 def fine_tune(cfg: Config, prepared: Prepared, fit: HeadFit, baseline: Trained, partial: PartialRun, devices: Any,
               callbacks: tuple, reporter: Reporter) -> Trained:
-    """Fine-tune the top of the backbone, then keep whichever model validation prefers (training/finetune.py).
+    """Fine-tune the top of the backbone, then keep whichever model held-out data prefers (training/finetune.py):
+    across the cross-validation folds (fine_tune.judge "folds", with cross-validation) or on the validation split.
 
     callbacks: Keras callbacks for fine-tuning's `fit` (the caller's, then TensorBoard's), before the progress bar's.
     """
-    from keeneye.training.finetune import fine_tune_and_choose
+    from keeneye.training.finetune import fine_tune_and_choose, fine_tune_folds_and_choose
 
     manifest, sets, cv = prepared.manifest, dict(prepared.sets), fit.cv
-    reference = None
-    if cv is not None:  # honest comparison: the frozen head's out-of-fold probabilities, the folds' AP spread
-        frozen_oof = np.full(len(manifest), np.nan, np.float32)
-        frozen_oof[sets["training"] | sets["validation"]] = cv.best.oof
-        reference = (frozen_oof, cv.estimate["average_precision_sd"], cv.choice)
-    with reporter.task("fine-tuning", cfg.fine_tune.epochs) as task:
-        tuned = fine_tune_and_choose(
-            fit.run_cfg, baseline.extractor, fit.head, manifest, prepared.y, sets, fit.history, fit.probability, fit.seconds,
-            devices, partial.phase_dir("fine_tune"),
-            (*callbacks, task.keras_callback()),
-            reporter, frozen_reference=reference, task=task,
-        )
+    ft = cfg.fine_tune
+    if cv is None and ft.judge == "folds":
+        reporter.line('fine_tune.judge "folds" needs the cross-validation, which did not run: the validation split judges.')
+    if cv is not None and ft.judge == "folds":
+        k = int(cv.folds.max()) + 1
+        reporter.line(f'fine_tune.judge "folds": {k} fold fine-tunes, then one on all training + validation images if '
+                      f"the folds keep it (about {k + 1} times one fine-tune)")
+        with reporter.task("fine-tuning", (k + 1) * ft.epochs) as task:
+            tuned = fine_tune_folds_and_choose(
+                fit.run_cfg, baseline.extractor, fit.head, fit.fold_heads(), cv, manifest,
+                prepared.y, sets, fit.history, fit.probability, fit.seconds, devices, partial.phase_dir("fine_tune"), callbacks,
+                reporter, task=task)
+    else:
+        reference = None
+        if cv is not None:  # honest comparison: the frozen head's out-of-fold probabilities, the folds' AP spread
+            frozen_oof = np.full(len(manifest), np.nan, np.float32)
+            frozen_oof[sets["training"] | sets["validation"]] = cv.best.oof
+            reference = (frozen_oof, cv.estimate["average_precision_sd"], cv.choice)
+        with reporter.task("fine-tuning", ft.epochs) as task:
+            tuned = fine_tune_and_choose(
+                fit.run_cfg, baseline.extractor, fit.head, manifest, prepared.y, sets, fit.history, fit.probability, fit.seconds,
+                devices, partial.phase_dir("fine_tune"), (*callbacks, task.keras_callback()), reporter,
+                frozen_reference=reference, task=task,
+            )
     info = baseline.info | {"kept": tuned.kept, "kept_reason": tuned.reason, "phases": tuned.phases}
     dropped, ok, counts = baseline.dropped, baseline.ok, baseline.counts
     if len(tuned.dropped):  # files that failed to decode while fine-tuning: reported like the embedding pass's
@@ -601,7 +626,8 @@ def fine_tune(cfg: Config, prepared: Prepared, fit: HeadFit, baseline: Trained, 
         counts = data_counts(prepared.counted, prepared.skipped, dropped)
         reporter.dropped_files(list(zip(late["path"], late["reason"])), when="while fine-tuning")
     return Trained(tuned.extractor, tuned.head, tuned.choice, tuned.probability, tuned.history, tuned.testing, ok, dropped,
-                   counts, info, fine_tuned=tuned.kept == "fine_tune", fine_tuning_s=tuned.phases["fine_tune"]["seconds"])
+                   counts, info, fine_tuned=tuned.kept == "fine_tune", fine_tuning_s=tuned.phases["fine_tune"]["seconds"],
+                   estimate=tuned.estimate)
 
 
 def training_summary(info: dict) -> str:
@@ -609,10 +635,25 @@ def training_summary(info: dict) -> str:
     parts = []
     for name, phase in info["phases"].items():
         f1 = phase.get("validation_f1")
+        if phase.get("judge") == "folds":
+            v = phase["verdict"]
+            parts.append(f"fine-tuning in {phase['folds']} group folds (out-of-fold F1 {'n/a' if f1 is None else f'{f1:.4f}'}, "
+                         f"AP {v['mean']:+.4f} +- "
+                         f"{v['se']:.4f} vs frozen)" + (f", then {phase['epochs_run']} epochs on all rows" if phase["epochs_run"] else ""))
+            continue
         parts.append(f"{'head' if name == 'head' else 'fine-tuning'} {phase['epochs_run']} epochs (best {phase['best_epoch']}, "
                      f"validation F1 {'n/a' if f1 is None else f'{f1:.4f}'})")
     kept = "" if len(info["phases"]) == 1 else f"; kept: {'fine-tuned' if info['kept'] == 'fine_tune' else 'head only'}"
     return ", ".join(parts) + kept
+
+
+def fine_tune_metrics(info: dict) -> dict:
+    """metrics.json's "fine_tune" section when fine-tuning was judged across the folds (fine_tune.judge "folds"), else {}."""
+    phase = info.get("phases", {}).get("fine_tune", {})
+    if phase.get("judge") != "folds":
+        return {}
+    return {"fine_tune": {"kept": info["kept"] == "fine_tune", "cross_validation": {
+        key: phase[key] for key in ("folds", "estimate", "threshold_choice", "verdict", "fold_best_epochs")}}}
 
 
 # --- what the bundle says ---------------------------------------------------------------------------
