@@ -606,6 +606,7 @@ def fine_tune_folds_and_choose(
     from keeneye.training.crossval import fold_scores, gain_verdict
     from keeneye.training.distribute import mixed_precision_policy
 
+    started = time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
     policy, note = mixed_precision_policy(cfg.training.mixed_precision, devices)
     if note:
@@ -641,7 +642,8 @@ def fine_tune_folds_and_choose(
         history = head_history.assign(phase="head")
         history.attrs.update(head_history.attrs)
         phases = {"head": head_phase, "fine_tune": {"epochs_run": 0, "best_epoch": 0, "validation_f1": fine_choice.validation_f1,
-                                                    "threshold": fine_choice.threshold, "seconds": round(tuned.seconds, 1)}
+                                                    "threshold": fine_choice.threshold,
+                                                    "seconds": round(time.perf_counter() - started, 1)}
                   | folds_record | settings}
         return PhaseChoice("head", verdict["reason"], extractor, head, cv.choice, head_probability, sets["testing"], history,
                            tuner.dropped_files(), phases, policy)
@@ -656,7 +658,7 @@ def fine_tune_folds_and_choose(
     testing[positions[list(failed)]] = False
     dropped = pd.concat([tuner.dropped_files(), pd.DataFrame({"reason": pd.Series(
         {manifest.index[positions[k]]: r for k, r in failed.items()}, dtype=object)})])
-    seconds = tuned.seconds + result.seconds
+    seconds = time.perf_counter() - started  # the pass of the bottom, the fold fine-tunes, the refit, the test images
     phases = {"head": head_phase,
               "fine_tune": phase_summary(result.history, fine_choice.validation_f1, fine_choice.threshold, seconds)
               | folds_record | settings | {"layers_trained": len(result.unfrozen)}}
