@@ -149,11 +149,13 @@ def test_train_with_fine_tuning_reports_both_phases_and_keeps_the_bundle_contrac
     text = console.export_text()
     assert "validation F1 after head training:" in text
     assert "validation F1: head only" in text and "fine-tuned" in text and "-> keeping the" in text
+    assert 'fine_tune.judge "folds" needs the cross-validation, which did not run: the validation split judges.' in text
     metadata = json.loads((result.run_dir / "metadata.json").read_text())
     training = metadata["training"]
     assert training["kept"] in ("head", "fine_tune") and training["kept_reason"]
     assert set(training["phases"]) == {"head", "fine_tune"}
     assert training["phases"]["fine_tune"]["epochs_run"] == 2 and training["phases"]["fine_tune"]["layers_trained"] == 7
+    assert training["phases"]["fine_tune"]["judge"] == "validation"  # what judged, not what was asked for
     for phase in training["phases"].values():
         assert 0 <= phase["validation_f1"] <= 1
     history = pd.read_csv(result.run_dir / "history.csv")

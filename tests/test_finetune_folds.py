@@ -11,6 +11,7 @@ Cheap: 96 px demo images, cached_top with 2 views, real ImageNet weights (the fi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -60,6 +61,10 @@ def test_fold_fine_tunes_that_beat_the_frozen_heads_are_kept_refit_on_every_row_
         return head
 
     paths = {split: sorted(str(p) for p in (demo_data / split).rglob("*.png")) for split in ("training", "testing")}
+    broken = tmp_path / "defect" / "broken.png"  # decodes nowhere: it must be reported, never silently left out
+    broken.parent.mkdir()
+    broken.write_bytes(Path(paths["training"][0]).read_bytes()[:40])
+    paths["training"].append(str(broken))
     manifest = pd.DataFrame({"path": paths["training"] + paths["testing"]})
     y = np.array([int("/defect/" in p) for p in manifest["path"]])
     training = np.arange(len(manifest)) < len(paths["training"])
@@ -84,6 +89,7 @@ def test_fold_fine_tunes_that_beat_the_frozen_heads_are_kept_refit_on_every_row_
     assert not failed
     np.testing.assert_allclose(test_p, published, atol=1e-4)
     assert roc_auc_score(y[~training], test_p) > 0.8, "the refit learned from every row"
+    assert chosen.dropped["reason"].to_dict() == {len(paths["training"]) - 1: "truncated PNG (no IEND chunk)"}
 
 
 class Crash(Exception):

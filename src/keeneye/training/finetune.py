@@ -371,6 +371,13 @@ class PhaseChoice:
     estimate: str | None = None  # fine_tune.judge "folds", fine-tuned model kept: its cross-validated estimate
 
 
+def fine_tune_settings(ft, policy: str) -> dict:
+    """The fine_tune settings a run used, for metadata.json's fine_tune phase (views only where cached_top uses them)."""
+    return ({"unfreeze": ft.unfreeze, "learning_rate": ft.learning_rate, "augment": ft.augment, "precision": policy,
+             "method": ft.method, "schedule": ft.schedule}
+            | ({"views": ft.views} if ft.method == "cached_top" else {}))
+
+
 def both_phases(head_history: pd.DataFrame, fine_history: pd.DataFrame) -> pd.DataFrame:
     """The head's epochs then the fine-tuning's, numbered on, with a `phase` column (history.csv)."""
     history = pd.concat([
@@ -458,9 +465,7 @@ def fine_tune_and_choose(
     phases = {
         "head": phase_summary(head_history, head_choice.validation_f1, head_choice.threshold, head_seconds),
         "fine_tune": phase_summary(result.history, fine_choice.validation_f1, fine_choice.threshold, result.seconds)
-        | {"unfreeze": ft.unfreeze, "layers_trained": len(result.unfrozen), "learning_rate": ft.learning_rate,
-           "augment": ft.augment, "precision": policy, "method": ft.method, "schedule": ft.schedule}
-        | ({"views": ft.views} if ft.method == "cached_top" else {}),
+        | fine_tune_settings(ft, policy) | {"layers_trained": len(result.unfrozen), "judge": "validation"},
     }
     frames = [f for f in dropped if len(f)]
     all_dropped = pd.concat(frames) if frames else pd.DataFrame({"reason": pd.Series(dtype=object)})
@@ -635,8 +640,7 @@ def fine_tune_folds_and_choose(
                     "estimate": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
                                  for k, v in fine_scores.items()},
                     "threshold_choice": fine_choice.to_dict(), "folds_seconds": round(tuned.seconds, 1)}
-    settings = {"unfreeze": ft.unfreeze, "learning_rate": ft.learning_rate, "augment": ft.augment, "precision": policy,
-                "method": ft.method, "schedule": ft.schedule} | ({"views": ft.views} if ft.method == "cached_top" else {})
+    settings = fine_tune_settings(ft, policy)
     head_phase = phase_summary(head_history, cv.choice.validation_f1, cv.choice.threshold, head_seconds)
     if kept == "head":
         history = head_history.assign(phase="head")
