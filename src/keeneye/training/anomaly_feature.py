@@ -36,7 +36,7 @@ from keeneye.model.patchcore import AnomalyEngine, PatchBank, build_patch_extrac
 from keeneye.runtime.batches import run_engine
 from keeneye.runtime.choice import make_feature_engine
 from keeneye.training.anomaly import build_bank
-from keeneye.training.crossval import fold_scores
+from keeneye.training.crossval import fold_scores, rounded_estimate
 
 __all__ = ["AnomalyFeature", "anomaly_feature_problems", "fit_anomaly_feature", "fit_stacker", "oof_raw_scores", "patch_grids"]
 
@@ -68,8 +68,7 @@ class AnomalyFeature:
         return {**self.settings, "bank_size": len(self.bank), "coef_logit": self.stacker.coef_logit,
                 "coef_log_score": self.stacker.coef_log_score, "intercept": self.stacker.intercept,
                 "cross_validation": {"threshold_choice": self.choice.to_dict(),
-                                     "estimate": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
-                                                  for k, v in self.estimate.items()}},
+                                     "estimate": rounded_estimate(self.estimate)},
                 "seconds": round(self.seconds, 1)}
 
 

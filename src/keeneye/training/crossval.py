@@ -59,7 +59,7 @@ from keeneye.training.fit import LOGISTIC_C_GRID, fused_adam, logistic_head, log
 __all__ = [
     "AUTO_CANDIDATES", "CandidateResult", "CrossValidation", "HeadCandidate", "PairedDifference", "best_index",
     "candidates_for", "cross_validate", "cross_validate_logistic",
-    "fold_scores", "gain_verdict", "group_folds", "paired_difference", "paired_differences", "select_candidate", "train_head",
+    "fold_scores", "gain_verdict", "group_folds", "rounded_estimate", "paired_difference", "paired_differences", "select_candidate", "train_head",
 ]
 
 
@@ -333,6 +333,11 @@ def paired_difference(fold_ap: Sequence[float], reference_fold_ap: Sequence[floa
     return PairedDifference([float(v) for v in d], float(np.mean(d)) if len(d) else 0.0, se)
 
 
+def rounded_estimate(estimate: dict) -> dict:
+    """A fold_scores estimate for the JSON files: every number to 4 decimals."""
+    return {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]) for k, v in estimate.items()}
+
+
 def gain_verdict(fold_ap: Sequence[float], reference_fold_ap: Sequence[float], model: str, reference: str,
                  simpler: str) -> dict:
     """Keep a costlier `model` over its `reference` only when it beats it by more than one paired standard error.
@@ -411,7 +416,7 @@ class CrossValidation:
             "candidates": [r.summary() | {"paired_vs_best": p.to_dict()}
                            for r, p in zip(self.results, paired_differences(self.results))],
             "threshold_choice": self.choice.to_dict(),
-            "estimate": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]) for k, v in self.estimate.items()},
+            "estimate": rounded_estimate(self.estimate),
             "refit_epochs": self.refit_epochs,
         }
 

@@ -230,12 +230,11 @@ def fine_tune_cached_top(
 
     task: the phase's progress line; the pass of the bottom over the images (minutes to an hour on a CPU) counts on it.
     """
-    from keeneye.training.cached_top import cache_views, dropped_frame, train_top
+    from keeneye.training.cached_top import cache_views, dropped_frame
 
     started = time.perf_counter()
     ft = cfg.fine_tune
-    keras.utils.set_random_seed(cfg.training.seed)
-    ext_copy, head_copy, unfrozen, bottom, top = cached_top_parts(cfg, extractor, head)
+    bottom = cached_top_parts(cfg, extractor, None)[3]
     spec = InputSpec(cfg.model.image_size, cfg.model.resize, reduced_decode=cfg.model.reduced_decode)
     advance = None
     if task is not None:
@@ -246,18 +245,36 @@ def fine_tune_cached_top(
     val_acts, val_failed = cache_views(bottom, val_rows["path"].tolist(), spec, 1, cfg.training.batch_size, advance)
     train_ok = np.setdiff1d(np.arange(len(train_rows)), list(train_failed))
     val_ok = np.setdiff1d(np.arange(len(val_rows)), list(val_failed))
-    model, outcome = train_top(cfg, top, head_copy, (train_acts, np.asarray(train_labels)[train_ok]),
-                               (val_acts[0, val_ok], np.asarray(val_labels)[val_ok]), checkpoint_dir, callbacks, verbose,
-                               positions=train_ok)
-    validation_p = (np.asarray(model.predict(val_acts[0, val_ok], batch_size=cfg.training.batch_size, verbose=0))[:, 0]
-                    if len(val_ok) else np.empty(0, np.float32))
+    result, validation_p = fit_cached_top(cfg, extractor, head, train_acts, train_ok, np.asarray(train_labels)[train_ok],
+                                          val_acts[0, val_ok], np.asarray(val_labels)[val_ok], checkpoint_dir, callbacks, verbose)
+    del train_acts, val_acts, bottom
+    result.dropped = pd.concat([dropped_frame(train_rows.index, train_failed), dropped_frame(val_rows.index, val_failed)])
+    result.seconds = time.perf_counter() - started
+    result.validation_probabilities = validation_p
+    return result
+
+
+def fit_cached_top(cfg: Config, extractor: keras.Model, head: keras.Model, activations: np.ndarray, train_at: np.ndarray,
+                   train_labels: np.ndarray, held_acts: np.ndarray, held_labels: np.ndarray, checkpoint_dir: Path | None,
+                   callbacks: Sequence = (), verbose: int = 0) -> tuple[FineTuneResult, np.ndarray]:
+    """Train the top + head of copies of `extractor` and `head` on cached views (`activations` columns `train_at`),
+    early-stopping on `held_acts` (none: a fixed number of epochs); the result and the held rows' probabilities."""
+    from keeneye.training.cached_top import train_top
+
+    started = time.perf_counter()
+    keras.utils.set_random_seed(cfg.training.seed)
+    ext_copy, head_copy, unfrozen, _, top = cached_top_parts(cfg, extractor, head)
+    model, outcome = train_top(cfg, top, head_copy, (activations, train_labels), (held_acts, held_labels), checkpoint_dir,
+                               callbacks, verbose, positions=train_at)
+    held_p = (np.asarray(model.predict(held_acts, batch_size=cfg.training.batch_size, verbose=0))[:, 0]
+              if len(held_acts) else np.empty(0, np.float32))
     final_extractor, final_head = plain_copy(cfg, ext_copy, head_copy)
-    dropped = pd.concat([dropped_frame(train_rows.index, train_failed), dropped_frame(val_rows.index, val_failed)])
     history = outcome.history
-    del model, outcome, train_acts, val_acts, bottom, top, ext_copy, head_copy
+    # the training graph and its optimizer state hold a few hundred MB in reference cycles: free them before the next fit
+    del model, outcome, top, ext_copy, head_copy
     gc.collect()
-    return FineTuneResult(final_extractor, final_head, history, unfrozen, dropped, "float32", time.perf_counter() - started,
-                          validation_probabilities=validation_p)
+    empty = pd.DataFrame({"reason": pd.Series(dtype=object)})
+    return FineTuneResult(final_extractor, final_head, history, unfrozen, empty, "float32", time.perf_counter() - started), held_p
 
 
 def embed_augmented_views(
@@ -371,6 +388,18 @@ class PhaseChoice:
     estimate: str | None = None  # fine_tune.judge "folds", fine-tuned model kept: its cross-validated estimate
 
 
+def score_rows(classifier: keras.Model, manifest: pd.DataFrame, mask: np.ndarray, spec: InputSpec,
+               probabilities: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+    """Fill `probabilities` for the manifest rows of `mask` with the classifier's; returns the mask without the files
+    that failed to decode, and those (manifest index -> reason)."""
+    positions = np.flatnonzero(mask)
+    p, failed = predict_paths(classifier, manifest["path"].to_numpy()[positions].tolist(), spec)
+    probabilities[positions] = p
+    mask = mask.copy()
+    mask[positions[list(failed)]] = False
+    return mask, pd.DataFrame({"reason": pd.Series({manifest.index[positions[k]]: r for k, r in failed.items()}, dtype=object)})
+
+
 def fine_tune_settings(ft, policy: str) -> dict:
     """The fine_tune settings a run used, for metadata.json's fine_tune phase (views only where cached_top uses them)."""
     return ({"unfreeze": ft.unfreeze, "learning_rate": ft.learning_rate, "augment": ft.augment, "precision": policy,
@@ -430,15 +459,9 @@ def fine_tune_and_choose(
     dropped = [result.dropped]
 
     def predict_rows(mask: np.ndarray) -> np.ndarray:
-        """Fill `probabilities` for the rows of `mask`; returns the mask without the rows that failed."""
-        positions = np.flatnonzero(mask)
-        p, failed = predict_paths(classifier, manifest["path"].to_numpy()[positions].tolist(), size)
-        probabilities[positions] = p
-        if failed:
-            dropped.append(pd.DataFrame({"reason": pd.Series({manifest.index[positions[k]]: r for k, r in failed.items()}, dtype=object)}))
-            mask = mask.copy()
-            mask[positions[list(failed)]] = False
-        return mask
+        scored, failed = score_rows(classifier, manifest, mask, size, probabilities)
+        dropped.append(failed)
+        return scored
 
     validation = predict_rows(sets["validation"])
     fixed = None if cfg.evaluation.threshold == "auto" else float(cfg.evaluation.threshold)
@@ -559,33 +582,20 @@ class FoldFineTuner:
             rows, y = self.rows, self.labels
             result = fine_tune(cfg, self.extractor, head, rows[train], y[train], rows[held], y[held], self.devices,
                                self.policy, folder, callbacks)
-            p, failed = predict_paths(build_classifier(result.extractor, result.head), rows.loc[held, "path"].tolist(), self.spec)
-            self.dropped += [result.dropped, pd.DataFrame({"reason": pd.Series(
-                {rows.index[held][k]: r for k, r in failed.items()}, dtype=object)})]
-            return result, p
+            p = np.full(len(rows), np.nan, np.float32)
+            _, failed = score_rows(build_classifier(result.extractor, result.head), rows, held, self.spec, p)
+            self.dropped += [result.dropped, failed]
+            return result, p[held]
         return self._fine_tune_cached(cfg, head, train, held, folder, callbacks)
 
     def _fine_tune_cached(self, cfg: Config, head: keras.Model, train: np.ndarray, held: np.ndarray, folder: Path | None,
                           callbacks: Sequence) -> tuple[FineTuneResult, np.ndarray]:
-        from keeneye.training.cached_top import train_top
-
-        started = time.perf_counter()
-        keras.utils.set_random_seed(cfg.training.seed)
-        ext_copy, head_copy, unfrozen, _, top = cached_top_parts(cfg, self.extractor, head)
         train_at, held_at = np.flatnonzero(train & self.decoded), np.flatnonzero(held & self.decoded)
-        held_acts = self.activations[0, held_at]
-        model, outcome = train_top(cfg, top, head_copy, (self.activations, self.labels[train_at]),
-                                   (held_acts, self.labels[held_at]), folder, callbacks, positions=train_at)
+        result, held_p = fit_cached_top(cfg, self.extractor, head, self.activations, train_at, self.labels[train_at],
+                                        self.activations[0, held_at], self.labels[held_at], folder, callbacks)
         p = np.full(int(held.sum()), np.nan, np.float32)
-        if len(held_at):
-            p[self.decoded[held]] = np.asarray(model.predict(held_acts, batch_size=cfg.training.batch_size, verbose=0))[:, 0]
-        final_extractor, final_head = plain_copy(cfg, ext_copy, head_copy)
-        history = outcome.history
-        del model, outcome, held_acts, top, ext_copy, head_copy
-        gc.collect()
-        empty = pd.DataFrame({"reason": pd.Series(dtype=object)})
-        return FineTuneResult(final_extractor, final_head, history, unfrozen, empty, "float32",
-                              time.perf_counter() - started), p
+        p[self.decoded[held]] = held_p
+        return result, p
 
     def dropped_files(self) -> pd.DataFrame:
         """manifest index -> reason for the files that failed to decode while fine-tuning (each once)."""
@@ -608,7 +618,7 @@ def fine_tune_folds_and_choose(
     for the median of the folds' best epochs, at the threshold chosen on the fine-tuned out-of-fold probabilities.
     """
     from keeneye.evaluation.threshold import choose_threshold
-    from keeneye.training.crossval import fold_scores, gain_verdict
+    from keeneye.training.crossval import fold_scores, gain_verdict, rounded_estimate
     from keeneye.training.distribute import mixed_precision_policy
 
     started = time.perf_counter()
@@ -637,8 +647,7 @@ def fine_tune_folds_and_choose(
         f"{estimate}; frozen head AP {frozen_scores['average_precision_mean']:.4f} -> keeping the "
         f"[bold]{'fine-tuned' if kept == 'fine_tune' else 'head-only'}[/] model: {verdict['reason']}", highlight=False)
     folds_record = {"judge": "folds", "folds": len(fold_heads), "fold_best_epochs": tuned.best_epochs, "verdict": verdict,
-                    "estimate": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v])
-                                 for k, v in fine_scores.items()},
+                    "estimate": rounded_estimate(fine_scores),
                     "threshold_choice": fine_choice.to_dict(), "folds_seconds": round(tuned.seconds, 1)}
     settings = fine_tune_settings(ft, policy)
     head_phase = phase_summary(head_history, cv.choice.validation_f1, cv.choice.threshold, head_seconds)
@@ -654,14 +663,10 @@ def fine_tune_folds_and_choose(
 
     result = tuner.refit(head, tuned.refit_epochs)
     say(fine_tune_line(ft.unfreeze, result) + f", on all {int(pool.sum())} training + validation images", highlight=False)
-    classifier = build_classifier(result.extractor, result.head)
-    testing = sets["testing"].copy()
-    positions = np.flatnonzero(testing)
     probabilities = np.full(len(manifest), np.nan, np.float32)
-    probabilities[positions], failed = predict_paths(classifier, manifest["path"].to_numpy()[positions].tolist(), tuner.spec)
-    testing[positions[list(failed)]] = False
-    dropped = pd.concat([tuner.dropped_files(), pd.DataFrame({"reason": pd.Series(
-        {manifest.index[positions[k]]: r for k, r in failed.items()}, dtype=object)})])
+    testing, failed = score_rows(build_classifier(result.extractor, result.head), manifest, sets["testing"], tuner.spec,
+                                 probabilities)
+    dropped = pd.concat([tuner.dropped_files(), failed])
     seconds = time.perf_counter() - started  # the pass of the bottom, the fold fine-tunes, the refit, the test images
     phases = {"head": head_phase,
               "fine_tune": phase_summary(result.history, fine_choice.validation_f1, fine_choice.threshold, seconds)
