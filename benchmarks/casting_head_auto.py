@@ -61,6 +61,8 @@ def main() -> int:
         "test": scores(m), "test_without_duplicates": scores(clean), "duplicate_copies_in_validation": copies_in_validation,
         "cv_chosen": cv.get("chosen"), "cv_reason": cv.get("reason"), "cv_unpaired_choice": unpaired_choice(cv.get("candidates") or []),
         "cv_estimate": cv.get("estimate"), "cv_candidates": cv.get("candidates"),
+        # with fine_tune.enabled: kept or dropped, and the folds judge's verdict and estimate (metrics.json "fine_tune")
+        "fine_tune": m.get("fine_tune"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(output, indent=2))

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from keeneye.config import EvaluationConfig
 from keeneye.evaluation.metrics import as_binary_arrays, check_threshold, predict_labels
 
 __all__ = [
@@ -188,3 +189,15 @@ def choose_threshold(
                    "the most precise threshold is used.")
     method = f"{_METHOD_PREFIX[objective]}_{'on_validation' if source == 'validation' else source}"
     return ThresholdChoice(threshold, method, _f1_at(y, p, threshold), warning)
+
+
+def choose_configured_threshold(
+    evaluation: EvaluationConfig, y_true: Any, probabilities: Any, *, source: str = "validation"
+) -> ThresholdChoice:
+    """:func:`choose_threshold` with the rule the config's evaluation section sets (a fixed threshold or "auto",
+    the objective and its target, the fewest held-out images per class): the one place that reads those settings,
+    so every phase that chooses a threshold (head, cross-validation, fine-tuning, the stacked score) uses the
+    same rule."""
+    fixed = None if evaluation.threshold == "auto" else float(evaluation.threshold)
+    return choose_threshold(y_true, probabilities, min_per_class=evaluation.min_validation_per_class, fixed=fixed,
+                            objective=evaluation.threshold_objective, target=evaluation.objective_target, source=source)

@@ -12,7 +12,7 @@ Trained exactly as the probe measured it, from out-of-fold values only:
    built from the good images of the other folds and the held-out fold is scored: the raw one-class
    score s of an image never comes from a bank holding its own patches or its group's;
 3. a standardised logistic regression on [logit p, log s] is fitted on those rows; its threshold is
-   keeneye's rule (evaluation/threshold.choose_threshold, evaluation.threshold_objective) on
+   keeneye's rule (evaluation/threshold.choose_configured_threshold, the evaluation section) on
    *cross-fitted* stacked probabilities (each fold's from a stacker fitted on the other folds), which
    also give the cross-validated estimate;
 4. the published parts: the bank from all good training + validation images, the patch feature graph,
@@ -30,7 +30,7 @@ import numpy as np
 
 from keeneye.config import Config
 from keeneye.errors import DataError
-from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold
+from keeneye.evaluation.threshold import ThresholdChoice, choose_configured_threshold
 from keeneye.model.anomaly_feature import Stacker, stacking_inputs
 from keeneye.model.patchcore import AnomalyEngine, PatchBank, build_patch_extractor, reweighted_scores
 from keeneye.runtime.batches import run_engine
@@ -162,10 +162,7 @@ def fit_anomaly_feature(cfg: Config, paths: Sequence[str], y: np.ndarray, folds:
     for k in range(n_folds):
         held = folds == k
         cross[held] = fit_stacker(x[~held], y[~held])(np.asarray(oof)[held], raw[held])
-    ev = cfg.evaluation
-    fixed = None if ev.threshold == "auto" else float(ev.threshold)
-    choice = choose_threshold(y, cross, min_per_class=ev.min_validation_per_class, fixed=fixed, objective=ev.threshold_objective,
-                              target=ev.objective_target, source="out_of_fold")
+    choice = choose_configured_threshold(cfg.evaluation, y, cross, source="out_of_fold")
     settings = {"layers": list(a.layers), "grid": a.grid, "feature_dim": a.feature_dim, "score_top_k": a.score_top_k,
                 "score_neighbours": a.score_neighbours, "coreset_share": a.coreset_share, "max_bank_size": a.max_bank_size}
     return AnomalyFeature(extractor, bank, fit_stacker(x, y), choice, fold_scores(y, cross, folds, choice.threshold), settings,

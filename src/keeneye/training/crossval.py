@@ -30,7 +30,7 @@ cached and a head trains in seconds, so keeneye can afford what scikit-learn's
   held-out loss stopped falling, and on wide features (``model.features`` "multi", 3712 values)
   it ranked magnetic-tile defects better than the Adam-trained heads (README).
 * **Threshold**: chosen on the OOF probabilities of the chosen candidate
-  (:func:`keeneye.evaluation.threshold.choose_threshold`, ``source="out_of_fold"``).
+  (:func:`keeneye.evaluation.threshold.choose_configured_threshold`, ``source="out_of_fold"``).
 * **Estimate**: F1 and AP of each fold at that threshold, reported as mean +- sd: what the test
   score should be, printed before it.
 * **Published head**: ``training.cv_publish`` "refit" trains one head on all rows for the median
@@ -52,7 +52,7 @@ from typing import Sequence
 import numpy as np
 
 from keeneye.config import EvaluationConfig, HeadConfig, TrainingConfig
-from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold
+from keeneye.evaluation.threshold import ThresholdChoice, choose_configured_threshold
 from keeneye.model.head import build_head
 from keeneye.training.fit import LOGISTIC_C_GRID, fused_adam, logistic_head, logistic_path, sample_weights
 
@@ -441,8 +441,5 @@ def run_cross_validation(
         if progress:
             progress(1)
     chosen, reason = select_candidate(results)
-    fixed = None if evaluation.threshold == "auto" else float(evaluation.threshold)
-    choice = choose_threshold(y, results[chosen].oof, min_per_class=evaluation.min_validation_per_class, fixed=fixed,
-                              objective=evaluation.threshold_objective, target=evaluation.objective_target,
-                              source="out_of_fold")
+    choice = choose_configured_threshold(evaluation, y, results[chosen].oof, source="out_of_fold")
     return CrossValidation(folds, results, chosen, reason, choice, fold_scores(y, results[chosen].oof, folds, choice.threshold))

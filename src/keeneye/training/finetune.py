@@ -440,7 +440,7 @@ def fine_tune_and_choose(
     spread, its threshold choice) from cross-validation: then :func:`judge_fine_tuning` decides,
     else the validation F1s (:func:`compare_phases`).
     """
-    from keeneye.evaluation.threshold import choose_threshold
+    from keeneye.evaluation.threshold import choose_configured_threshold
     from keeneye.training.distribute import mixed_precision_policy
 
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -464,17 +464,14 @@ def fine_tune_and_choose(
         return scored
 
     validation = predict_rows(sets["validation"])
-    fixed = None if cfg.evaluation.threshold == "auto" else float(cfg.evaluation.threshold)
     y_val = y[validation]
     head_p, fine_p = head_probability(validation), probabilities[validation]
-    ev = cfg.evaluation
-    rule = dict(min_per_class=ev.min_validation_per_class, fixed=fixed, objective=ev.threshold_objective, target=ev.objective_target)
-    fine_choice = choose_threshold(y_val, fine_p, **rule)
+    fine_choice = choose_configured_threshold(cfg.evaluation, y_val, fine_p)
     if frozen_reference is not None:
         oof, margin, head_choice = frozen_reference
         kept, reason = judge_fine_tuning(y_val, oof[validation], fine_p, margin)
     else:
-        head_choice = choose_threshold(y_val, head_p, **rule)
+        head_choice = choose_configured_threshold(cfg.evaluation, y_val, head_p)
         kept, reason = compare_phases(y_val, head_p, head_choice.validation_f1, fine_p, fine_choice.validation_f1)
     show = lambda f: "n/a" if f is None else f"{f:.4f}"  # noqa: E731
     say(f"validation F1: head only {show(head_choice.validation_f1)} (threshold {head_choice.threshold:.4f}), "
@@ -617,7 +614,7 @@ def fine_tune_folds_and_choose(
     (crossval.gain_verdict), and then publish a fine-tune of `head` (the frozen head refit on every row) on every row
     for the median of the folds' best epochs, at the threshold chosen on the fine-tuned out-of-fold probabilities.
     """
-    from keeneye.evaluation.threshold import choose_threshold
+    from keeneye.evaluation.threshold import choose_configured_threshold
     from keeneye.training.crossval import fold_scores, gain_verdict, rounded_estimate
     from keeneye.training.distribute import mixed_precision_policy
 
@@ -626,15 +623,13 @@ def fine_tune_folds_and_choose(
     policy, note = mixed_precision_policy(cfg.training.mixed_precision, devices)
     if note:
         say(f"[yellow]note:[/] {note}")
-    ft, ev = cfg.fine_tune, cfg.evaluation
+    ft = cfg.fine_tune
     pool = sets["training"] | sets["validation"]
     tuner = FoldFineTuner(cfg, extractor, manifest[pool], y[pool], devices, policy, checkpoint_dir, callbacks, task)
     tuned = tuner.cross_validate(fold_heads, cv.folds)
     scored = np.isfinite(tuned.oof)  # rows whose files decoded: both models are judged on the same rows
     y_pool, folds = y[pool][scored], cv.folds[scored]
-    fine_choice = choose_threshold(y_pool, tuned.oof[scored], min_per_class=ev.min_validation_per_class,
-                                   fixed=None if ev.threshold == "auto" else float(ev.threshold), objective=ev.threshold_objective,
-                                   target=ev.objective_target, source="out_of_fold")
+    fine_choice = choose_configured_threshold(cfg.evaluation, y_pool, tuned.oof[scored], source="out_of_fold")
     fine_scores = fold_scores(y_pool, tuned.oof[scored], folds, fine_choice.threshold)
     frozen_scores = fold_scores(y_pool, cv.best.oof[scored], folds, cv.choice.threshold)
     verdict = gain_verdict(fine_scores["average_precision"], frozen_scores["average_precision"], "the fine-tuned model",

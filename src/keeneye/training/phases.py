@@ -29,7 +29,7 @@ from keeneye.data.preprocess import InputSpec, auto_grid, median_size
 from keeneye.data.scan import SPLITS, ScanResult
 from keeneye.data.split import SplitResult, split_with_auto_groups
 from keeneye.errors import ConfigError, DataError
-from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold as choose_threshold_on
+from keeneye.evaluation.threshold import ThresholdChoice, choose_configured_threshold
 from keeneye.model.anomaly_feature import COMBINATION
 from keeneye.terminal import Reporter
 
@@ -466,11 +466,8 @@ def choose_threshold(cfg: Config, prepared: Prepared, fit: HeadFit, reporter: Re
     if fit.cv is not None:
         choice = fit.cv.choice
     else:
-        ev = cfg.evaluation
-        fixed = None if ev.threshold == "auto" else float(ev.threshold)
         validation = prepared.sets["validation"]
-        choice = choose_threshold_on(prepared.y[validation], fit.probability(validation), min_per_class=ev.min_validation_per_class,
-                                     fixed=fixed, objective=ev.threshold_objective, target=ev.objective_target)
+        choice = choose_configured_threshold(cfg.evaluation, prepared.y[validation], fit.probability(validation))
     reporter.threshold(choice.threshold, choice.method, choice.validation_f1, fit.cv is not None, choice.warning)
     return choice
 
