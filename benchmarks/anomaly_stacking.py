@@ -120,15 +120,16 @@ def anomaly_scores(features: np.ndarray, bank_rows: np.ndarray, rows: np.ndarray
     return reweighted_scores(bank, query, *bank.nearest(query), anomaly.score_neighbours, anomaly.score_top_k)
 
 
-def anomaly_oof_and_test(features: np.ndarray, index: dict[str, int], run: SupervisedRun, anomaly, seed: int):
-    """Out-of-fold raw scores of the training rows (bank from the other folds' good images) and the test rows' scores."""
+def anomaly_oof_and_test(features, index: dict[str, int], run: SupervisedRun, anomaly, seed: int, score=anomaly_scores):
+    """Out-of-fold raw scores of the training rows (bank from the other folds' good images) and the test rows' scores;
+    `score(features, bank_rows, rows, anomaly, seed)` computes them (anomaly_views.py passes its variants)."""
     pool = np.array([index[p] for p in run.pool_paths])
     good = run.y_pool == 0
     oof = np.full(len(pool), np.nan)
     for k in range(int(run.folds.max()) + 1):
         held = run.folds == k
-        oof[held] = anomaly_scores(features, pool[good & ~held], pool[held], anomaly, seed)
-    test = anomaly_scores(features, pool[good], np.array([index[p] for p in run.test_paths]), anomaly, seed)
+        oof[held] = score(features, pool[good & ~held], pool[held], anomaly, seed)
+    test = score(features, pool[good], np.array([index[p] for p in run.test_paths]), anomaly, seed)
     return oof, test
 
 
