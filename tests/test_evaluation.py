@@ -17,7 +17,8 @@ from keeneye.evaluation.metrics import (
     format_metrics_table,
     predict_labels,
 )
-from keeneye.evaluation.threshold import ThresholdChoice, choose_threshold
+from keeneye.config import EvaluationConfig
+from keeneye.evaluation.threshold import ThresholdChoice, choose_configured_threshold, choose_threshold
 
 NAMES = ("good", "defect")
 
@@ -142,6 +143,27 @@ def test_choose_threshold_fixed():
     with pytest.raises(ValueError):
         choose_threshold(y, p, fixed=1.5)
 
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"threshold": 0.3},
+    {"min_validation_per_class": 40},
+    {"threshold_objective": "recall_at_precision", "target_precision": 0.9},
+    {"threshold_objective": "precision_at_recall", "target_recall": 0.8},
+])
+def test_configured_threshold_applies_every_evaluation_setting(settings):
+    """The one reader of the evaluation section's threshold rule gives what choose_threshold gives with those settings
+    spelled out, for each of them (fixed, the per-class minimum, both objectives and their targets)."""
+    y, p = _random_case(5)
+    ev = EvaluationConfig(**settings)
+    fixed = None if ev.threshold == "auto" else ev.threshold
+    for source in ("validation", "out_of_fold"):
+        expected = choose_threshold(y, p, min_per_class=ev.min_validation_per_class, fixed=fixed,
+                                    objective=ev.threshold_objective, target=ev.objective_target, source=source)
+        assert choose_configured_threshold(ev, y, p, source=source) == expected
+    if settings:  # each setting changes the choice here, so a helper that dropped one would fail above
+        assert choose_configured_threshold(ev, y, p) != choose_configured_threshold(EvaluationConfig(), y, p)
 
 def test_threshold_choice_to_dict_is_json():
     d = choose_threshold(*_random_case(0)).to_dict()

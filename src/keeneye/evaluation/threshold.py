@@ -51,6 +51,7 @@ __all__ = [
     "METHOD_MAX_F1",
     "OBJECTIVES",
     "ThresholdChoice",
+    "choose_configured_threshold",
     "choose_threshold",
     "objective_cut",
 ]
