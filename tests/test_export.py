@@ -111,7 +111,6 @@ def test_int8_export_is_calibrated_on_training_images(bundle, tmp_path, fmt):
     assert np.corrcoef(quantized, reference)[0, 1] > 0.9  # the same model, coarser
 
 
-
 def _cpu_has_vnni() -> bool:
     """Whether the x86 CPU has VNNI (avx512_vnni / avx_vnni), with which ONNX Runtime's int8 kernels do not saturate."""
     try:
@@ -119,6 +118,7 @@ def _cpu_has_vnni() -> bool:
     except OSError:
         return True  # not Linux: no known reason to excuse a failure
     return "avx512_vnni" in flags or "avx_vnni" in flags or "aarch64" in os.uname().machine
+
 
 def test_export_that_disagrees_fails_loudly(bundle, tmp_path):
     target = tmp_path / "half.onnx"
