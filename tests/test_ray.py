@@ -45,6 +45,7 @@ def _rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.set_index("path").sort_index()
 
 
+@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
 def test_ray_matches_local_predict_including_bad_files(local_ray, tiny_bundle, images, tmp_path):
     local = predict(tiny_bundle.run_dir, [images, images / "missing.png"])
     distributed = predict_ray(tiny_bundle.run_dir, [images, images / "missing.png"], output=tmp_path / "out.parquet", actors=2, batch_size=4)
@@ -64,6 +65,7 @@ def test_ray_matches_local_predict_including_bad_files(local_ray, tiny_bundle, i
     assert not parts_folder(tmp_path / "out.parquet").exists()
 
 
+@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
 def test_resume_through_the_cli_scores_only_missing_rows(local_ray, tiny_bundle, images, tmp_path):
     output = tmp_path / "out.csv"
     everything = sorted(str(p) for p in images.iterdir() if p.name[0].isdigit())
@@ -100,6 +102,7 @@ def _actor_pids() -> list[int]:
     return found
 
 
+@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
 def test_killing_an_actor_mid_job_keeps_every_row_once(local_ray, tiny_bundle, images, tmp_path):
     inputs = sorted(p for p in images.iterdir() if p.name[0].isdigit())
     killed: list[int] = []
@@ -144,7 +147,7 @@ def test_a_folder_that_is_not_a_bundle_fails_before_any_actor_starts(tmp_path, i
         predict_ray(tmp_path, [images], output=tmp_path / "out.json")
 
 
-@pytest.mark.slow  # 13-31 s: the optional Ray embedding pass; `make test` keeps Ray predict
+@pytest.mark.slow  # 13-31 s: the optional Ray embedding pass
 def test_embedding_pass_on_ray_gives_the_local_vectors_shards_and_reasons(local_ray, demo_data, imagenet_weights, tmp_path):
     """training.embed_on "ray": same vectors (1e-5) and drop reasons as the local pass, written as ordinary cache shards."""
     import hashlib
