@@ -59,7 +59,8 @@ from keeneye.training.fit import LOGISTIC_C_GRID, fused_adam, logistic_head, log
 __all__ = [
     "AUTO_CANDIDATES", "CandidateResult", "CrossValidation", "HeadCandidate", "PairedDifference", "best_index",
     "candidates_for", "cross_validate", "cross_validate_logistic",
-    "fold_scores", "gain_verdict", "group_folds", "rounded_estimate", "paired_difference", "paired_differences", "select_candidate", "train_head",
+    "fold_scores", "gain_verdict", "group_folds", "paired_difference", "paired_differences", "rounded_estimate",
+    "select_candidate", "train_head",
 ]
 
 
