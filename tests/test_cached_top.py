@@ -61,7 +61,7 @@ def test_split_needs_a_cut_at_the_start_of_a_block() -> None:
                                atol=1e-5)
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 def test_cached_top_trains_the_top_and_exports_one_graph_with_the_training_probabilities(tmp_path, demo_data, imagenet_weights) -> None:
     """The exported classifier (image -> bottom -> trained top -> head) gives the probabilities the training-time
     top computed from the cached activations (within 1e-4); layers below the cut and BatchNorm never move."""

@@ -92,7 +92,7 @@ def test_model_onnx_written_at_train_time_is_verified(bundle):
     assert record["n_images"] == 16 and "testing" in record["images"]
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 def test_bundle_with_stale_or_missing_model_onnx_converts_once_and_caches(tiny_bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bundle.run_dir, copy)

@@ -114,7 +114,7 @@ def write_bundle(folder: Path, classifier, spec: InputSpec) -> Path:
     return folder
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 @pytest.mark.parametrize("features,resize", [("gap", "pad"), ("gap+gmp", "crop")])  # "multi": the tiled train test; ~20 s each
 def test_every_feature_mode_predicts_what_the_embeddings_gave(tmp_path, long_data, features, resize):
     """Training path (embed_manifest on the feature engine, then the head) == bundle on ONNX and on Keras."""

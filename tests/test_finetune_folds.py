@@ -36,7 +36,7 @@ def _uninformative_cv(y: np.ndarray, heads: list, n_folds: int = 2):
     return CrossValidation(folds, [result], 0, "pinned", choice, scores)
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 def test_fold_fine_tunes_that_beat_the_frozen_heads_are_kept_refit_on_every_row_and_published(
         tmp_path, demo_data, imagenet_weights) -> None:
     """Frozen heads that know nothing (all weights zero) against fine-tunes of the top and the head from them: the

@@ -111,7 +111,7 @@ def test_predict_exits_nonzero_only_when_nothing_predicted(tiny_bundle, tmp_path
     assert "empty file (0 bytes)" in result.stderr
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 def test_second_run_reuses_the_embedding_cache(tmp_path, demo_data, imagenet_weights) -> None:
     cache = tmp_path / "cache"
     # cv_folds 0: the cache is the subject here; the default cross-validated head is trained by tiny_bundle

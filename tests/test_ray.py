@@ -45,7 +45,7 @@ def _rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.set_index("path").sort_index()
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 def test_ray_matches_local_predict_including_bad_files(local_ray, tiny_bundle, images, tmp_path):
     local = predict(tiny_bundle.run_dir, [images, images / "missing.png"])
     distributed = predict_ray(tiny_bundle.run_dir, [images, images / "missing.png"], output=tmp_path / "out.parquet", actors=2, batch_size=4)
@@ -65,7 +65,7 @@ def test_ray_matches_local_predict_including_bad_files(local_ray, tiny_bundle, i
     assert not parts_folder(tmp_path / "out.parquet").exists()
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 def test_resume_through_the_cli_scores_only_missing_rows(local_ray, tiny_bundle, images, tmp_path):
     output = tmp_path / "out.csv"
     everything = sorted(str(p) for p in images.iterdir() if p.name[0].isdigit())
@@ -102,7 +102,7 @@ def _actor_pids() -> list[int]:
     return found
 
 
-@pytest.mark.slow  # slow: kept out of `make test` (under 8 minutes on a 2-core CPU without VNNI); `make test-slow` and CI run it
+@pytest.mark.slow
 def test_killing_an_actor_mid_job_keeps_every_row_once(local_ray, tiny_bundle, images, tmp_path):
     inputs = sorted(p for p in images.iterdir() if p.name[0].isdigit())
     killed: list[int] = []
