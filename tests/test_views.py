@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
+from keeneye.config import VIEW_COUNTS
 from keeneye.data.cache import backbone_cache_key
 from keeneye.data.preprocess import VIEW_SETS, InputSpec, fit_square
 from keeneye.errors import ConfigError
@@ -34,6 +35,10 @@ def test_views_stack_the_image_first_then_its_mirrors_and_turns():
     assert np.array_equal(parts[3], square[::-1, ::-1]) and np.array_equal(parts[4], np.rot90(square))  # half, quarter turn
     assert len({p.tobytes() for p in parts}) == 8
     assert np.array_equal(stacks[4], stacks[8][: 4 * 16]) and np.array_equal(stacks[2], stacks[8][: 2 * 16])
+
+
+def test_the_config_allows_exactly_the_view_counts_that_preprocess_stacks():
+    assert VIEW_COUNTS == tuple(VIEW_SETS)  # one list of counts: config and bundle accept what InputSpec can build
 
 
 def test_views_round_trip_and_key_the_cache():

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from keeneye.config import save_config
+from keeneye.config import ViewCount, save_config
 from keeneye.data import preprocess
 from keeneye.data.files import sha256_of_file, write_atomic
 from keeneye.data.manifest import MANIFEST_FILE  # noqa: F401  (defined in the data layer, which reads run folders too)
@@ -76,7 +76,7 @@ class InputSpec(BaseModel):
     image_size: int = Field(..., ge=16, le=4096, strict=True, description="Side of the square input, in pixels.")
     resize: Literal["squash", "pad", "crop"] = Field("squash", description="How a non-square image becomes square.")
     tiles: Optional[TilesSpec] = Field(None, description="Tile grid (model.tiles), or null: the whole image.")
-    views: Literal[1, 2, 4, 8] = Field(1, description="Views stacked per image (model.views: the image first, then its "
+    views: ViewCount = Field(1, description="Views stacked per image (model.views: the image first, then its "
                                        "mirrors and turns in keeneye.data.preprocess.VIEW_SETS order); 1 before model.views.")
 
 

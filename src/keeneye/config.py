@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union, get_args
 
 from pydantic import (
     BaseModel,
@@ -55,6 +55,9 @@ __all__ = [
 
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 WEIGHTS_KEYWORDS = ("imagenet", "none")
+#: model.views: how many views of an image may be stacked (data.preprocess.VIEW_SETS says which, bundle.InputSpec stores it).
+ViewCount = Literal[1, 2, 4, 8]
+VIEW_COUNTS: tuple[int, ...] = get_args(ViewCount)
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _RELATIVE_NOTE = "relative paths are resolved against the config file's folder"
 
@@ -246,7 +249,7 @@ class ModelConfig(BaseModel):
     @field_validator("views")
     @classmethod
     def _check_views(cls, value: int) -> int:
-        if value not in (1, 2, 4, 8):
+        if value not in VIEW_COUNTS:
             raise PydanticCustomError("views", "must be 1, 2, 4 or 8")
         return value
 
