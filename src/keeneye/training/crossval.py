@@ -14,6 +14,8 @@ cached and a head trains in seconds, so keeneye can afford what scikit-learn's
 * **Per fold**: a head trains on the other K-1 folds and early-stops on the held-out fold's loss;
   its probabilities for the held-out fold are that fold's *out-of-fold* (OOF) probabilities.
   Every training and validation image gets one, from a head that never saw it nor its group.
+  The early stop is a choice made on the scored fold; scoring every fold at the refit's epoch count
+  instead gave a lower threshold and a worse test F1 on magnetic-tile (benchmarks/oof_epochs.py, README).
 * **Candidates** (``head.auto``): a small fixed set, ordered from simplest to richest
   (:data:`AUTO_CANDIDATES`). The one with the highest pooled OOF average precision wins, unless a
   simpler one is within one *paired* standard error of it (:func:`paired_differences`): a
