@@ -113,6 +113,43 @@ def test_stacked_bundle_predicts_the_probabilities_training_scored(stacked_run, 
     assert result["heatmap"].startswith("data:image/png") and result["one_class_heatmap"].startswith("data:image/png")
 
 
+@pytest.mark.slow  # uses the stacked_run train (~20 s); the test itself is a few seconds
+def test_explaining_a_stacked_bundle_runs_the_patch_graph_once_per_image(stacked_run, tmp_path, monkeypatch):
+    """The stacked probability and the one-class map come from the same patch distances: `explain` and POST /explain
+    score each image's patches once (not once for the probability and again for the map), and still give predict's
+    probability and a map that differs from Grad-CAM's."""
+    from fastapi.testclient import TestClient
+
+    from keeneye.explain import explain
+    from keeneye.inference.predictor import Predictor
+    from keeneye.model.patchcore import AnomalyEngine
+    from keeneye.serving import ServeSettings, create_app
+
+    scored_rows = []
+    original = AnomalyEngine.distances_and_scores
+
+    def counting(self, batch):
+        scored_rows.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(AnomalyEngine, "distances_and_scores", counting)
+    paths = pd.read_csv(stacked_run / "predictions.csv")["path"][:3].tolist()
+    expected = Predictor.from_bundle(stacked_run).predict_paths(paths)["probability"].to_numpy()
+    scored_rows.clear()
+    explained = explain(stacked_run, paths, tmp_path / "explained", console=Console(quiet=True))
+    assert sum(scored_rows) == len(paths)
+    np.testing.assert_allclose(explained["probability"], expected, atol=1e-5)
+    assert explained["one_class_overlay"].notna().all()
+
+    with TestClient(create_app(Predictor.from_bundle(stacked_run), ServeSettings())) as client:
+        scored_rows.clear()
+        upload = [("files", (f"part{i}.png", Path(p).read_bytes(), "image/png")) for i, p in enumerate(paths[:2])]
+        results = client.post("/explain", files=upload).json()["results"]
+    assert sum(scored_rows) == 2
+    assert [r["probability"] for r in results] == pytest.approx(expected[:2], abs=1e-5)
+    assert all(r["one_class_heatmap"].startswith("data:image/png") for r in results)
+
+
 @pytest.mark.slow  # uses the stacked_run train (~20 s); the test itself is about a second
 def test_the_stored_patch_graph_is_loaded_without_converting_anything(stacked_run, monkeypatch):
     """The bundle stores the patch graph as ONNX, checked and hashed at train time; an ONNX predictor runs it as it is:

@@ -21,7 +21,7 @@ import pandas as pd
 from keeneye.bundle import load_bundle
 from keeneye.data.preprocess import InputSpec
 from keeneye.data.decode import load_image
-from keeneye.inference.anomaly import has_anomaly_feature, is_anomaly_bundle, one_class_part_overlays
+from keeneye.inference.anomaly import has_anomaly_feature, is_anomaly_bundle, stacked_explanation
 from keeneye.inference.predictor import Predictor, expand_inputs
 from keeneye.model.gradcam import (
     MAX_OVERLAY_SIDE, Explanation, GradCam, explain_batch, explain_files, fit_display, load_for_explaining, overlay_heatmap,
@@ -141,26 +141,25 @@ def explain(run_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike], out
     paths, problems = expand_inputs(inputs)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    anomaly, stacked = is_anomaly_bundle(bundle), None
+    anomaly, stacked = is_anomaly_bundle(bundle), None  # stacked: a head.anomaly_feature bundle's StackedEngine
     if anomaly:  # one-class bundle: the anomaly map (distance of each patch to the good ones) is the explanation
         console.print(f"explaining {len(paths)} images with {bundle.path.name} (anomaly maps: patch distances to the good patches)")
         explanations = explain_anomaly_images(Predictor(bundle).engine, paths, bundle.class_names, bundle.image_size)
     else:
         console.print(f"explaining {len(paths)} images with {bundle.path.name} (Grad-CAM{stack_note(bundle.input_spec)})")
         explanations = explain_images(bundle.model, paths, bundle.threshold, bundle.class_names, spec=bundle.input_spec)
-        if has_anomaly_feature(bundle):  # the probability also holds the one-class score: the Predictor's
-            stacked = Predictor(bundle)
-            done = [item.path for item in explanations if item.error is None]
-            explanations = with_probabilities(explanations, stacked.predict_paths(done)["probability"].to_numpy(),
-                                              bundle.threshold, bundle.class_names)
+        if has_anomaly_feature(bundle):  # the probability also holds the one-class score: the Predictor's engine
+            stacked = Predictor(bundle).engine
             console.print("the probability holds the one-class score too: its part is drawn beside Grad-CAM "
                           "(<name>_one_class.png: patch distances to the good patches)")
     rows, used = [], set()
     for item in explanations:
         one_class = None
-        if stacked is not None and item.error is None:
-            drawn = one_class_part_overlays(stacked.engine.scorer, stacked.engine.stacker, bundle.input_spec, bundle.threshold,
-                                            [load_image(item.path)])[0]
+        if stacked is not None and item.error is None:  # one patch pass gives the stacked probability and the map
+            spec = bundle.input_spec
+            probability, drawn = stacked_explanation(stacked, spec, bundle.threshold, spec.load(item.path),
+                                                     fit_display(load_image(item.path), MAX_OVERLAY_SIDE))
+            item = with_probabilities([item], [probability], bundle.threshold, bundle.class_names)[0]
             one_class = _save_overlay(folder, used, item.path, drawn, "one_class")
         rows.append({"path": item.path, "probability": item.probability, "label": item.label,
                      "overlay": _save_overlay(folder, used, item.path, item.overlay, "anomaly" if anomaly else "gradcam"),

@@ -23,19 +23,16 @@ from keeneye.data.decode import resize_square
 from keeneye.data.files import sha256_of_file
 from keeneye.data.preprocess import InputSpec
 from keeneye.errors import BundleError
-from keeneye.model.anomaly_feature import Stacker, StackedEngine
+from keeneye.model.anomaly_feature import Stacker, StackedEngine, first_square
 from keeneye.model.decision import predict_labels
-from keeneye.model.gradcam import fit_display
+from keeneye.model.gradcam import MAX_OVERLAY_SIDE, fit_display  # overlays drawn at Grad-CAM's size
 from keeneye.runtime.choice import EngineNotice, candidates, make_engine
 from keeneye.runtime.convert import is_verified
 from keeneye.runtime.engines import Engine, EngineError
-from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, BankMismatch, PatchBank, overlay_anomaly_map
+from keeneye.model.patchcore import BANK_FILE, AnomalyEngine, BankMismatch, PatchBank, anomaly_maps, overlay_anomaly_map
 
 __all__ = ["AnomalyEngine", "AnomalyOverlay", "anomaly_overlays", "has_anomaly_feature", "is_anomaly_bundle", "make_anomaly_engine",
-           "make_stacked_engine", "one_class_part_map", "one_class_part_overlays", "stored_patch_onnx"]
-
-#: Overlays are drawn on the image shrunk to at most this side (as Grad-CAM overlays are).
-MAX_OVERLAY_SIDE = 512
+           "make_stacked_engine", "one_class_part_map", "one_class_part_overlays", "stacked_explanation", "stored_patch_onnx"]
 
 
 @dataclass
@@ -174,9 +171,27 @@ def one_class_part_overlays(scorer: AnomalyEngine, stacker: Stacker, spec: Input
     return overlays
 
 
+def stacked_explanation(engine: StackedEngine, spec: InputSpec, threshold: float, inputs: np.ndarray,
+                        display: np.ndarray) -> tuple[float, np.ndarray]:
+    """One image's stacked probability (what predict gives) and the overlay of its one-class part, from one pass of
+    each graph: explaining a head.anomaly_feature bundle needs both, and both come from the same patch distances.
+
+    `inputs`: the image as predict prepares it (spec.load, spec.prepare); `display`: the picture to draw on (fit_display).
+    """
+    batch = np.ascontiguousarray(np.asarray(inputs, np.uint8)[None])
+    distances, raw = engine.scorer.distances_and_scores(first_square(batch))
+    probability = float(engine.stacker(np.asarray(engine.classifier(batch), np.float64).reshape(-1), raw)[0])
+    laid_out = laid_out_part_map(engine.scorer, spec, distances, *display.shape[:2])
+    return probability, overlay_anomaly_map(display, laid_out, engine.stacker.score_alone_at(threshold))
+
+
 def one_class_part_map(scorer: AnomalyEngine, spec: InputSpec, image: np.ndarray, height: int, width: int) -> np.ndarray:
     """One image's patch distances to the good patches (raw units), laid over a (height, width) picture of it; the patch
     graph sees the image itself (the first square of a views stack), as in training."""
-    image_only = spec.image_only()
-    maps, _ = scorer.maps(image_only.prepare(image)[None])
-    return image_only.lay_over_image(maps, height, width)
+    distances, _ = scorer.distances_and_scores(spec.image_only().prepare(image)[None])
+    return laid_out_part_map(scorer, spec, distances, height, width)
+
+
+def laid_out_part_map(scorer: AnomalyEngine, spec: InputSpec, distances: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Patch distances (1, H, W) of the image itself, smoothed as the scorer's maps are and laid over (height, width)."""
+    return spec.image_only().lay_over_image(anomaly_maps(distances, spec.image_size, scorer.map_sigma), height, width)

@@ -62,7 +62,8 @@ class Explainer:
 
     def __call__(self, images: list[np.ndarray], names: list[str], threshold: float) -> list[dict]:
         from keeneye.explain import GradCam, explain_decoded, with_probabilities
-        from keeneye.inference.anomaly import anomaly_overlays, has_anomaly_feature, is_anomaly_bundle, one_class_part_overlays
+        from keeneye.inference.anomaly import anomaly_overlays, has_anomaly_feature, is_anomaly_bundle, stacked_explanation
+        from keeneye.model.gradcam import MAX_OVERLAY_SIDE, fit_display
 
         bundle = self.service.predictor.bundle
         if is_anomaly_bundle(bundle):  # one-class bundle: the anomaly map (patch distances to the good ones)
@@ -74,11 +75,11 @@ class Explainer:
         explained = explain_decoded(self.cam, images, threshold, bundle.class_names, names, spec=bundle.input_spec)
         one_class = [None] * len(explained)
         if has_anomaly_feature(bundle):  # Grad-CAM is the head's view; the probability also holds the one-class score
-            stacked = self.service.predictor.predict_images(images)
-            explained = with_probabilities(explained, stacked, threshold, bundle.class_names)
-            engine = self.service.predictor.engine
-            drawn = one_class_part_overlays(engine.scorer, engine.stacker, bundle.input_spec, threshold, images)
-            one_class = [png_data_url(overlay) for overlay in drawn]
+            spec, engine = bundle.input_spec, self.service.predictor.engine  # one patch pass: probability and map
+            parts = [stacked_explanation(engine, spec, threshold, spec.prepare(image), fit_display(image, MAX_OVERLAY_SIDE))
+                     for image in images]
+            explained = with_probabilities(explained, [p for p, _ in parts], threshold, bundle.class_names)
+            one_class = [png_data_url(overlay) for _, overlay in parts]
         return [{"probability": item.probability, "label": item.label, "heatmap": png_data_url(item.overlay),
                  "one_class_heatmap": part, "tile": item.tile} for item, part in zip(explained, one_class)]
 
