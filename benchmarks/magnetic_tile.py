@@ -5,7 +5,9 @@ cross-validation folds group-aware). For every fold, one `keeneye train` (genuin
 default settings plus any `--set key=value`), and printed per fold and as mean +- sd:
   - test F1 at the chosen threshold and at 0.5, ROC AUC, average precision;
   - the cross-validated estimate (F1 over the out-of-fold predictions of training + validation,
-    printed by train before the test score) and its gap to the test F1.
+    printed by train before the test score) and its gap to the test F1;
+  - over all test folds, the share of each defect kind flagged (recall per kind) and of good tiles
+    (MT_Free: false alarms).
 Manifests are written into a temporary folder (never into the repository): only `.jpg` images,
 MT_Free = good, the five other folders = defect.
 
@@ -90,8 +92,20 @@ def run_fold(manifest: Path, work: Path, name: str, weights: Path, overrides: li
         "fine_tune_kept": tuned.get("kept"), "fine_tune_verdict": (tuned.get("cross_validation") or {}).get("verdict"),
     }
     entry["cv_gap"] = None if entry["cv_f1"] is None else entry["cv_f1"] - entry["f1"]
+    entry["flagged_by_kind"] = flagged_by_kind(result.run_dir / "predictions.csv")
     entry["cv_unpaired_choice"] = unpaired_choice(entry["cv_candidates"] or [])
     return entry
+
+
+def flagged_by_kind(predictions: Path) -> dict:
+    """{MT_<kind>: [test images, flagged as defect]} from a run's predictions.csv: which defect kinds the model
+    misses (recall per kind) and how many good tiles (MT_Free) it flags (false alarms)."""
+    import pandas as pd
+
+    rows = pd.read_csv(predictions)
+    rows = rows.assign(kind=rows["path"].map(lambda p: Path(p).parts[-3]), flagged=rows["predicted"] == "defect")
+    counts = rows.groupby("kind")["flagged"].agg(["size", "sum"])
+    return {kind: [int(n), int(f)] for kind, (n, f) in counts.iterrows()}
 
 
 def unpaired_choice(candidates: list[dict]) -> str | None:
@@ -113,6 +127,16 @@ def mean_sd(values: list) -> dict:
     if not values:
         return {"mean": None, "sd": None}
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def pooled_flags(per_fold: list[dict]) -> dict:
+    """The folds' [images, flagged] per kind, summed."""
+    pooled: dict = {}
+    for fold in per_fold:
+        for kind, (n, f) in fold.items():
+            total = pooled.setdefault(kind, [0, 0])
+            total[0], total[1] = total[0] + n, total[1] + f
+    return dict(sorted(pooled.items()))
 
 
 KEYS = ("f1", "f1_at_0.5", "roc_auc", "average_precision", "cv_f1", "cv_gap", "threshold")
@@ -149,6 +173,9 @@ def main() -> int:
     for key, value in summary.items():
         if value["mean"] is not None:
             print(f"{key:18s} {value['mean']:.4f} +- {value['sd']:.4f}")
+    summary["flagged_by_kind"] = pooled_flags([r["flagged_by_kind"] for r in folds.values()])
+    print("flagged as defect over the test folds (recall per defect kind; false alarms on MT_Free): " + ", ".join(
+        f"{kind} {f}/{n} ({f / n:.2f})" for kind, (n, f) in summary["flagged_by_kind"].items()))
     output = {"data": str(data), "groups": "none (automatic only)" if args.no_groups else "folds_5.csv group column",
               "overrides": args.overrides, "work": str(work), "folds": folds, "summary": summary}
     out.parent.mkdir(parents=True, exist_ok=True)
