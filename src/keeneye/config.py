@@ -58,6 +58,7 @@ WEIGHTS_KEYWORDS = ("imagenet", "none")
 #: model.views: how many views of an image may be stacked (data.preprocess.VIEW_SETS says which, bundle.InputSpec stores it).
 ViewCount = Literal[1, 2, 4, 8]
 VIEW_COUNTS: tuple[int, ...] = get_args(ViewCount)
+_VIEW_COUNTS_TEXT = ", ".join(map(str, VIEW_COUNTS[:-1])) + f" or {VIEW_COUNTS[-1]}"  # "1, 2, 4 or 8"
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 _RELATIVE_NOTE = "relative paths are resolved against the config file's folder"
 
@@ -243,14 +244,14 @@ class ModelConfig(BaseModel):
                 "augmentation.frozen_views."
             ),
         ),
-        _Expect("1, 2, 4 or 8", ("integer",)),
+        _Expect(_VIEW_COUNTS_TEXT, ("integer",)),
     ] = 1
 
     @field_validator("views")
     @classmethod
     def _check_views(cls, value: int) -> int:
         if value not in VIEW_COUNTS:
-            raise PydanticCustomError("views", "must be 1, 2, 4 or 8")
+            raise PydanticCustomError("views", f"must be {_VIEW_COUNTS_TEXT}")
         return value
 
     @field_validator("weights")
