@@ -37,8 +37,14 @@ def test_views_stack_the_image_first_then_its_mirrors_and_turns():
     assert np.array_equal(stacks[4], stacks[8][: 4 * 16]) and np.array_equal(stacks[2], stacks[8][: 2 * 16])
 
 
-def test_the_config_allows_exactly_the_view_counts_that_preprocess_stacks():
+def test_the_config_allows_exactly_the_view_counts_that_preprocess_stacks(tmp_path, demo_data):
+    from keeneye.config import config_from_dict
+
     assert VIEW_COUNTS == tuple(VIEW_SETS)  # one list of counts: config and bundle accept what InputSpec can build
+    config = tiny_config(tmp_path, demo_data)
+    config["model"] = config["model"] | {"views": 3}
+    with pytest.raises(ConfigError, match="model.views: expected 1, 2, 4 or 8, got 3"):
+        config_from_dict(config, base_dir=tmp_path)
 
 
 def test_views_round_trip_and_key_the_cache():
