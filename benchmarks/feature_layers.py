@@ -125,8 +125,9 @@ def cached_embeddings(paths: list[str], key: str, dim: int) -> np.ndarray | None
     return out
 
 
-def judge(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds: np.ndarray, class_weight: str) -> dict:
-    """Per test fold: C and threshold from 5 inner group folds of the other four, refit, test scores."""
+def judge_fold(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds: np.ndarray, k: int,
+               class_weight: str) -> dict:
+    """Test fold k: C and threshold from 5 inner group folds of the other four, refit on them, test scores."""
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
     from keeneye.evaluation.metrics import predict_labels
@@ -134,27 +135,35 @@ def judge(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds: np.
     from keeneye.training.crossval import HeadCandidate, cross_validate_logistic, fold_scores, group_folds
     from keeneye.training.fit import LOGISTIC_C_GRID, fit_logistic
 
-    rows = []
-    for k in sorted(np.unique(test_folds)):
-        pool, test = test_folds != k, test_folds == k
-        inner = group_folds(labels[pool], groups[pool], 5, 0)
-        candidate = HeadCandidate("logistic", (), 0.0, 0.0, class_weight, kind="logistic", logistic_c=LOGISTIC_C_GRID)
-        result = cross_validate_logistic(x[pool], labels[pool], inner, candidate)
-        choice = choose_threshold(labels[pool], result.oof, source="out_of_fold")
-        estimate = fold_scores(labels[pool], result.oof, inner, choice.threshold)
-        c = result.candidate.logistic_c[0]
-        p = fit_logistic(x[pool], labels[pool], c, class_weight).predict_proba(np.asarray(x[test], np.float64))[:, 1]
-        y = labels[test]
-        f1 = float(f1_score(y, predict_labels(p, choice.threshold)))
-        rows.append({"fold": int(k), "c": c, "threshold": choice.threshold, "f1": f1, "f1_at_0.5": float(f1_score(y, p >= 0.5)),
-                     "auc": float(roc_auc_score(y, p)), "ap": float(average_precision_score(y, p)),
-                     "oof_ap": result.ap, "cv_f1": estimate["f1_mean"], "cv_gap": estimate["f1_mean"] - f1})
+    pool, test = test_folds != k, test_folds == k
+    inner = group_folds(labels[pool], groups[pool], 5, 0)
+    candidate = HeadCandidate("logistic", (), 0.0, 0.0, class_weight, kind="logistic", logistic_c=LOGISTIC_C_GRID)
+    result = cross_validate_logistic(x[pool], labels[pool], inner, candidate)
+    choice = choose_threshold(labels[pool], result.oof, source="out_of_fold")
+    estimate = fold_scores(labels[pool], result.oof, inner, choice.threshold)
+    c = result.candidate.logistic_c[0]
+    p = fit_logistic(x[pool], labels[pool], c, class_weight).predict_proba(np.asarray(x[test], np.float64))[:, 1]
+    y = labels[test]
+    f1 = float(f1_score(y, predict_labels(p, choice.threshold)))
+    return {"fold": int(k), "c": c, "threshold": choice.threshold, "f1": f1, "f1_at_0.5": float(f1_score(y, p >= 0.5)),
+            "auc": float(roc_auc_score(y, p)), "ap": float(average_precision_score(y, p)),
+            "oof_ap": result.ap, "cv_f1": estimate["f1_mean"], "cv_gap": estimate["f1_mean"] - f1}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and sd over the folds of every score judge_fold returns."""
     summary = {}
     for key in ("f1", "f1_at_0.5", "auc", "ap", "oof_ap", "cv_gap"):
         values = [r[key] for r in rows]
         summary[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values)}
     summary["abs_cv_gap"] = {"mean": statistics.fmean(abs(r["cv_gap"]) for r in rows)}
-    return {"folds": rows, "summary": summary}
+    return summary
+
+
+def judge(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds: np.ndarray, class_weight: str) -> dict:
+    """Every test fold judged by judge_fold, and the mean +- sd over them."""
+    rows = [judge_fold(x, labels, groups, test_folds, k, class_weight) for k in sorted(np.unique(test_folds))]
+    return {"folds": rows, "summary": summarise(rows)}
 
 
 def summary_line(s: dict) -> str:
