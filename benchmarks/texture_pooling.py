@@ -1,0 +1,183 @@
+"""Benchmark: orderless second-order texture descriptors of MobileNetV2 blocks on magnetic-tile (frozen).
+
+Why: average and max pooling keep first-order statistics of a block; texture recognition with frozen
+CNNs is known to gain from second-order, orderless pooling of a conv layer (bilinear CNN, Lin et al.
+2015; FV-CNN, Cimpoi et al. 2015), and magnetic-tile's defects are changes of a surface texture far
+from ImageNet. Per block and test fold: a PCA to --dim dimensions fitted on the positions of the four
+training folds' images only (no labels, never the test fold), then per image
+- "cov": the second moment of its projected positions (Z^T Z / n), signed square root, L2 norm, upper
+  triangle (bilinear pooling);
+- "vlad": residuals to k-means(16) centres of the projected training positions, signed square root,
+  intra- and L2 normalisation;
+each alone and appended to keeneye's "multi" embedding (block_13_expand_relu and out_relu, average and
+max), judged like benchmarks/feature_layers.py (logistic head, C and threshold from 5 inner group folds,
+refit, test fold). --full adds the second moment of the unprojected channels (no fitted step at all).
+--views V: every descriptor (and "multi") averaged over the image's model.views views, as keeneye's views
+extractor averages its features; the PCA and k-means are fitted on the images as they lay.
+Printed: mean +- sd over the 5 group folds, and each set's paired differences from "multi".
+
+    python benchmarks/texture_pooling.py [--blocks b6 b13] [--dim 48] [--full b12a] [--views 1|2|4|8] [--out FILE]
+
+The block maps (float16, 224 px squash) are stored under ~/.cache/keeneye/texture-maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import feature_layers as fl  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "keeneye" / "texture-maps"
+BLOCKS = {"b5a": "block_5_add", "b6": "block_6_expand_relu", "b12a": "block_12_add",
+          "b13": "block_13_expand_relu", "last": "out_relu"}
+CLUSTERS = 16
+
+
+def block_maps(paths: list[str], blocks: list[str], view: int = 0) -> dict[str, np.ndarray]:
+    """Each block's output map (N, H, W, C) of every image's dihedral view `view` at 224 px squash: from
+    CACHE, or one backbone pass."""
+    def file(block: str) -> Path:
+        return CACHE / (f"magnetic_tile_{block}" + (f"_view{view}" if view else "") + ".npy")
+
+    missing = [b for b in blocks if not file(b).exists()]
+    if missing:
+        import keras
+
+        from keeneye.data.preprocess import InputSpec, dihedral
+
+        spec, started = InputSpec(224, "squash"), time.perf_counter()
+        base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None)
+        base.load_weights(str(fl.WEIGHTS))
+        model = keras.Model(base.inputs, [base.get_layer(BLOCKS[b]).output for b in missing])
+        parts: dict[str, list] = {b: [] for b in missing}
+        for start in range(0, len(paths), 32):
+            x = dihedral(np.stack([spec.load(p) for p in paths[start : start + 32]]), view).astype(np.float32) / 127.5 - 1.0
+            outs = model.predict(x, verbose=0)
+            for b, out in zip(missing, outs if len(missing) > 1 else [outs]):
+                parts[b].append(out.astype(np.float16))
+        CACHE.mkdir(parents=True, exist_ok=True)
+        for b in missing:
+            np.save(file(b), np.concatenate(parts[b]))
+        print(f"  maps of {', '.join(missing)} (view {view}): {len(paths)} images in {time.perf_counter() - started:.0f} s",
+              flush=True)
+    return {b: np.load(file(b), mmap_mode="r") for b in blocks}
+
+
+def signed_sqrt_l2(z: np.ndarray) -> np.ndarray:
+    """The normalisation bilinear pooling needs: a few large entries must not dominate the vector."""
+    z = np.sign(z) * np.sqrt(np.abs(z))
+    return z / (np.linalg.norm(z, axis=-1, keepdims=True) + 1e-12)
+
+
+def second_moment(z: np.ndarray) -> np.ndarray:
+    """(N, P, D) positions -> (N, D (D + 1) / 2): upper triangle of Z^T Z / P, signed sqrt, L2."""
+    upper = np.triu_indices(z.shape[-1])
+    moment = np.einsum("npi,npj->nij", z, z) / z.shape[1]
+    return signed_sqrt_l2(moment[:, upper[0], upper[1]]).astype(np.float32)
+
+
+def vlad(z: np.ndarray, centres: np.ndarray, assign: np.ndarray) -> np.ndarray:
+    """(N, P, D) positions and their nearest centre -> (N, K D) VLAD, intra- and L2-normalised."""
+    out = np.zeros((z.shape[0], len(centres), z.shape[-1]), np.float32)
+    for j, centre in enumerate(centres):
+        out[:, j] = ((z - centre) * (assign == j)[..., None]).sum(1)
+    out = signed_sqrt_l2(out).reshape(len(z), -1)
+    return out / (np.linalg.norm(out, axis=1, keepdims=True) + 1e-12)
+
+
+def fitted_descriptors(views: list[np.ndarray], train: np.ndarray, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """"cov" and "vlad" of every image, averaged over its views' maps, with the PCA and k-means fitted on the
+    positions of the training images as they lay (views[0]) only."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.decomposition import PCA
+
+    n, h, w, c = views[0].shape
+    rng = np.random.default_rng(seed)
+    positions = np.asarray(views[0][train]).reshape(-1, c).astype(np.float32)
+    positions = positions[rng.choice(len(positions), size=min(60000, len(positions)), replace=False)]
+    pca = PCA(dim, random_state=seed).fit(positions)
+    kmeans = MiniBatchKMeans(CLUSTERS, random_state=seed, n_init=3).fit(pca.transform(positions))
+    centres = kmeans.cluster_centers_.astype(np.float32)
+    out = {"cov": 0.0, "vlad": 0.0}
+    for maps in views:
+        z = pca.transform(np.asarray(maps, np.float32).reshape(-1, c)).reshape(n, h * w, dim).astype(np.float32)
+        assign = kmeans.predict(z.reshape(-1, dim)).reshape(n, h * w)
+        out["cov"] = out["cov"] + second_moment(z) / len(views)
+        out["vlad"] = out["vlad"] + vlad(z, centres, assign) / len(views)
+    return out
+
+
+def pooled_multi(views: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """keeneye's "multi" embedding (block_13_expand_relu and out_relu, average and max), averaged over the views."""
+    return np.mean([np.concatenate([np.mean(m["b13"], (1, 2)), np.max(m["b13"], (1, 2)), np.mean(m["last"], (1, 2)),
+                                    np.max(m["last"], (1, 2))], axis=1).astype(np.float32) for m in views], axis=0)
+
+
+def paired_line(rows: list[dict], base: list[dict]) -> str:
+    """Mean paired difference from the base set, its SE over the folds and in how many folds it was higher."""
+    parts = []
+    for key in ("f1", "auc", "ap"):
+        diff = np.array([r[key] - b[key] for r, b in zip(rows, base)])
+        parts.append(f"{key} {diff.mean():+.3f} (SE {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}, up {int((diff > 0).sum())}/{len(diff)})")
+    return "  ".join(parts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", nargs="*", default=["b6", "b13"], choices=list(BLOCKS))
+    parser.add_argument("--full", nargs="*", default=[], choices=list(BLOCKS), help="also the unprojected second moment")
+    parser.add_argument("--dim", type=int, default=48, help="PCA dimensions before pooling")
+    parser.add_argument("--views", type=int, default=1, choices=(1, 2, 4, 8), help="average over model.views views")
+    parser.add_argument("--out", type=Path, default=fl.REPO / "benchmarks" / "results" / "texture_pooling.json")
+    args = parser.parse_args()
+    sys.path.insert(0, str(fl.REPO / "src"))
+    frame = pd.read_csv(fl.MT / "folds_5.csv")
+    frame = frame[frame["path"].str.lower().str.endswith(".jpg")].reset_index(drop=True)
+    paths = [str(fl.MT / p) for p in frame["path"]]
+    labels, groups, folds = frame["binary_label"].to_numpy().astype(int), frame["group"].to_numpy(), frame["fold"].to_numpy()
+    from keeneye.data.preprocess import VIEW_SETS
+
+    blocks = sorted(set(args.blocks) | set(args.full) | {"b13", "last"})
+    views = [block_maps(paths, blocks, view) for view in VIEW_SETS[args.views]]
+    multi = pooled_multi(views)
+    full = {f"fullcov_{b}": np.mean([second_moment(np.asarray(m[b], np.float32).reshape(len(paths), -1, m[b].shape[-1]))
+                                     for m in views], axis=0) for b in args.full}
+    rows: dict[str, list[dict]] = {}
+    for k in sorted(np.unique(folds)):
+        started, sets = time.perf_counter(), {"multi": multi}
+        for block in args.blocks:
+            for kind, x in fitted_descriptors([m[block] for m in views], folds != k, args.dim, int(k)).items():
+                sets[f"{kind}_{block}"] = x
+        sets |= full
+        for name in [n for n in sets if n != "multi"]:
+            sets[f"multi+{name}"] = np.concatenate([multi, sets[name]], axis=1)
+        for name, x in sets.items():
+            row = fl.judge_fold(x, labels, groups, folds, int(k), "balanced") | {"dim": int(x.shape[1])}
+            rows.setdefault(name, []).append(row)
+            print(f"fold {k} {name:18} dim {x.shape[1]:5d}: F1 {row['f1']:.3f} AUC {row['auc']:.3f} AP {row['ap']:.3f} "
+                  f"OOF AP {row['oof_ap']:.3f}", flush=True)
+        print(f"fold {k}: {time.perf_counter() - started:.0f} s", flush=True)
+    report = {}
+    print(f"\n{'set':20} {'dim':>5}  mean +- sd over the 5 group folds; paired difference from multi")
+    for name, fold_rows in rows.items():
+        report[name] = {"folds": fold_rows, "summary": fl.summarise(fold_rows)}
+        print(f"{name:20} {fold_rows[0]['dim']:5d}  {fl.summary_line(report[name]['summary'])}")
+        if name != "multi":
+            print(f"{'':28}{paired_line(fold_rows, rows['multi'])}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"dim": args.dim, "clusters": CLUSTERS, "views": args.views, "results": report}, indent=2))
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
