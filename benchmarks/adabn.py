@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feature_layers as fl  # noqa: E402
@@ -94,10 +93,7 @@ def main() -> int:
     sys.path.insert(0, str(fl.REPO / "src"))
     from keeneye.data.preprocess import InputSpec
 
-    frame = pd.read_csv(fl.MT / "folds_5.csv")
-    frame = frame[frame["path"].str.lower().str.endswith(".jpg")].reset_index(drop=True)
-    paths = [str(fl.MT / p) for p in frame["path"]]
-    labels, groups, folds = frame["binary_label"].to_numpy().astype(int), frame["group"].to_numpy(), frame["fold"].to_numpy()
+    paths, labels, groups, folds = fl.magnetic_tile_folds()
     spec = InputSpec(224, "squash")
     images = np.stack([spec.load(p) for p in paths]).astype(np.float32) / 127.5 - 1.0
     rng, report = np.random.default_rng(0), {}

@@ -53,6 +53,14 @@ SETS = {
 }
 
 
+def magnetic_tile_folds() -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The magnetic-tile images of folds_5.csv: (paths, binary labels, tile groups, test fold of each image)."""
+    frame = pd.read_csv(MT / "folds_5.csv")
+    frame = frame[frame["path"].str.lower().str.endswith(".jpg")].reset_index(drop=True)
+    labels, groups, folds = frame["binary_label"].to_numpy().astype(int), frame["group"].to_numpy(), frame["fold"].to_numpy()
+    return [str(MT / p) for p in frame["path"]], labels, groups, folds
+
+
 def extractor(size: int):
     import keras
 
@@ -185,10 +193,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "feature_layers.json")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
-    frame = pd.read_csv(MT / "folds_5.csv")
-    frame = frame[frame["path"].str.lower().str.endswith(".jpg")].reset_index(drop=True)
-    paths = [str(MT / p) for p in frame["path"]]
-    labels, groups, folds = frame["binary_label"].to_numpy().astype(int), frame["group"].to_numpy(), frame["fold"].to_numpy()
+    paths, labels, groups, folds = magnetic_tile_folds()
     report = {}
     for entry in args.cached:
         key, dim = entry.rsplit(":", 1)

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feature_layers as fl  # noqa: E402
@@ -140,10 +139,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=fl.REPO / "benchmarks" / "results" / "texture_pooling.json")
     args = parser.parse_args()
     sys.path.insert(0, str(fl.REPO / "src"))
-    frame = pd.read_csv(fl.MT / "folds_5.csv")
-    frame = frame[frame["path"].str.lower().str.endswith(".jpg")].reset_index(drop=True)
-    paths = [str(fl.MT / p) for p in frame["path"]]
-    labels, groups, folds = frame["binary_label"].to_numpy().astype(int), frame["group"].to_numpy(), frame["fold"].to_numpy()
+    paths, labels, groups, folds = fl.magnetic_tile_folds()
     from keeneye.data.preprocess import VIEW_SETS
 
     blocks = sorted(set(args.blocks) | set(args.full) | {"b13", "last"})
