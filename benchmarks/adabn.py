@@ -30,14 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feature_layers as fl  # noqa: E402
 
 
-def backbone():
-    import keras
-
-    base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None)
-    base.load_weights(str(fl.WEIGHTS))
-    return base
-
-
 def batchnorms(base) -> list:
     import keras
 
@@ -99,7 +91,7 @@ def main() -> int:
     rng, report = np.random.default_rng(0), {}
     for variant in args.variants:
         for k in sorted(np.unique(folds)):
-            started, base = time.perf_counter(), backbone()
+            started, base = time.perf_counter(), fl.imagenet_mobilenet()
             chosen = rng.choice(np.flatnonzero(folds != k), size=args.images, replace=False)
             if variant == "full":
                 adapt_full(base, images[chosen])

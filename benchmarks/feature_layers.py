@@ -61,11 +61,19 @@ def magnetic_tile_folds() -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray
     return [str(MT / p) for p in frame["path"]], labels, groups, folds
 
 
-def extractor(size: int):
+def imagenet_mobilenet(size: int = 224):
+    """MobileNetV2 (alpha 1, no top) with the shared ImageNet weights: the backbone of every probe here."""
     import keras
 
     base = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=1.0, include_top=False, weights=None)
     base.load_weights(str(WEIGHTS))
+    return base
+
+
+def extractor(size: int):
+    import keras
+
+    base = imagenet_mobilenet(size)
     image = keras.Input((size, size, 3), dtype="uint8")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(image)
     inner = keras.Model(base.inputs, [base.get_layer(layer).output for layer in BLOCKS.values()])
@@ -136,26 +144,40 @@ def cached_embeddings(paths: list[str], key: str, dim: int) -> np.ndarray | None
 def judge_fold(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds: np.ndarray, k: int,
                class_weight: str) -> dict:
     """Test fold k: C and threshold from 5 inner group folds of the other four, refit on them, test scores."""
+    from sklearn.metrics import f1_score
+
+    from keeneye.training.crossval import fold_scores, group_folds
+
+    pool, test = test_folds != k, test_folds == k
+    inner = group_folds(labels[pool], groups[pool], 5, 0)
+    fit = logistic_fit_and_score(x, labels, pool, test, inner, class_weight)
+    p, oof = fit.pop("p"), fit.pop("oof")
+    estimate = fold_scores(labels[pool], oof, inner, fit["threshold"])
+    return {"fold": int(k), **fit, "f1_at_0.5": float(f1_score(labels[test], p >= 0.5)),
+            "cv_f1": estimate["f1_mean"], "cv_gap": estimate["f1_mean"] - fit["f1"]}
+
+
+def logistic_fit_and_score(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, inner: list,
+                           class_weight: str) -> dict:
+    """keeneye's logistic head on the train rows (C by pooled out-of-fold AP over the `inner` folds, the
+    threshold out of fold), refit at that C and scored on the test rows: C, threshold, out-of-fold
+    probabilities and AP, test probabilities, F1, ROC AUC and AP."""
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
     from keeneye.evaluation.metrics import predict_labels
     from keeneye.evaluation.threshold import choose_threshold
-    from keeneye.training.crossval import HeadCandidate, cross_validate_logistic, fold_scores, group_folds
+    from keeneye.training.crossval import HeadCandidate, cross_validate_logistic
     from keeneye.training.fit import LOGISTIC_C_GRID, fit_logistic
 
-    pool, test = test_folds != k, test_folds == k
-    inner = group_folds(labels[pool], groups[pool], 5, 0)
     candidate = HeadCandidate("logistic", (), 0.0, 0.0, class_weight, kind="logistic", logistic_c=LOGISTIC_C_GRID)
-    result = cross_validate_logistic(x[pool], labels[pool], inner, candidate)
-    choice = choose_threshold(labels[pool], result.oof, source="out_of_fold")
-    estimate = fold_scores(labels[pool], result.oof, inner, choice.threshold)
+    result = cross_validate_logistic(x[train], labels[train], inner, candidate)
+    threshold = choose_threshold(labels[train], result.oof, source="out_of_fold").threshold
     c = result.candidate.logistic_c[0]
-    p = fit_logistic(x[pool], labels[pool], c, class_weight).predict_proba(np.asarray(x[test], np.float64))[:, 1]
+    p = fit_logistic(x[train], labels[train], c, class_weight).predict_proba(np.asarray(x[test], np.float64))[:, 1]
     y = labels[test]
-    f1 = float(f1_score(y, predict_labels(p, choice.threshold)))
-    return {"fold": int(k), "c": c, "threshold": choice.threshold, "f1": f1, "f1_at_0.5": float(f1_score(y, p >= 0.5)),
-            "auc": float(roc_auc_score(y, p)), "ap": float(average_precision_score(y, p)),
-            "oof_ap": result.ap, "cv_f1": estimate["f1_mean"], "cv_gap": estimate["f1_mean"] - f1}
+    return {"c": c, "threshold": threshold, "oof": result.oof, "oof_ap": result.ap, "p": p,
+            "f1": float(f1_score(y, predict_labels(p, threshold))), "auc": float(roc_auc_score(y, p)),
+            "ap": float(average_precision_score(y, p))}
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -57,9 +57,7 @@ def block_maps(paths: list[str], blocks: list[str], view: int = 0) -> dict[str, 
 
         from keeneye.data.preprocess import InputSpec, dihedral
 
-        spec, started = InputSpec(224, "squash"), time.perf_counter()
-        base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None)
-        base.load_weights(str(fl.WEIGHTS))
+        spec, started, base = InputSpec(224, "squash"), time.perf_counter(), fl.imagenet_mobilenet()
         model = keras.Model(base.inputs, [base.get_layer(BLOCKS[b]).output for b in missing])
         parts: dict[str, list] = {b: [] for b in missing}
         for start in range(0, len(paths), 32):
@@ -138,13 +136,11 @@ def casting(dim: int) -> dict:
     """Casting: test errors of the logistic head on "multi" and on "multi" + the block_6 second moment."""
     import keras
     from sklearn.decomposition import PCA
-    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+    from sklearn.metrics import f1_score
 
     from keeneye.data.preprocess import InputSpec
     from keeneye.evaluation.metrics import predict_labels
-    from keeneye.evaluation.threshold import choose_threshold
-    from keeneye.training.crossval import HeadCandidate, cross_validate_logistic, group_folds
-    from keeneye.training.fit import LOGISTIC_C_GRID, fit_logistic
+    from keeneye.training.crossval import group_folds
 
     root = fl.SHARED / "data" / "casting"
     leaked = {str(root / p) for p in pd.read_csv(root / "DUPLICATES_train_test.tsv", sep="\t", header=None)[0]}
@@ -154,17 +150,15 @@ def casting(dim: int) -> dict:
     paths = [r[0] for r in rows]
     labels, test = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
     kept = ~np.array([p in leaked for p in paths])[test]
-    spec, started = InputSpec(224, "squash"), time.perf_counter()
-    base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None)
-    base.load_weights(str(fl.WEIGHTS))
+    spec, started, base = InputSpec(224, "squash"), time.perf_counter(), fl.imagenet_mobilenet()
     model = keras.Model(base.inputs, [base.get_layer(BLOCKS[b]).output for b in ("b6", "b13", "last")])
     b6, multi = [], []
     for start in range(0, len(paths), 32):
         x = np.stack([spec.load(p) for p in paths[start : start + 32]]).astype(np.float32) / 127.5 - 1.0
         low, mid, last = model.predict(x, verbose=0)
         b6.append(low.astype(np.float16))
-        multi.append(np.concatenate([mid.mean((1, 2)), mid.max((1, 2)), last.mean((1, 2)), last.max((1, 2))], axis=1))
-    b6, multi = np.concatenate(b6), np.concatenate(multi).astype(np.float32)
+        multi.append(pooled_multi([{"b13": mid, "last": last}]))
+    b6, multi = np.concatenate(b6), np.concatenate(multi)
     print(f"casting: {len(paths)} images embedded in {time.perf_counter() - started:.0f} s", flush=True)
     positions = b6[~test].reshape(-1, b6.shape[-1])
     positions = positions[np.random.default_rng(0).choice(len(positions), 60000, replace=False)].astype(np.float32)
@@ -176,17 +170,12 @@ def casting(dim: int) -> dict:
     inner = group_folds(labels[train], np.arange(train.sum()), 5, 0)
     report = {}
     for name, x in {"multi": multi, "multi+cov_b6": np.concatenate([multi, moment], axis=1)}.items():
-        candidate = HeadCandidate("logistic", (), 0.0, 0.0, "balanced", kind="logistic", logistic_c=LOGISTIC_C_GRID)
-        result = cross_validate_logistic(x[train], labels[train], inner, candidate)
-        threshold = choose_threshold(labels[train], result.oof, source="out_of_fold").threshold
-        c = result.candidate.logistic_c[0]
-        p = fit_logistic(x[train], labels[train], c, "balanced").predict_proba(np.asarray(x[test], np.float64))[:, 1]
-        y, predicted = labels[test], predict_labels(p, threshold)
-        report[name] = {"c": c, "oof_ap": result.ap, "f1": float(f1_score(y, predicted)), "errors": int((predicted != y).sum()),
-                        "f1_dedup": float(f1_score(y[kept], predicted[kept])), "errors_dedup": int((predicted[kept] != y[kept]).sum()),
-                        "auc": float(roc_auc_score(y, p)), "ap": float(average_precision_score(y, p))}
-        r = report[name]
-        print(f"{name:14} C {c:g}  OOF AP {r['oof_ap']:.5f}  test F1 {r['f1']:.4f} ({r['errors']} errors in {len(y)})  without "
+        fit = fl.logistic_fit_and_score(x, labels, train, test, inner, "balanced")
+        y, predicted = labels[test], predict_labels(fit.pop("p"), fit["threshold"])
+        r = report[name] = {key: fit[key] for key in ("c", "threshold", "oof_ap", "f1", "auc", "ap")} | {
+            "errors": int((predicted != y).sum()), "f1_dedup": float(f1_score(y[kept], predicted[kept])),
+            "errors_dedup": int((predicted[kept] != y[kept]).sum())}
+        print(f"{name:14} C {r['c']:g}  OOF AP {r['oof_ap']:.5f}  test F1 {r['f1']:.4f} ({r['errors']} errors in {len(y)})  without "
               f"duplicates {r['f1_dedup']:.4f} ({r['errors_dedup']} in {int(kept.sum())})  AUC {r['auc']:.5f}  AP {r['ap']:.5f}", flush=True)
     return report
 
