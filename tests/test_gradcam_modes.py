@@ -43,7 +43,7 @@ def test_each_tile_map_lands_on_its_tile_and_a_single_square_follows_the_resize_
     assert np.allclose(InputSpec(16, "pad").lay_over_image(letterbox, 50, 100), 1.0)
 
 
-@pytest.mark.parametrize("features,tiles,views", [("multi", None, 2), ("gap+gmp", (1, 2), 1)])
+@pytest.mark.parametrize("features,tiles,views", [("multi", None, 2), ("gap+gmp", (1, 2), 1), ("multi+cov", None, 1)])
 def test_grad_cam_gives_the_models_probability_and_a_map_per_square(imagenet_weights, features, tiles, views):
     """The graph Grad-CAM differentiates is the bundle's own (same probability), for stacked inputs too."""
     import keras
@@ -66,7 +66,7 @@ def test_grad_cam_gives_the_models_probability_and_a_map_per_square(imagenet_wei
     cam = GradCam(classifier)
     found = cam.explain(batch, 0.5)
     np.testing.assert_allclose(found.probabilities, np.asarray(classifier.predict(batch, verbose=0)).ravel(), atol=1e-5)
-    grid = 6 if features == "multi" else 3  # block_13 (stride 16) or the last block (stride 32) at 96 px
+    grid = {"multi": 6, "multi+cov": 12}.get(features, 3)  # block_13 (stride 16), block_6 (8) or the last block (32) at 96 px
     assert found.maps.shape == (3, spec.passes, grid, grid) and found.shares.shape == (3, spec.passes)
     assert np.allclose(found.maps.reshape(3, -1).max(axis=1), 1.0)  # each image has a map: the gradient got through
     if features == "multi":

@@ -122,7 +122,7 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
     keras.utils.set_random_seed(cfg.training.seed)
     scanned = phases.scan(cfg, reporter)
     stack_anomaly_score = phases.use_anomaly_feature(cfg, scanned, reporter)  # before any work is done
-    backbone = phases.build_backbone(cfg, scanned)
+    backbone = phases.build_backbone(cfg, scanned, reporter)
     engine = make_feature_engine(backbone.extractor, cache_folder=backbone.cache_folder)
     remote = ray_engine_factory(cfg, scanned, backbone) if cfg.training.embed_on == "ray" else None
     embedded = phases.embed(cfg, scanned, backbone, engine, reporter, remote_engine=remote)
@@ -149,9 +149,12 @@ def ray_engine_factory(cfg: Config, scanned: phases.Scanned, backbone: phases.Ba
     """What each Ray actor builds its feature engine from (training.embed_on "ray"): picklable, loaded once per actor."""
     from keeneye.inference.distributed import FeatureEngineFactory
 
+    from keeneye.model.backbone import texture_projection
+
     spec = scanned.spec
     return FeatureEngineFactory(cfg.model.alpha, cfg.model.image_size, scanned.weights, cfg.model.features,
-                                spec.n_tiles, str(backbone.cache_folder) if backbone.cache_folder else None, views=spec.views)
+                                spec.n_tiles, str(backbone.cache_folder) if backbone.cache_folder else None, views=spec.views,
+                                texture=texture_projection(backbone.extractor))
 
 
 def _publish(cfg: Config, scanned: phases.Scanned, prepared: phases.Prepared, fit: phases.HeadFit, trained: phases.Trained,

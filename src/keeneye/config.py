@@ -175,18 +175,21 @@ class ModelConfig(BaseModel):
     ] = "imagenet"
 
     features: Annotated[
-        Literal["gap", "gap+gmp", "multi"],
+        Literal["gap", "gap+gmp", "multi", "multi+cov"],
         Field(
             description=(
                 'What the embedding holds: "gap" = average of the last block; "gap+gmp" = its average and '
                 'maximum (a small defect lighting a few positions survives the max); "multi" = average and '
                 "maximum of the last block and of the mid-level block_13_expand_relu (finer texture, about "
-                "the same cost). Part of the embedding cache key and of the bundle. Default gap: gap+gmp raised "
-                "magnetic-tile test F1 (+0.03, 5 of 5 group folds) but not its AUC or AP, made one more casting "
-                "error, and loses more to int8 export (benchmarks/features.py, README)."
+                'the same cost); "multi+cov" = "multi" and the second moment of block_6_expand_relu\'s positions '
+                "projected on their 48 principal axes, fitted on up to 128 of the run's training images (texture: "
+                "which channels fire together; +2,304 values). Part of the embedding cache key and of the bundle. "
+                "Default gap: gap+gmp raised magnetic-tile test F1 (+0.03, 5 of 5 group folds) but not its AUC or "
+                "AP, made one more casting error, and loses more to int8 export (benchmarks/features.py, README); "
+                "for multi+cov see README, Texture features."
             )
         ),
-        _Expect('"gap", "gap+gmp" or "multi"', ("string",)),
+        _Expect('"gap", "gap+gmp", "multi" or "multi+cov"', ("string",)),
     ] = "gap"
     resize: Annotated[
         Literal["squash", "pad", "crop"],

@@ -34,8 +34,9 @@ FEATURE_FORMAT_VERSION = 2  # 2: resize rule of decode.resize_square
 
 
 def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha256: str, features: str = "gap",
-                       spec: InputSpec | None = None) -> str:
-    """Features are only reusable for the same network, weights, input size, feature mode, resize, tiles and views.
+                       spec: InputSpec | None = None, texture: str | None = None) -> str:
+    """Features are only reusable for the same network, weights, input size, feature mode, resize, tiles and views,
+    and (texture: model/backbone.texture_fingerprint) the same fitted texture projection of "multi+cov".
 
     Squash with model.reduced_decode keeps the key it had before that option existed (it was how
     every image was decoded then), so earlier caches stay valid; the full decode, now the default,
@@ -47,6 +48,8 @@ def backbone_cache_key(backbone: str, alpha: float, image_size: int, weights_sha
         key += "-dfull"  # caches from before model.reduced_decode hold reduced-decode features under the plain key
     if features != "gap":
         key += f"-f{features.replace('+', '_')}"
+    if texture:
+        key += f"-p{texture}"
     if spec.tiles is not None:
         key += f"-t{spec.tiles[0]}x{spec.tiles[1]}o{spec.overlap:g}"
     elif spec.resize != "squash":

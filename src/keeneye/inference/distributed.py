@@ -199,12 +199,15 @@ class FeatureEngineFactory:
     """
 
     def __init__(self, alpha: float, image_size: int, weights, features: str, n_tiles: int | None,
-                 cache_folder: str | None, engine: str = "auto", views: int = 1) -> None:
+                 cache_folder: str | None, engine: str = "auto", views: int = 1, texture: tuple | None = None) -> None:
         self.alpha, self.image_size, self.weights, self.features = alpha, image_size, weights, features
         self.n_tiles, self.cache_folder, self.engine, self.views = n_tiles or 1, cache_folder, engine, views
+        self.texture = texture  # "multi+cov": the driver's fitted (kernel, bias), so every actor computes its features
 
     def __call__(self) -> Callable[[np.ndarray], np.ndarray]:
-        from keeneye.model.backbone import build_input_extractor
+        from keeneye.model.backbone import build_input_extractor, set_texture_projection
 
         extractor = build_input_extractor(self.alpha, self.image_size, self.weights, self.features, self.n_tiles, self.views)
+        if self.texture is not None:
+            set_texture_projection(extractor, *self.texture)
         return make_feature_engine(extractor, engine=self.engine, cache_folder=self.cache_folder)

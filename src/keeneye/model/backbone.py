@@ -85,10 +85,19 @@ def resolve_weights(weights: str, alpha: float, image_size: int) -> ResolvedWeig
 
 #: What the pooled embedding holds (model.features). Every mode is plain Keras layers, so model.keras,
 #: its ONNX conversion and every export compute exactly the features the head was trained on.
-FEATURE_MODES: tuple[str, ...] = ("gap", "gap+gmp", "multi")
+FEATURE_MODES: tuple[str, ...] = ("gap", "gap+gmp", "multi", "multi+cov")
 #: The mid-level block "multi" pools besides the last one: stride 16 (14 x 14 at 224 px), computed on
 #: the way to the last block anyway, so it costs the pooling only.
 MID_LEVEL_LAYER = "block_13_expand_relu"
+#: The low-level block whose second moment "multi+cov" adds: stride 8 (28 x 28 at 224 px, 192 channels at
+#: alpha 1), where texture is still local (benchmarks/texture_pooling.py measured blocks 5, 6, 12, 13).
+TEXTURE_LAYER = "block_6_expand_relu"
+#: Principal axes of the texture block's positions kept before the second moment: 48 x 48 = 2,304 values.
+TEXTURE_DIM = 48
+#: The 1 x 1 convolution that centres and projects the texture block's positions (training/texture.py fits it).
+TEXTURE_PROJECTION = "low_projection"
+#: The layers after the projection, in order: positions (P, D) -> Z^T Z (D, D) -> flat -> L2-normalised.
+TEXTURE_LAYERS = ("low_positions", "low_moment", "low_moment_flat", "low_cov")
 
 
 #: The pooled parts of each mode's embedding, in column order (the Concatenate order below). "gap" and
@@ -97,6 +106,7 @@ FEATURE_PARTS: dict[str, tuple[str, ...]] = {
     "gap": ("last_avg",),
     "gap+gmp": ("last_avg", "last_max"),
     "multi": ("mid_avg", "mid_max", "last_avg", "last_max"),
+    "multi+cov": ("mid_avg", "mid_max", "last_avg", "last_max", "low_cov"),
 }
 
 
@@ -127,12 +137,91 @@ def _pool(tensor, name: str, with_max: bool) -> list:
     return pooled
 
 
+def _second_moment(low) -> object:
+    """TEXTURE_LAYER's map (N, H, W, C) -> the L2-normalised second moment of its projected positions (N, D * D).
+
+    Why: average and max pooling keep first-order statistics; which channels fire *together* is what
+    describes a texture (bilinear / covariance pooling: Lin et al. 2015, Cimpoi et al. 2015), and
+    magnetic-tile's defects are texture changes far from ImageNet. The projection (TEXTURE_PROJECTION)
+    starts as a seeded random one; training/texture.py replaces it with the principal axes of the training
+    images' positions (centred on their mean), which measured better than any fixed projection
+    (benchmarks/texture_pooling.py). The full symmetric D x D matrix is kept (built-in Keras layers only).
+    """
+    import numpy as np
+
+    from keeneye.model.patchcore import projection_matrix
+
+    height, width, depth = (int(d) for d in low.shape[1:])
+    dim = min(TEXTURE_DIM, depth)
+    projection = keras.layers.Conv2D(dim, 1, use_bias=True, trainable=False, name=TEXTURE_PROJECTION)
+    z = projection(low)
+    projection.set_weights([projection_matrix(depth, dim, 0)[None, None], np.zeros(dim, np.float32)])
+    positions = keras.layers.Reshape((height * width, dim), name=TEXTURE_LAYERS[0])(z)
+    moment = keras.layers.Dot(axes=1, name=TEXTURE_LAYERS[1])([positions, positions])
+    flat = keras.layers.Flatten(name=TEXTURE_LAYERS[2])(moment)
+    return keras.layers.UnitNormalization(name=TEXTURE_LAYERS[3])(flat)
+
+
+def texture_pooling(extractor: keras.Model):
+    """map -> the "multi+cov" texture part, with `extractor`'s own (fitted) layers: for Grad-CAM, which pools maps again."""
+    project, reshape, dot, flatten, normalise = (extractor.get_layer(n) for n in (TEXTURE_PROJECTION, *TEXTURE_LAYERS))
+
+    def pool(low):
+        positions = reshape(project(low))
+        return normalise(flatten(dot([positions, positions])))
+
+    return pool
+
+
+def has_texture_part(extractor: keras.Model) -> bool:
+    """Whether a (per-image, tiled or views) extractor holds the fitted "multi+cov" projection."""
+    return TEXTURE_PROJECTION in {layer.name for layer in per_square(extractor)[0].layers}
+
+
+def texture_maps_model(extractor: keras.Model) -> keras.Model:
+    """uint8 squares (N, S, S, 3) -> TEXTURE_LAYER's maps, the input the projection is fitted on."""
+    inner = per_square(extractor)[0]
+    return keras.Model(inner.input, inner.get_layer(TEXTURE_PROJECTION).input, name="texture_maps")
+
+
+def set_texture_projection(extractor: keras.Model, kernel, bias) -> None:
+    """Put a fitted (C, D) kernel and (D,) bias into the projection of a "multi+cov" extractor (tiled or not)."""
+    import numpy as np
+
+    layer = per_square(extractor)[0].get_layer(TEXTURE_PROJECTION)
+    layer.set_weights([np.asarray(kernel, np.float32)[None, None], np.asarray(bias, np.float32)])
+
+
+def texture_projection(extractor: keras.Model) -> tuple | None:
+    """The (C, D) kernel and (D,) bias of a "multi+cov" extractor's projection (None without one)."""
+    if not has_texture_part(extractor):
+        return None
+    kernel, bias = per_square(extractor)[0].get_layer(TEXTURE_PROJECTION).get_weights()
+    return kernel[0, 0], bias
+
+
+def texture_fingerprint(extractor: keras.Model) -> str | None:
+    """A short hash of the fitted projection (None without one): part of the embedding cache key, because the
+    texture features depend on the training images the projection was fitted on."""
+    import hashlib
+
+    projection = texture_projection(extractor)
+    if projection is None:
+        return None
+    digest = hashlib.sha256()
+    for array in projection:
+        digest.update(array.astype("float32").tobytes())
+    return digest.hexdigest()[:12]
+
+
 def build_feature_extractor(alpha: float, image_size: int, weights: ResolvedWeights, features: str = "gap") -> keras.Model:
     """Raw RGB uint8 images (N, S, S, 3) -> pooled MobileNetV2 features (N, D), frozen.
 
     features: "gap" = average of the last block (D = 1280 at alpha 1); "gap+gmp" = its average and
     maximum (2 D: a small defect that lights a few positions survives the max); "multi" = average and
-    maximum of the last block and of MID_LEVEL_LAYER (finer texture, 2 D + 2 x 576 at alpha 1).
+    maximum of the last block and of MID_LEVEL_LAYER (finer texture, 2 D + 2 x 576 at alpha 1);
+    "multi+cov" = "multi" and the second moment of TEXTURE_LAYER's projected positions (+ 48 x 48),
+    whose projection training/texture.py fits on the training images.
     """
     if features not in FEATURE_MODES:
         raise ValueError(f"unknown feature mode {features!r}; choose one of {', '.join(FEATURE_MODES)}")
@@ -150,7 +239,12 @@ def build_feature_extractor(alpha: float, image_size: int, weights: ResolvedWeig
                 f"{type(exc).__name__}: {exc}. Is it the no-top weights file for this alpha?"
             ) from None
     base.trainable = False
-    if features == "multi":  # one nested model with two outputs: the same layers, weights and fine-tuning
+    if features == "multi+cov":  # one nested model with three outputs, finest first
+        outputs = [base.get_layer(TEXTURE_LAYER).output, base.get_layer(MID_LEVEL_LAYER).output, base.output]
+        base = keras.Model(base.inputs, outputs, name=base.name)
+        low, middle, last = base(scaled, training=False)
+        pooled = _pool(middle, "mid", True) + _pool(last, "last", True) + [_second_moment(low)]
+    elif features == "multi":  # one nested model with two outputs: the same layers, weights and fine-tuning
         base = keras.Model(base.inputs, [base.get_layer(MID_LEVEL_LAYER).output, base.output], name=base.name)
         middle, last = base(scaled, training=False)
         pooled = _pool(middle, "mid", True) + _pool(last, "last", True)

@@ -78,6 +78,10 @@ def input_spec_for(cfg: Config, paths: Sequence[str], reporter: Any = None) -> I
     if model.views > 1 and (model.tiles != "none" or cfg.fine_tune.enabled or cfg.augmentation.frozen_views):
         raise ConfigError(f"model.views {model.views} cannot be combined with model.tiles, fine_tune.enabled or "
                           "augmentation.frozen_views (yet): set model.views to 1, or turn those off.")
+    if model.features == "multi+cov" and cfg.fine_tune.enabled and cfg.fine_tune.method == "cached_top":
+        raise ConfigError('model.features "multi+cov" cannot be combined with fine_tune.method "cached_top" (yet): its '
+                          "texture part comes from block_6, below the cached activations. Set fine_tune.method to "
+                          '"images", or model.features to "multi".')
     if model.tiles == "auto":
         size = median_size(paths)
         tiles = auto_grid(*size, model.image_size, model.tile_overlap) if size else None
@@ -104,19 +108,35 @@ class Backbone:
         return self.cache.folder if self.cache is not None else None
 
 
-def build_backbone(cfg: Config, scanned: Scanned) -> Backbone:
-    from keeneye.model.backbone import build_input_extractor
+def build_backbone(cfg: Config, scanned: Scanned, reporter: Reporter | None = None) -> Backbone:
+    """The run's frozen extractor (with "multi+cov": its texture projection fitted first) and its embedding cache."""
+    from keeneye.model.backbone import build_input_extractor, has_texture_part, texture_fingerprint
     from keeneye.data.cache import EmbeddingCache, backbone_cache_key, default_cache_dir
 
     spec, weights = scanned.spec, scanned.weights
     # tiles: every tile's features, max-pooled; views: averaged: what the head sees and the bundle computes
     extractor = build_input_extractor(cfg.model.alpha, cfg.model.image_size, weights, cfg.model.features, spec.n_tiles,
                                       spec.views)
+    if has_texture_part(extractor):
+        fit_texture(cfg, scanned, extractor, Reporter.of(reporter))
     cache = None
     if weights.sha256:
-        key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256, cfg.model.features, spec)
+        key = backbone_cache_key(cfg.model.backbone, cfg.model.alpha, cfg.model.image_size, weights.sha256, cfg.model.features, spec,
+                                 texture_fingerprint(extractor))
         cache = EmbeddingCache(cfg.cache_dir or default_cache_dir(), key)
     return Backbone(extractor, cache)
+
+
+def fit_texture(cfg: Config, scanned: Scanned, extractor: Any, reporter: Reporter) -> None:
+    """Fit "multi+cov"'s texture projection on a sample of the images not given as testing (no labels read)."""
+    from keeneye.model.backbone import TEXTURE_LAYER
+    from keeneye.training.texture import MAX_IMAGES, fit_texture_projection
+
+    manifest = scanned.scan.manifest
+    paths = manifest.loc[manifest["split"] != "testing", "path"].tolist()
+    with reporter.task("fitting the texture projection (model.features multi+cov)", min(MAX_IMAGES, len(paths))) as task:
+        used = fit_texture_projection(extractor, paths, scanned.spec, cfg.training.seed, progress=task.advance)
+    reporter.print(f"texture projection: principal axes of {TEXTURE_LAYER}'s positions in {used} training images")
 
 
 @dataclass
