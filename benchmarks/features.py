@@ -10,9 +10,13 @@ mode relative to "gap", measured side by side (same decoded images, interleaved 
 
 With --casting, the casting set too (training split -> training + validation, the test split without
 the 64 byte-identical duplicates of training images): test F1 / AUC / AP per mode.
+With --timing, only the embedding time of the --modes relative to "gap" (128 magnetic-tile images, 5
+interleaved repeats, medians), e.g. for "multi+cov", whose accuracy needs its projection fitted by
+`keeneye train` (benchmarks/magnetic_tile.py), so it is timed here and not scored.
 
     python benchmarks/features.py [--modes gap gap+gmp multi multi/pad multi/tiles=auto] [--casting]
         [--head dense|logistic] [--out benchmarks/results/features.json]
+    python benchmarks/features.py --timing --modes gap multi multi+cov --out benchmarks/results/features_timing.json
 
 A mode is FEATURES[/pad|/crop][/tiles=auto|RxC][/size=N].
 """
@@ -222,6 +226,23 @@ def casting(modes: list[str], head_kind: str = "dense") -> dict:
     return results
 
 
+def timing_only(modes: list[str], folds_path: Path, out: Path) -> int:
+    """The side-by-side embedding times of `modes` (gap first) on 128 magnetic-tile images, printed and written."""
+    folds = pd.read_csv(folds_path)
+    sample = [str(MT / p) for p in folds.sample(128, random_state=0)["path"]]
+    names = ["gap", *[m for m in modes if m != "gap"]]
+    models = {name: parse_mode(name) for name in names}
+    specs = {name: spec_for(model, sample) for name, model in models.items()}
+    print(f"timing embedding passes side by side ({len(sample)} images, 5 interleaved repeats)...", flush=True)
+    rows = timing(sample, models, specs, repeats=5)
+    for name, row in rows.items():
+        print(f"{name:28} median {row['median_s']:.2f} s  {row['ratio_vs_gap']:.2f}x gap", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"timing": rows, "images": len(sample)}, indent=2))
+    print(f"written to {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="*", default=DEFAULT_MODES, help="magnetic-tile modes (none: skip magnetic-tile)")
@@ -230,8 +251,13 @@ def main() -> int:
     parser.add_argument("--head", choices=("dense", "logistic"), default="dense",
                         help="head.kind: the default dense head, or the exact logistic regression (C by validation AP)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "features.json")
+    parser.add_argument("--timing", action="store_true", help="only the embedding time of the modes relative to gap")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
+    if args.timing:
+        return timing_only(args.modes, args.folds, args.out)
+    if any(parse_mode(m)["features"] == "multi+cov" for m in [*args.modes, *(args.casting or [])]):
+        parser.error("multi+cov fits its projection inside keeneye train: score it with benchmarks/magnetic_tile.py (--timing times it)")
     started = time.time()
     report = {"head": args.head, "magnetic_tile": magnetic_tile(args.modes, args.folds, args.head) if args.modes else {}}
     if args.casting is not None:

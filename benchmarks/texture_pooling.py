@@ -15,12 +15,16 @@ refit, test fold). --full adds the second moment of the unprojected channels (no
 --views V: every descriptor (and "multi") averaged over the image's model.views views, as keeneye's views
 extractor averages its features; the PCA and k-means are fitted on the images as they lay.
 Printed: mean +- sd over the 5 group folds, and each set's paired differences from "multi".
+--variants: instead of "cov" and "vlad", how the projection and normalisation behind keeneye's "multi+cov" were
+chosen (projection_variant): a random projection (nothing fitted) against a PCA of 128 training images, signed
+square root against the L2 norm alone.
 --casting: instead, "multi" against "multi" + the block_6 second moment on casting, the PCA fitted on the
 train split's positions, C and threshold from 5 stratified folds of the train split (image by image, the
 same folds for both sets), the refit scored on the test split, whole and without its 64 leaked duplicates.
 
     python benchmarks/texture_pooling.py [--blocks b6 b13] [--dim 48] [--full b12a] [--views 1|2|4|8] [--out FILE]
     python benchmarks/texture_pooling.py --casting [--dim 48] [--out FILE]
+    python benchmarks/texture_pooling.py --variants --blocks b6 --out benchmarks/results/texture_pooling_variants.json
 
 The block maps (float16, 224 px squash) are stored under ~/.cache/keeneye/texture-maps.
 """
@@ -117,6 +121,37 @@ def fitted_descriptors(views: list[np.ndarray], train: np.ndarray, dim: int, see
     return out
 
 
+def projection_variant(maps: np.ndarray, train: np.ndarray, variant: str, seed: int, dim: int) -> np.ndarray:
+    """The block's second moment with the projection and normalisation of `variant` (--variants):
+    "random_uncentred" / "random_centred": a seeded random orthonormal projection (nothing fitted), the
+    second moment about zero or about each image's own mean; "pca128_sqrt": the PCA fitted on every position
+    of 128 random training images (what keeneye's "multi+cov" fits on), signed sqrt, upper triangle;
+    "pca128_l2": the same PCA, the full D x D matrix and the L2 norm only: keeneye's "multi+cov" exactly."""
+    from sklearn.decomposition import PCA
+
+    n, h, w, c = maps.shape
+    if variant.startswith("random"):
+        matrix = np.linalg.qr(np.random.default_rng(0).standard_normal((c, dim)))[0].astype(np.float32)
+        project = lambda x: x @ matrix  # noqa: E731
+    else:
+        picked = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(train), 128, replace=False))
+        project = PCA(dim, random_state=0).fit(np.asarray(maps[picked], np.float32).reshape(-1, c)).transform
+    out = []
+    for start in range(0, n, 128):
+        z = project(np.asarray(maps[start : start + 128], np.float32).reshape(-1, c)).reshape(-1, h * w, dim).astype(np.float32)
+        if variant == "random_centred":
+            z = z - z.mean(axis=1, keepdims=True)
+        if variant == "pca128_l2":
+            moment = np.einsum("npi,npj->nij", z, z).reshape(len(z), -1)
+            out.append(moment / np.linalg.norm(moment, axis=1, keepdims=True))
+        else:
+            out.append(second_moment(z))
+    return np.concatenate(out).astype(np.float32)
+
+
+VARIANTS = ("random_uncentred", "random_centred", "pca128_sqrt", "pca128_l2")
+
+
 def pooled_multi(views: list[dict[str, np.ndarray]]) -> np.ndarray:
     """keeneye's "multi" embedding (block_13_expand_relu and out_relu, average and max), averaged over the views."""
     return np.mean([np.concatenate([np.mean(m["b13"], (1, 2)), np.max(m["b13"], (1, 2)), np.mean(m["last"], (1, 2)),
@@ -187,8 +222,12 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=48, help="PCA dimensions before pooling")
     parser.add_argument("--views", type=int, default=1, choices=(1, 2, 4, 8), help="average over model.views views")
     parser.add_argument("--casting", action="store_true", help="multi vs multi + block_6 second moment on casting")
+    parser.add_argument("--variants", action="store_true",
+                        help="instead of cov and vlad: the projection / normalisation variants behind keeneye's multi+cov (1 view)")
     parser.add_argument("--out", type=Path, default=fl.REPO / "benchmarks" / "results" / "texture_pooling.json")
     args = parser.parse_args()
+    if args.variants and args.views != 1:
+        parser.error("--variants measures one view (the projection is fitted on the images as they lie)")
     sys.path.insert(0, str(fl.REPO / "src"))
     if args.casting:
         out = args.out if args.out != parser.get_default("out") else args.out.with_name("texture_pooling_casting.json")
@@ -208,6 +247,10 @@ def main() -> int:
     for k in sorted(np.unique(folds)):
         started, sets = time.perf_counter(), {"multi": multi}
         for block in args.blocks:
+            if args.variants:
+                for variant in VARIANTS:
+                    sets[f"cov_{block}_{variant}"] = projection_variant(views[0][block], folds != k, variant, int(k), args.dim)
+                continue
             for kind, x in fitted_descriptors([m[block] for m in views], folds != k, args.dim, int(k)).items():
                 sets[f"{kind}_{block}"] = x
         sets |= full
