@@ -148,7 +148,6 @@ def _train(cfg: Config, reporter: Reporter, partial: PartialRun | None, devices,
 def ray_engine_factory(cfg: Config, scanned: phases.Scanned, backbone: phases.Backbone):
     """What each Ray actor builds its feature engine from (training.embed_on "ray"): picklable, loaded once per actor."""
     from keeneye.inference.distributed import FeatureEngineFactory
-
     from keeneye.model.backbone import texture_projection
 
     spec = scanned.spec

@@ -186,7 +186,7 @@ class ModelConfig(BaseModel):
                 "which channels fire together; +2,304 values). Part of the embedding cache key and of the bundle. "
                 "Default gap: gap+gmp raised magnetic-tile test F1 (+0.03, 5 of 5 group folds) but not its AUC or "
                 "AP, made one more casting error, and loses more to int8 export (benchmarks/features.py, README); "
-                "for multi+cov see README, Texture features."
+                "for multi+cov see README, Features for small defects."
             )
         ),
         _Expect('"gap", "gap+gmp", "multi" or "multi+cov"', ("string",)),

@@ -13,10 +13,11 @@ for "gap" and "gap+gmp". "multi" also pools MID_LEVEL_LAYER (14x14), and the hea
 the sum of a mid-level part and a last-block part (exactly so for the logistic head): each part's
 map is weighed by the gradient of its own pooled features (the last block is computed from the
 mid-level map outside the gradient tape), and the two weighted maps are added on the finer grid
-before the ReLU. "multi+cov" adds TEXTURE_LAYER's map (28x28) the same way, the finest of three. Measured on magnetic-tile's defect masks (benchmarks/gradcam_masks.py), that
+before the ReLU. Measured on magnetic-tile's defect masks (benchmarks/gradcam_masks.py), that
 points at the defect far more often than weighing the mid-level map by its whole gradient, which
 also runs back through the last block (pointing game 0.44 against 0.16), and a little more often
-than the last block's map alone (0.39).
+than the last block's map alone (0.39). "multi+cov" adds TEXTURE_LAYER's map (28x28) the same way,
+the finest of three (not measured against the masks).
 
 With tiles or views each square gets its map (one backward pass through the pooling
 over squares, so a tile that did not decide gets little), and `InputSpec.lay_over_image` puts the
