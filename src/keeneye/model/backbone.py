@@ -154,23 +154,25 @@ def _second_moment(low) -> object:
     height, width, depth = (int(d) for d in low.shape[1:])
     dim = min(TEXTURE_DIM, depth)
     projection = keras.layers.Conv2D(dim, 1, use_bias=True, trainable=False, name=TEXTURE_PROJECTION)
-    z = projection(low)
+    layers = (projection, keras.layers.Reshape((height * width, dim), name=TEXTURE_LAYERS[0]),
+              keras.layers.Dot(axes=1, name=TEXTURE_LAYERS[1]), keras.layers.Flatten(name=TEXTURE_LAYERS[2]),
+              keras.layers.UnitNormalization(name=TEXTURE_LAYERS[3]))
+    texture = _apply_texture_layers(layers, low)
     projection.set_weights([projection_matrix(depth, dim, 0)[None, None], np.zeros(dim, np.float32)])
-    positions = keras.layers.Reshape((height * width, dim), name=TEXTURE_LAYERS[0])(z)
-    moment = keras.layers.Dot(axes=1, name=TEXTURE_LAYERS[1])([positions, positions])
-    flat = keras.layers.Flatten(name=TEXTURE_LAYERS[2])(moment)
-    return keras.layers.UnitNormalization(name=TEXTURE_LAYERS[3])(flat)
+    return texture
+
+
+def _apply_texture_layers(layers, low):
+    """(projection, reshape, dot, flatten, normalise) applied to a map: the one wiring of the texture part."""
+    project, reshape, dot, flatten, normalise = layers
+    positions = reshape(project(low))
+    return normalise(flatten(dot([positions, positions])))
 
 
 def texture_pooling(extractor: keras.Model):
     """map -> the "multi+cov" texture part, with `extractor`'s own (fitted) layers: for Grad-CAM, which pools maps again."""
-    project, reshape, dot, flatten, normalise = (extractor.get_layer(n) for n in (TEXTURE_PROJECTION, *TEXTURE_LAYERS))
-
-    def pool(low):
-        positions = reshape(project(low))
-        return normalise(flatten(dot([positions, positions])))
-
-    return pool
+    layers = tuple(extractor.get_layer(n) for n in (TEXTURE_PROJECTION, *TEXTURE_LAYERS))
+    return lambda low: _apply_texture_layers(layers, low)
 
 
 def has_texture_part(extractor: keras.Model) -> bool:

@@ -109,8 +109,9 @@ class GradCam:
     def _map_and_pooling(extractor, backbone) -> tuple[Callable, Callable]:
         """(scaled image -> the maps the pooled features are read from, those maps -> the extractor's pooled features).
 
-        "multi" reads two maps: the mid-level one and the last block's, which is computed from it
-        (outside the gradient tape, so that each map's gradient is that of its own pooled part).
+        "multi" reads two maps: the mid-level one and the last block's; "multi+cov" also TEXTURE_LAYER's, the
+        finest. Each is computed from the one before (outside the gradient tape, so that each map's gradient is
+        that of its own pooled part).
         """
         import keras
 
@@ -118,32 +119,24 @@ class GradCam:
 
         pool = extractor.get_layer(FEATURE_LAYER_NAME)
         names = {layer.name for layer in extractor.layers}
-        if has_texture_part(extractor):  # "multi+cov": the texture map, the mid-level one and the last, each from the one before
-            low, middle = backbone.get_layer(TEXTURE_LAYER).output, backbone.get_layer(MID_LEVEL_LAYER).output
-            steps = [keras.Model(backbone.inputs, low, name="below_texture"), keras.Model(low, middle, name="texture_to_mid"),
-                     keras.Model(middle, backbone.outputs[-1], name="above_mid_level")]
-            parts = [extractor.get_layer(n) for n in ("mid_avg", "mid_max", "last_avg", "last_max")]
-            texture = texture_pooling(extractor)
+        if "mid_avg" in names:  # "multi" or "multi+cov"
+            texture = texture_pooling(extractor) if has_texture_part(extractor) else None
+            levels = [backbone.get_layer(n).output for n in ([TEXTURE_LAYER] if texture else []) + [MID_LEVEL_LAYER]]
+            cuts = [backbone.inputs, *levels, backbone.outputs[-1]]
+            steps = [keras.Model(a, b, name=f"grad_cam_step_{i}") for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+            mid_avg, mid_max, last_avg, last_max = (extractor.get_layer(n) for n in ("mid_avg", "mid_max", "last_avg", "last_max"))
 
-            def three_maps(scaled):
+            def chained_maps(scaled):
                 maps = [scaled]
                 for step in steps:
                     maps.append(step(maps[-1], training=False))
                 return maps[1:]
 
-            return three_maps, lambda maps: pool([parts[0](maps[1]), parts[1](maps[1]), parts[2](maps[2]), parts[3](maps[2]),
-                                                  texture(maps[0])])
-        if "mid_avg" in names:  # "multi"
-            middle = backbone.get_layer(MID_LEVEL_LAYER).output
-            below = keras.Model(backbone.inputs, middle, name="below_mid_level")
-            above = keras.Model(middle, backbone.outputs[-1], name="above_mid_level")
-            mid_avg, mid_max, last_avg, last_max = (extractor.get_layer(n) for n in ("mid_avg", "mid_max", "last_avg", "last_max"))
+            def pooled(maps):
+                *low, mid, last = maps
+                return pool([mid_avg(mid), mid_max(mid), last_avg(last), last_max(last)] + [texture(m) for m in low])
 
-            def both_maps(scaled):
-                mid = below(scaled, training=False)
-                return [mid, above(mid, training=False)]
-
-            return both_maps, lambda maps: pool([mid_avg(maps[0]), mid_max(maps[0]), last_avg(maps[1]), last_max(maps[1])])
+            return chained_maps, pooled
         if "last_avg" in names:  # "gap+gmp"
             average, maximum = extractor.get_layer("last_avg"), extractor.get_layer("last_max")
             return lambda scaled: [backbone(scaled, training=False)], lambda maps: pool([average(maps[0]), maximum(maps[0])])
