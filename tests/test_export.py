@@ -108,6 +108,28 @@ def test_int8_export_is_calibrated_on_training_images(bundle, tmp_path, fmt):
     quantized = load_exported(result.path)(images)
     reference = KerasEngine(bundle.model)(images).reshape(-1)
     assert np.corrcoef(quantized, reference)[0, 1] > 0.9  # the same model, coarser
+    if fmt == "tflite":  # selective quantisation: the head's tensors stay float32 (see the ONNX test below)
+        import tensorflow as tf
+
+        tensors = tf.lite.Interpreter(model_path=str(result.path)).get_tensor_details()
+        assert any(t["dtype"] == np.int8 for t in tensors)
+        assert not [t["name"] for t in tensors if "head" in t["name"] and t["dtype"] in (np.int8, np.uint8)]
+
+
+def test_int8_onnx_keeps_the_first_convolutions_and_the_head_in_float(bundle, tmp_path):
+    # quant_pre_process renames nodes (the head's MatMul + Add become one fused node): the exclusion list must be
+    # read after it, or the head is quantised (a logistic head's standardised weights lose the decision at 8 bits).
+    import onnx
+
+    anything = Tolerance(max_abs_diff=None, min_agreement=0.0, max_f1_drop=None)
+    graph = onnx.load(str(export_bundle(bundle, "onnx", quantize="int8", output=tmp_path, tolerance=anything).path)).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1]
+    eight_bit = [node.name for node in weighted if node.input[1] in dequantized]
+    head = [node for node in weighted if "head" in node.name]
+    assert head and all(name not in dequantized for node in head for name in node.input[1:])
+    assert weighted[0].input[1] not in dequantized  # Conv1 sees the raw grey levels
+    assert len(eight_bit) >= len(weighted) - 4  # all else is int8: Conv1, the first depthwise, the head's 2
 
 
 AVX2_FLAGS = "processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma bmi2 avx512f avx512bw\n"
