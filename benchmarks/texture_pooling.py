@@ -15,9 +15,12 @@ refit, test fold). --full adds the second moment of the unprojected channels (no
 --views V: every descriptor (and "multi") averaged over the image's model.views views, as keeneye's views
 extractor averages its features; the PCA and k-means are fitted on the images as they lay.
 Printed: mean +- sd over the 5 group folds, and each set's paired differences from "multi".
---variants: instead of "cov" and "vlad", how the projection and normalisation behind keeneye's "multi+cov" were
-chosen (projection_variant): a random projection (nothing fitted) against a PCA of 128 training images, signed
-square root against the L2 norm alone.
+--variants [NAME ...]: instead of "cov" and "vlad", how the projection and normalisation behind keeneye's "multi+cov"
+were chosen (projection_variant): a random projection (nothing fitted) against a PCA of 128 training images, signed
+square root against the L2 norm alone; and what else was tried on it afterwards: the matrix square root or
+logarithm of the trace-normalised moment (matrix power normalisation, MPN-COV: Li et al. 2017) instead of the L2
+norm, and the block at each image's native size instead of 224 px squashed (the second moment is orderless, so
+it takes any size; "pca128_l2_native", one backbone pass per image, maps cached). Default: all of them.
 --casting: instead, "multi" against "multi" + the block_6 second moment on casting, the PCA fitted on the
 train split's positions, C and threshold from 5 stratified folds of the train split (image by image, the
 same folds for both sets), the refit scored on the test split, whole and without its 64 leaked duplicates.
@@ -25,6 +28,7 @@ same folds for both sets), the refit scored on the test split, whole and without
     python benchmarks/texture_pooling.py [--blocks b6 b13] [--dim 48] [--full b12a] [--views 1|2|4|8] [--out FILE]
     python benchmarks/texture_pooling.py --casting [--dim 48] [--out FILE]
     python benchmarks/texture_pooling.py --variants --blocks b6 --out benchmarks/results/texture_pooling_variants.json
+    python benchmarks/texture_pooling.py --variants pca128_l2 pca128_msqrt pca128_mlog pca128_l2_native --blocks b6
 
 The block maps (float16, 224 px squash) are stored under ~/.cache/keeneye/texture-maps.
 """
@@ -44,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feature_layers as fl  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "keeneye" / "texture-maps"
-BLOCKS = {"b5a": "block_5_add", "b6": "block_6_expand_relu", "b12a": "block_12_add",
+BLOCKS = {"b3": "block_3_expand_relu", "b5a": "block_5_add", "b6": "block_6_expand_relu", "b12a": "block_12_add",
           "b13": "block_13_expand_relu", "last": "out_relu"}
 CLUSTERS = 16
 
@@ -141,7 +145,9 @@ def projection_variant(maps: np.ndarray, train: np.ndarray, variant: str, seed: 
         z = project(np.asarray(maps[start : start + 128], np.float32).reshape(-1, c)).reshape(-1, h * w, dim).astype(np.float32)
         if variant == "random_centred":
             z = z - z.mean(axis=1, keepdims=True)
-        if variant == "pca128_l2":
+        if variant in ("pca128_msqrt", "pca128_mlog"):
+            out.append(matrix_normalised(np.einsum("npi,npj->nij", z.astype(np.float64), z) / (h * w), "sqrt" if variant.endswith("sqrt") else "log"))
+        elif variant == "pca128_l2":
             moment = np.einsum("npi,npj->nij", z, z).reshape(len(z), -1)
             out.append(moment / np.linalg.norm(moment, axis=1, keepdims=True))
         else:
@@ -149,7 +155,55 @@ def projection_variant(maps: np.ndarray, train: np.ndarray, variant: str, seed: 
     return np.concatenate(out).astype(np.float32)
 
 
-VARIANTS = ("random_uncentred", "random_centred", "pca128_sqrt", "pca128_l2")
+def matrix_normalised(moments: np.ndarray, how: str) -> np.ndarray:
+    """(N, D, D) second moments -> flattened, L2-normalised matrix square root ("sqrt") or logarithm ("log")
+    of each moment divided by its trace: the matrix power normalisation of second-order pooling (MPN-COV,
+    iSQRT-COV), which treats the moment as the symmetric positive matrix it is, unlike an element-wise root."""
+    moments = moments / np.trace(moments, axis1=1, axis2=2)[:, None, None]
+    values, vectors = np.linalg.eigh(moments)
+    values = np.clip(values, 1e-10, None)
+    values = np.sqrt(values) if how == "sqrt" else np.log(values + 1e-4)
+    out = np.einsum("nij,nj,nkj->nik", vectors, values, vectors).reshape(len(moments), -1)
+    return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+
+def native_maps(paths: list[str], block: str) -> list[np.ndarray]:
+    """The block's map of every image at its own size (no resize; one backbone pass per image), from CACHE."""
+    file = CACHE / f"magnetic_tile_{block}_native.npz"
+    if not file.exists():
+        import keras
+        from PIL import Image
+
+        started, base = time.perf_counter(), keras.applications.MobileNetV2(input_shape=(None, None, 3), include_top=False,
+                                                                            weights=None)
+        base.load_weights(str(fl.WEIGHTS))
+        cut = keras.Model(base.inputs, base.get_layer(BLOCKS[block]).output)
+        maps = np.empty(len(paths), object)
+        for i, path in enumerate(paths):
+            x = np.asarray(Image.open(path).convert("RGB"), np.float32)[None] / 127.5 - 1.0
+            maps[i] = cut(x, training=False).numpy()[0].astype(np.float16)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(file, maps=maps)
+        print(f"  native maps of {block}: {len(paths)} images in {time.perf_counter() - started:.0f} s", flush=True)
+    return list(np.load(file, allow_pickle=True)["maps"])
+
+
+def native_variant(maps: list[np.ndarray], train: np.ndarray, seed: int, dim: int) -> np.ndarray:
+    """"pca128_l2" on native-size maps: the same 128 training images fit the PCA (all their positions)."""
+    from sklearn.decomposition import PCA
+
+    c = maps[0].shape[-1]
+    picked = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(train), 128, replace=False))
+    pca = PCA(dim, random_state=0).fit(np.concatenate([np.asarray(maps[i], np.float32).reshape(-1, c) for i in picked]))
+    out = []
+    for m in maps:
+        z = pca.transform(np.asarray(m, np.float32).reshape(-1, c)).astype(np.float32)
+        moment = (z.T @ z).reshape(-1)
+        out.append(moment / np.linalg.norm(moment))
+    return np.stack(out).astype(np.float32)
+
+
+VARIANTS = ("random_uncentred", "random_centred", "pca128_sqrt", "pca128_l2", "pca128_msqrt", "pca128_mlog", "pca128_l2_native")
 
 
 def pooled_multi(views: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -222,10 +276,13 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=48, help="PCA dimensions before pooling")
     parser.add_argument("--views", type=int, default=1, choices=(1, 2, 4, 8), help="average over model.views views")
     parser.add_argument("--casting", action="store_true", help="multi vs multi + block_6 second moment on casting")
-    parser.add_argument("--variants", action="store_true",
-                        help="instead of cov and vlad: the projection / normalisation variants behind keeneye's multi+cov (1 view)")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
+                        help="instead of cov and vlad: the projection / normalisation variants behind keeneye's multi+cov "
+                             "(1 view); no name: all")
     parser.add_argument("--out", type=Path, default=fl.REPO / "benchmarks" / "results" / "texture_pooling.json")
     args = parser.parse_args()
+    if args.variants is not None:
+        args.variants = args.variants or list(VARIANTS)
     if args.variants and args.views != 1:
         parser.error("--variants measures one view (the projection is fitted on the images as they lie)")
     sys.path.insert(0, str(fl.REPO / "src"))
@@ -248,12 +305,16 @@ def main() -> int:
         started, sets = time.perf_counter(), {"multi": multi}
         for block in args.blocks:
             if args.variants:
-                for variant in VARIANTS:
-                    sets[f"cov_{block}_{variant}"] = projection_variant(views[0][block], folds != k, variant, int(k), args.dim)
+                for variant in args.variants:
+                    sets[f"cov_{block}_{variant}"] = (
+                        native_variant(native_maps(paths, block), folds != k, int(k), args.dim) if variant.endswith("native")
+                        else projection_variant(views[0][block], folds != k, variant, int(k), args.dim))
                 continue
             for kind, x in fitted_descriptors([m[block] for m in views], folds != k, args.dim, int(k)).items():
                 sets[f"{kind}_{block}"] = x
         sets |= full
+        if len(args.blocks) > 1 and not args.variants:
+            sets["cov_" + "+".join(args.blocks)] = np.concatenate([sets[f"cov_{b}"] for b in args.blocks], axis=1)
         for name in [n for n in sets if n != "multi"]:
             sets[f"multi+{name}"] = np.concatenate([multi, sets[name]], axis=1)
         for name, x in sets.items():
