@@ -60,16 +60,13 @@ def measure(run: Path, fmt: str, timing: bool = False) -> dict:
     """Export `run` to int8 `fmt` in a scratch folder and return the verification record (and, with `timing`,
     the int8 export's time relative to float32)."""
     from keeneye.bundle import load_bundle
-    from keeneye.inference.export import TOLERANCES, ExportVerificationError, Tolerance, export_bundle
+    from keeneye.inference.export import TOLERANCES, Tolerance, export_bundle
 
     bundle = load_bundle(run)
     anything = Tolerance(max_abs_diff=None, min_agreement=0.0, max_f1_drop=None)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="keeneye-int8-") as scratch:
-        try:
-            result = export_bundle(bundle, fmt, quantize="int8", output=scratch, tolerance=anything)
-        except ExportVerificationError:  # cannot happen with these limits; kept so a change there is loud
-            raise
+        result = export_bundle(bundle, fmt, quantize="int8", output=scratch, tolerance=anything)  # never refused
         record = result.verification
         ratio = speed_ratio(run, result.path) if timing and fmt == "onnx" else None
     default = TOLERANCES["int8"]

@@ -146,7 +146,8 @@ def projection_variant(maps: np.ndarray, train: np.ndarray, variant: str, seed: 
         if variant == "random_centred":
             z = z - z.mean(axis=1, keepdims=True)
         if variant in ("pca128_msqrt", "pca128_mlog"):
-            out.append(matrix_normalised(np.einsum("npi,npj->nij", z.astype(np.float64), z) / (h * w), "sqrt" if variant.endswith("sqrt") else "log"))
+            moments = np.einsum("npi,npj->nij", z.astype(np.float64), z) / (h * w)
+            out.append(matrix_normalised(moments, "sqrt" if variant.endswith("sqrt") else "log"))
         elif variant == "pca128_l2":
             moment = np.einsum("npi,npj->nij", z, z).reshape(len(z), -1)
             out.append(moment / np.linalg.norm(moment, axis=1, keepdims=True))
