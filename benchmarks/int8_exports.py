@@ -14,7 +14,7 @@ Each --work folder contributes its runs/fold*/ bundles. The limits are loosened 
 every export is measured; `passes` says whether the product's default int8 limits would keep it.
 Printed per bundle: feature mode, head, views, equal decisions, test F1 (Keras -> int8), largest
 probability difference, and with --timing (ONNX) the int8 model's time on 32 images over model.onnx's
-(ONNX Runtime, 5 interleaved repeats, medians); written as JSON to --out.
+(ONNX Runtime, 5 repeats taking turns, medians); written as JSON to --out.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/inference.py's interleaved timing
 
 
 def bundles_of(works: list[Path], bundles: list[Path]) -> list[Path]:
@@ -35,25 +36,23 @@ def bundles_of(works: list[Path], bundles: list[Path]) -> list[Path]:
     return found + bundles
 
 
-def speed_ratio(run: Path, exported: Path, repeats: int = 5) -> float:
-    """Median time of the int8 export over that of the bundle's float model.onnx on the same 32 images (ONNX
-    Runtime, interleaved repeats; ONNX exports only)."""
+def speed_ratio(bundle, exported: Path, repeats: int = 5) -> float:
+    """The int8 export's time over that of the bundle's float model.onnx on the same 32 images: ONNX Runtime,
+    one batch each per repeat, taking turns (benchmarks/inference.py's `interleaved`), medians."""
     import numpy as np
     import onnxruntime as ort
+    from rich.console import Console
 
+    from inference import interleaved
     from keeneye.runtime.convert import generated_images
 
-    meta = json.loads((run / "metadata.json").read_text())
-    images = generated_images(32, int(meta["input"]["image_size"]), seed=0)
-    images = np.concatenate([images] * int(meta["input"].get("views", 1)), axis=1)  # views stack under the image
-    sessions = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (run / "model.onnx", exported)]
-    times: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for session, spent in zip(sessions, times):
-            started = time.perf_counter()
-            session.run(None, {"image": images})
-            spent.append(time.perf_counter() - started)
-    return float(np.median(times[1]) / np.median(times[0]))
+    images = generated_images(32, bundle.image_size, seed=0)
+    images = np.concatenate([images] * bundle.input_spec.views, axis=1)  # views stack under the image
+    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in (("float32", bundle.path / "model.onnx"), ("int8", exported))}
+    cases = {name: (lambda index, s=session: len(s.run(None, {"image": images[index]})[0])) for name, session in sessions.items()}
+    rates = interleaved(cases, len(images), repeats, 1, Console(quiet=True))
+    return float(np.median(rates["float32"]) / np.median(rates["int8"]))
 
 
 def measure(run: Path, fmt: str, timing: bool = False) -> dict:
@@ -68,13 +67,13 @@ def measure(run: Path, fmt: str, timing: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="keeneye-int8-") as scratch:
         result = export_bundle(bundle, fmt, quantize="int8", output=scratch, tolerance=anything)  # never refused
         record = result.verification
-        ratio = speed_ratio(run, result.path) if timing and fmt == "onnx" else None
+        ratio = speed_ratio(bundle, result.path) if timing and fmt == "onnx" else None
     default = TOLERANCES["int8"]
     passes = record["decision_agreement"] >= default.min_agreement and (
         record["f1_change"] is None or record["f1_change"] >= -default.max_f1_drop)
-    meta = json.loads((run / "metadata.json").read_text())
+    meta = bundle.metadata
     return {"bundle": str(run), "format": fmt, "features": meta["backbone"].get("features"), "head": meta["head"].get("kind"),
-            "views": meta["input"].get("views"), "n_images": record["n_images"], "decision_agreement": record["decision_agreement"],
+            "views": bundle.input_spec.views, "n_images": record["n_images"], "decision_agreement": record["decision_agreement"],
             "f1_keras": record["f1_keras"], "f1_int8": record["f1_exported"], "f1_change": record["f1_change"],
             "max_abs_diff": record["max_abs_diff"], "passes_default_limits": bool(passes), "time_vs_float32": ratio,
             "seconds": round(time.perf_counter() - started, 1)}

@@ -125,21 +125,28 @@ def fitted_descriptors(views: list[np.ndarray], train: np.ndarray, dim: int, see
     return out
 
 
+def pca_of_128(maps, train: np.ndarray, seed: int, dim: int):
+    """The PCA keeneye's "multi+cov" fits: every position of 128 random training images (`maps`: an (N, H, W, C)
+    array or a list of (H, W, C) maps of any size)."""
+    from sklearn.decomposition import PCA
+
+    picked = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(train), 128, replace=False))
+    positions = np.concatenate([np.asarray(maps[i], np.float32).reshape(-1, maps[i].shape[-1]) for i in picked])
+    return PCA(dim, random_state=0).fit(positions)
+
+
 def projection_variant(maps: np.ndarray, train: np.ndarray, variant: str, seed: int, dim: int) -> np.ndarray:
     """The block's second moment with the projection and normalisation of `variant` (--variants):
     "random_uncentred" / "random_centred": a seeded random orthonormal projection (nothing fitted), the
     second moment about zero or about each image's own mean; "pca128_sqrt": the PCA fitted on every position
     of 128 random training images (what keeneye's "multi+cov" fits on), signed sqrt, upper triangle;
     "pca128_l2": the same PCA, the full D x D matrix and the L2 norm only: keeneye's "multi+cov" exactly."""
-    from sklearn.decomposition import PCA
-
     n, h, w, c = maps.shape
     if variant.startswith("random"):
         matrix = np.linalg.qr(np.random.default_rng(0).standard_normal((c, dim)))[0].astype(np.float32)
         project = lambda x: x @ matrix  # noqa: E731
     else:
-        picked = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(train), 128, replace=False))
-        project = PCA(dim, random_state=0).fit(np.asarray(maps[picked], np.float32).reshape(-1, c)).transform
+        project = pca_of_128(maps, train, seed, dim).transform
     out = []
     for start in range(0, n, 128):
         z = project(np.asarray(maps[start : start + 128], np.float32).reshape(-1, c)).reshape(-1, h * w, dim).astype(np.float32)
@@ -191,11 +198,7 @@ def native_maps(paths: list[str], block: str) -> list[np.ndarray]:
 
 def native_variant(maps: list[np.ndarray], train: np.ndarray, seed: int, dim: int) -> np.ndarray:
     """"pca128_l2" on native-size maps: the same 128 training images fit the PCA (all their positions)."""
-    from sklearn.decomposition import PCA
-
-    c = maps[0].shape[-1]
-    picked = np.sort(np.random.default_rng(seed).choice(np.flatnonzero(train), 128, replace=False))
-    pca = PCA(dim, random_state=0).fit(np.concatenate([np.asarray(maps[i], np.float32).reshape(-1, c) for i in picked]))
+    c, pca = maps[0].shape[-1], pca_of_128(maps, train, seed, dim)
     out = []
     for m in maps:
         z = pca.transform(np.asarray(m, np.float32).reshape(-1, c)).astype(np.float32)

@@ -512,22 +512,6 @@ def _export_tflite(bundle: Bundle, target: Path, quantize: str | None, calibrati
     target.write_bytes(converter.convert())
 
 
-#: What an int8 export keeps in float32 in front of the rest (why: float_nodes): Keras layer names (or their
-#: stems) of the preprocessing, Conv1 with its BatchNorm and ReLU, and the first depthwise convolution up to its ReLU.
-FIRST_FLOAT_LAYERS = ("mobilenet_v2_preprocess", "Conv1", "expanded_conv_depthwise")
-LAST_FLOAT_LAYER = "expanded_conv_depthwise_relu"
-
-
-def tflite_float_nodes(float_model: bytes) -> list[str]:
-    """The op outputs of a float TFLite model that its int8 export keeps in float32: the first two
-    convolutions and the head (why: float_nodes, the ONNX counterpart). TFLite names each op by its output
-    tensor, which carries the Keras layer names of what it fused."""
-    import tensorflow as tf
-
-    names = [detail["name"] for detail in tf.lite.Interpreter(model_content=float_model).get_tensor_details()]
-    return [name for name in names if "head" in name or any(layer in name for layer in FIRST_FLOAT_LAYERS)]
-
-
 def _bundle_onnx_bytes(bundle: Bundle) -> bytes:
     """The bundle's own model.onnx when it was made from this model.keras, else a fresh conversion."""
     inside = bundle.path / ONNX_FILE
@@ -574,6 +558,12 @@ def _export_onnx(bundle: Bundle, target: Path, quantize: str | None, calibration
         )
 
 
+#: What an int8 export keeps in float32 in front of the rest (why: float_nodes): Keras layer names (or their
+#: stems) of the preprocessing, Conv1 with its BatchNorm and ReLU, and the first depthwise convolution up to its ReLU.
+FIRST_FLOAT_LAYERS = ("mobilenet_v2_preprocess", "Conv1", "expanded_conv_depthwise")
+LAST_FLOAT_LAYER = "expanded_conv_depthwise_relu"
+
+
 def float_nodes(model: Any) -> list[str]:
     """The nodes an int8 export keeps in float32: the first two convolutions (MobileNetV2's Conv1 and the
     depthwise convolution after it, up to its ReLU) and the head, named as quantize_static sees them in
@@ -590,6 +580,16 @@ def float_nodes(model: Any) -> list[str]:
     names = [node.name for node in model.graph.node]
     stem_end = next((i + 1 for i, name in enumerate(names) if LAST_FLOAT_LAYER in name), 0)
     return names[:stem_end] + [name for name in names if "head" in name]
+
+
+def tflite_float_nodes(float_model: bytes) -> list[str]:
+    """The op outputs of a float TFLite model that its int8 export keeps in float32: the first two
+    convolutions and the head (why: float_nodes, the ONNX counterpart). TFLite names each op by its output
+    tensor, which carries the Keras layer names of what it fused."""
+    import tensorflow as tf
+
+    names = [detail["name"] for detail in tf.lite.Interpreter(model_content=float_model).get_tensor_details()]
+    return [name for name in names if "head" in name or any(layer in name for layer in FIRST_FLOAT_LAYERS)]
 
 
 # --- verification --------------------------------------------------------------------------------
