@@ -155,10 +155,20 @@ def test_export_that_disagrees_fails_loudly(bundle, tmp_path):
                                  "--output", str(target), "--max-diff", "1e-7"])
     assert result.exit_code == 3, result.output
     assert "disagrees with model.keras" in result.stderr and "max probability difference" in result.stderr
+    assert "Try float32" in " ".join(result.stderr.split())  # what to try next (the console wraps lines)
     assert not target.exists() and not verification_path(target).exists()
     failed = json.loads((tmp_path / "half.onnx.verification-failed.json").read_text())
     assert failed["passed"] is False and failed["max_abs_diff"] > 1e-7
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # nothing half-written left behind
+
+
+def test_refused_int8_export_says_what_to_try_next(bundle, tmp_path):
+    # equal decisions can never exceed 100%: the check refuses, and the error must name the float16 command
+    with pytest.raises(ExportVerificationError) as caught:
+        export_bundle(bundle, "onnx", quantize="int8", output=tmp_path, tolerance=Tolerance(None, 1.01))
+    message = str(caught.value)
+    assert f"keeneye export {bundle.path} --format onnx --quantize float16" in message
+    assert "--min-agreement" in message and not (tmp_path / "model_int8.onnx").exists()
 
 
 def test_export_into_a_missing_folder_is_a_clear_error(bundle, tmp_path):
