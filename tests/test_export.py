@@ -155,7 +155,8 @@ def test_export_that_disagrees_fails_loudly(bundle, tmp_path):
                                  "--output", str(target), "--max-diff", "1e-7"])
     assert result.exit_code == 3, result.output
     assert "disagrees with model.keras" in result.stderr and "max probability difference" in result.stderr
-    assert "Try float32" in " ".join(result.stderr.split())  # what to try next (the console wraps lines)
+    advice = " ".join(result.stderr.split())  # what to try next (the console wraps lines)
+    assert "Try float32" in advice and "--format tflite --quantize float16" in advice
     assert not target.exists() and not verification_path(target).exists()
     failed = json.loads((tmp_path / "half.onnx.verification-failed.json").read_text())
     assert failed["passed"] is False and failed["max_abs_diff"] > 1e-7

@@ -646,14 +646,18 @@ def refusal_advice(bundle: Bundle, fmt: str, quantize: str | None) -> str:
     """What to try after a refused export: the next less lossy form of the same format.
 
     Why: a refusal is the check working, and the user's next question is what will pass. Measured
-    2026-12-03: where int8 lost too many decisions (magnetic-tile `multi+cov` bundles kept 0.86-0.96),
-    float16 passed, at half the float32 size.
+    2026-12-03 on the 5 magnetic-tile `multi+cov` fold bundles: int8 ONNX kept 0.86-0.96 of the decisions
+    (refused in 4); float16 passed as TFLite in 5 (it stores 16-bit weights and computes in float32 on a
+    CPU) and as ONNX (16-bit arithmetic) in 4.
     """
     command = f"keeneye export {bundle.path} --format {fmt}"
     if quantize == "int8":
         return (f"8 bits are too coarse for this model's features: try float16 ({command} --quantize float16, half the "
                 f"float32 size) or float32 ({command}); or, if the measured loss is acceptable for your use, pass a "
                 "lower --min-agreement / a larger --max-f1-drop.")
+    if quantize == "float16" and fmt == "onnx":
+        return (f"Try float32 ({command}), which matches model.keras within 1e-4, or TFLite float16 (keeneye export "
+                f"{bundle.path} --format tflite --quantize float16), which stores 16-bit weights but computes in float32.")
     if quantize == "float16":
         return f"Try float32 ({command}), which matches model.keras within 1e-4."
     return ("A float32 export matches model.keras within 1e-4 by design: unless a stricter --max-diff or --min-agreement "
