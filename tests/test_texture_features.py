@@ -125,6 +125,18 @@ def test_onnx_engine_and_ray_factory_compute_the_fitted_features(extractors, tex
     assert len(keys) == 2  # other training images, other projection: other cached features
 
 
+def test_tflite_int8_keeps_the_texture_part_in_float(extractors) -> None:
+    """TFLite int8 of the second moment lost most decisions on magnetic-tile (README "Exports"): its ops stay float."""
+    import tensorflow as tf
+
+    from keeneye.inference.export import tflite_float_nodes
+
+    kept = tflite_float_nodes(tf.lite.TFLiteConverter.from_keras_model(extractors["multi+cov"]).convert())
+    for layer in ("low_projection", "low_moment", "low_cov"):
+        assert any(layer in name for name in kept), layer
+    assert not any("block_6" in name or "block_13" in name for name in kept)  # the backbone itself is quantised
+
+
 def test_cached_top_fine_tuning_is_refused_clearly(tmp_path, demo_data) -> None:
     from keeneye.config import config_from_dict
     from keeneye.errors import ConfigError
