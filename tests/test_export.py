@@ -18,7 +18,7 @@ from keeneye.bundle import load_bundle
 from keeneye.cli import app
 from keeneye.inference.engines import PROBABILITY_TOLERANCE, Engine, KerasEngine, generated_images, verification_path
 from keeneye.inference.export import (
-    ExportError, ExportVerificationError, Tolerance, export_bundle, load_exported, onnx_int8_cpu_note,
+    ExportError, ExportVerificationError, Tolerance, export_bundle, load_exported, onnx_int8_cpu_note, refusal_advice,
 )
 
 runner = CliRunner()
@@ -163,13 +163,18 @@ def test_export_that_disagrees_fails_loudly(bundle, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # nothing half-written left behind
 
 
-def test_refused_int8_export_says_what_to_try_next(bundle, tmp_path):
-    # equal decisions can never exceed 100%: the check refuses, and the error must name the float16 command
-    with pytest.raises(ExportVerificationError) as caught:
-        export_bundle(bundle, "onnx", quantize="int8", output=tmp_path, tolerance=Tolerance(None, 1.01))
-    message = str(caught.value)
-    assert f"keeneye export {bundle.path} --format onnx --quantize float16" in message
-    assert "--min-agreement" in message and not (tmp_path / "model_int8.onnx").exists()
+@pytest.mark.parametrize("fmt,quantize,expected", [
+    ("onnx", "int8", ["--format onnx --quantize float16", "--format onnx)", "--min-agreement"]),
+    ("tflite", "int8", ["--format tflite --quantize float16", "--format tflite)"]),
+    ("onnx", "float16", ["Try float32", "--format tflite --quantize float16"]),
+    ("tflite", "float16", ["Try float32 (keeneye export"]),
+    ("onnx", None, ["this is a bug"]),
+])
+def test_refused_export_says_what_to_try_next(bundle, fmt, quantize, expected):
+    # the message export_bundle appends to a refusal (test_export_that_disagrees_fails_loudly sees it in the CLI)
+    advice = refusal_advice(bundle, fmt, quantize)
+    assert all(part in advice for part in expected), advice
+    assert str(bundle.path) in advice or quantize is None  # a command the user can paste
 
 
 def test_export_into_a_missing_folder_is_a_clear_error(bundle, tmp_path):

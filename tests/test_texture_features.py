@@ -125,6 +125,7 @@ def test_onnx_engine_and_ray_factory_compute_the_fitted_features(extractors, tex
     assert len(keys) == 2  # other training images, other projection: other cached features
 
 
+@pytest.mark.slow  # a TFLite conversion of the full-width backbone: ~18 s
 def test_tflite_int8_keeps_the_texture_part_in_float(extractors) -> None:
     """TFLite int8 of the second moment lost most decisions on magnetic-tile (README "Exports"): its ops stay float."""
     import tensorflow as tf
