@@ -29,7 +29,7 @@ should be able to give them to keeneye.
   product's feature set, judged as in feature_layers.py), combined by keeneye's logistic head on those two
   columns (out-of-fold values for the training part), threshold out of fold.
 
-Masks are read for the training part only; the test fold is scored from its images alone.
+Only the training part's masks are used; the test fold is scored from its images alone.
 
     nice -n 15 python benchmarks/mask_patches.py [--folds 0 1 2 3 4] [--context] [--out FILE]
 """

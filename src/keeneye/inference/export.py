@@ -660,7 +660,7 @@ def refusal_advice(bundle: Bundle, fmt: str, quantize: str | None) -> str:
     """
     command = f"keeneye export {bundle.path} --format {fmt}"
     if quantize == "int8":
-        return (f"8 bits are too coarse for this model's features: try float16 ({command} --quantize float16, half the "
+        return (f"What to try next: float16 ({command} --quantize float16, half the "
                 f"float32 size) or float32 ({command}); or, if the measured loss is acceptable for your use, pass a "
                 "lower --min-agreement / a larger --max-f1-drop.")
     if quantize == "float16" and fmt == "onnx":
