@@ -24,7 +24,7 @@ should be able to give them to keeneye.
   run) on all defect patches and 40,000 random good patches of the training images.
 * **Image score**: the patch logits' maximum, or the mean of the top 3, chosen by pooled out-of-fold AP
   over keeneye's 5 inner group folds of the training part (never the test fold); the threshold is
-  keeneye's rule on the out-of-fold scores (sigmoid of the image logit).
+  keeneye's rule on the out-of-fold scores (expit of the image logit).
 * **Stack**: the image score beside `multi+cov`'s out-of-fold logit (texture_pooling's "pca128_l2", the
   product's feature set, judged as in feature_layers.py), combined by keeneye's logistic head on those two
   columns (out-of-fold values for the training part), threshold out of fold.
@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit, logit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import feature_layers as fl  # noqa: E402
@@ -112,10 +113,6 @@ def image_logits(model, patches: np.ndarray, rows: np.ndarray) -> dict[str, np.n
     return {name: ranked[:, :k].mean(axis=1) for name, k in POOLINGS.items()}
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
-
-
 def scores(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
@@ -137,14 +134,14 @@ def mask_head_fold(patches, shares, labels, groups, folds, k: int) -> dict:
     for i in np.unique(inner):
         fit_at, held_at = np.flatnonzero(inner != i), np.flatnonzero(inner == i)
         model = fit_patch_head(patches, shares, labels, pool[fit_at], seed=100 * k + int(i))
-        for name, logit in image_logits(model, patches, pool[held_at]).items():
-            oof[name][held_at] = logit
+        for name, held_logit in image_logits(model, patches, pool[held_at]).items():
+            oof[name][held_at] = held_logit
     oof_ap = {name: float(average_precision_score(labels[pool], v)) for name, v in oof.items()}
     pooling = max(oof_ap, key=oof_ap.get)
-    threshold = choose_threshold(labels[pool], sigmoid(oof[pooling]), source="out_of_fold").threshold
+    threshold = choose_threshold(labels[pool], expit(oof[pooling]), source="out_of_fold").threshold
     test_logit = image_logits(fit_patch_head(patches, shares, labels, pool, seed=100 * k + 9), patches, test)[pooling]
     return {"fold": k, "pooling": pooling, "oof_ap": oof_ap, "oof_logit": oof[pooling], "test_logit": test_logit,
-            **scores(labels[test], sigmoid(test_logit), threshold)}
+            **scores(labels[test], expit(test_logit), threshold)}
 
 
 def stacked_fold(columns_oof: np.ndarray, columns_test: np.ndarray, labels, groups, folds, k: int) -> dict:
@@ -168,8 +165,8 @@ def texture_fold(multi: np.ndarray, b6, labels, groups, folds, k: int) -> dict:
     x = np.concatenate([multi, tp.projection_variant(b6, pool, "pca128_l2", k, 48)], axis=1)
     inner = group_folds(labels[pool], groups[pool], 5, 0)
     fit = fl.logistic_fit_and_score(x, labels, pool, test, inner, "balanced")
-    logit = lambda p: np.log(np.clip(p, 1e-12, 1) / np.clip(1 - p, 1e-12, 1))  # noqa: E731
-    return {"fold": k, "oof_logit": logit(fit["oof"]), "test_logit": logit(fit["p"]),
+    oof_logit, test_logit = (logit(np.clip(p, 1e-12, 1 - 1e-12)) for p in (fit["oof"], fit["p"]))
+    return {"fold": k, "oof_logit": oof_logit, "test_logit": test_logit,
             **scores(labels[test], fit["p"], fit["threshold"])}
 
 
