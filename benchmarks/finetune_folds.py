@@ -66,7 +66,7 @@ def all_activations(paths: list[str], folds: np.ndarray, args, bottom) -> np.nda
     todo = np.flatnonzero(np.isnan(acts[0]).reshape(len(paths), -1).any(axis=1))
     computed, failed = cache_views(bottom, [paths[i] for i in todo], InputSpec(args.image_size), args.views, 32)
     assert not failed, failed
-    acts[:, todo] = computed
+    acts[:, todo] = computed[0]  # "gap": the bottom's one output
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, acts)
     return acts
@@ -101,7 +101,7 @@ def run_fold(k: int, acts: np.ndarray, y: np.ndarray, folds: np.ndarray, groups:
                                           "views": args.views}})
     unfreeze_top(find_backbone(ext), args.unfreeze)
     started = time.perf_counter()
-    model, outcome = train_top(cfg, top, head, (acts[:, tr], y[tr]), (acts[0, va], y[va]), None)
+    model, outcome = train_top(cfg, top, head, ((acts[:, tr],), y[tr]), ((acts[0, va],), y[va]), None)
     p_fine = np.asarray(model.predict(acts[0], batch_size=64, verbose=0))[:, 0]
     fine_seconds = time.perf_counter() - started
     kept, reason = judge_fine_tuning(y[va], p_frozen[va], p_fine[va], margin)

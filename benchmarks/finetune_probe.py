@@ -60,7 +60,7 @@ def main() -> None:
     from keeneye.config import config_from_dict
     from keeneye.data.preprocess import InputSpec
     from keeneye.model.backbone import build_feature_extractor, resolve_weights
-    from keeneye.training.cached_top import cache_views, split_backbone, train_top
+    from keeneye.training.cached_top import cache_views, model_inputs, split_backbone, train_top, view_of
     from keeneye.training.finetune import find_backbone, first_unfrozen, unfreeze_top
     from keeneye.training.fit import fit_logistic_head
 
@@ -72,20 +72,23 @@ def main() -> None:
     base = find_backbone(extractor)
     cut_name = base.layers[first_unfrozen(base, args.unfreeze)].name
     bottom, _ = split_backbone(extractor, cut_name)
-    cache = args.cache / f"t{args.test_fold}_{cut_name}_{args.image_size}_{args.views}.npy"
+    # the activations, then any parts pooled below the cut (split_backbone), one .npy each
+    caches = [args.cache / f"t{args.test_fold}_{cut_name}_{args.image_size}_{args.views}{'' if i == 0 else f'_{args.features}_{i}'}.npy"
+              for i in range(len(bottom.outputs))]
     started = time.perf_counter()
-    if cache.exists():
-        acts = np.load(cache, mmap_mode="r")
+    if all(cache.exists() for cache in caches):
+        acts = tuple(np.load(cache, mmap_mode="r") for cache in caches)
     else:
         acts, failed = cache_views(bottom, paths, InputSpec(args.image_size), args.views, 32)
         assert not failed, failed
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, acts)
-    print(f"activations {acts.shape} in {time.perf_counter() - started:.0f} s", flush=True)
+        args.cache.mkdir(parents=True, exist_ok=True)
+        for cache, array in zip(caches, acts):
+            np.save(cache, array)
+    print(f"activations {[a.shape for a in acts]} in {time.perf_counter() - started:.0f} s", flush=True)
     results = []
     train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    train_acts = np.asarray(acts[:, train_idx])
-    val = (np.asarray(acts[0, val_idx]), y[val_idx])
+    train_acts = tuple(np.asarray(a[:, train_idx]) for a in acts)
+    val = (view_of(acts, 0, val_idx), y[val_idx])
     for lr in [float(v) for v in args.lr.split(",")]:
         cfg = config_from_dict({"data_folder_path": "/tmp",
                                 "training": {"seed": 0, "batch_size": 32, "class_weight": args.class_weight},
@@ -98,13 +101,13 @@ def main() -> None:
         t0 = time.perf_counter()
         # The frozen reference, and the head fine-tuning starts from: logistic regression on the frozen features
         # (view 0 of the training images), as head.kind logistic.
-        frozen_train = np.asarray(top.predict(train_acts[0], batch_size=64, verbose=0))
+        frozen_train = np.asarray(top.predict(model_inputs([a[0] for a in train_acts]), batch_size=64, verbose=0))
         head = fit_logistic_head(frozen_train, y[train_idx], args.c, "balanced", 0)
-        p0 = np.asarray(head.predict(np.asarray(top.predict(val[0], batch_size=64, verbose=0)), verbose=0))[:, 0]
+        p0 = np.asarray(head.predict(np.asarray(top.predict(model_inputs(val[0]), batch_size=64, verbose=0)), verbose=0))[:, 0]
         reference = scores(val[1], p0)
         unfreeze_top(find_backbone(ext), args.unfreeze)
         model, outcome = train_top(cfg, top, head, (train_acts, y[train_idx]), val, None, verbose=0)
-        p = np.asarray(model.predict(val[0], batch_size=64, verbose=0))[:, 0]
+        p = np.asarray(model.predict(model_inputs(val[0]), batch_size=64, verbose=0))[:, 0]
         r = {"lr": lr, "epochs_run": len(outcome.history), "best_epoch": int(outcome.history.attrs.get("best_epoch", 0)),
              "seconds": round(time.perf_counter() - t0, 1), **scores(val[1], p), "frozen": reference, "unfreeze": args.unfreeze,
              "schedule": args.schedule, "views": args.views, "image_size": args.image_size, "features": args.features,

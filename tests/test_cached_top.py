@@ -39,7 +39,7 @@ def test_large_activations_are_memory_mapped_and_read_by_position() -> None:
     positions = np.array([0, 2, 4])  # column 1 and 3 failed to decode
     labels = np.array([0, 1, 1])
     plan = EpochPlan(labels, 8, 0, shuffle=False)
-    rows = [row for acts, _, _ in views_dataset(big, labels, np.ones(3), plan, [0], 0, positions).as_numpy_iterator()
+    rows = [row for acts, _, _ in views_dataset((big,), labels, np.ones(3), plan, [0], 0, positions).as_numpy_iterator()
             for row in acts]
     assert len(rows) == 3
     for row, column in zip(rows, positions):  # each row is one view of its own column, never a failed one
@@ -53,18 +53,68 @@ def test_split_needs_a_cut_at_the_start_of_a_block() -> None:
     extractor = build_feature_extractor(0.35, 96, ResolvedWeights("none", None, None), "multi")
     with pytest.raises(ConfigError, match="first layer of a block"):
         split_backbone(extractor, "block_15_depthwise")  # block_15_add also needs the block's input
-    with pytest.raises(ConfigError, match="multi"):
-        split_backbone(extractor, "block_16_expand")  # "multi" pools block_13_expand_relu, below the cut
     bottom, top = split_backbone(extractor, "block_13_expand")
+    assert len(bottom.outputs) == 1  # block_13_expand_relu is above this cut: the top pools it
     images = np.random.default_rng(0).integers(0, 255, (2, 96, 96, 3), dtype=np.uint8)
     np.testing.assert_allclose(top.predict(bottom.predict(images, verbose=0), verbose=0), extractor.predict(images, verbose=0),
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("features, cached", [("multi", ["mid_avg", "mid_max"]), ("multi+cov", ["mid_avg", "mid_max", "low_cov"]),
+                                              ("gap+gmp", [])])
+def test_parts_pooled_below_the_cut_are_cached_beside_the_activations(features, cached, imagenet_weights) -> None:
+    """Cut at block_16_expand: what "multi" pools from block_13 and "multi+cov" from block_6 is as frozen as those
+    blocks, so the bottom pools it once and the top takes it as inputs; top(bottom(x)) is the extractor's embedding."""
+    from keeneye.model.backbone import build_feature_extractor, resolve_weights
+    from keeneye.training.cached_top import split_backbone
+
+    extractor = build_feature_extractor(1.0, 64, resolve_weights(str(imagenet_weights), 1.0, 64), features)
+    bottom, top = split_backbone(extractor, "block_16_expand")
+    assert [t.name for t in top.inputs] == ["activations", *(f"cached_{name}" for name in cached)]
+    assert len(bottom.outputs) == 1 + len(cached)
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    parts = bottom.predict(images, verbose=0)
+    expected = extractor.predict(images, verbose=0)
+    np.testing.assert_allclose(top.predict(parts, verbose=0), expected, atol=1e-5)
+    assert np.ptp(expected) > 1e-3
+
+
+def test_cache_views_keeps_every_output_of_the_bottom_per_view(tmp_path, imagenet_weights) -> None:
+    """cache_views splits the bottom's outputs back into one array each; view 0 is the image as it lies."""
+    from PIL import Image
+
+    from keeneye.data.preprocess import InputSpec, dihedral
+    from keeneye.model.backbone import build_feature_extractor, resolve_weights
+    from keeneye.training.cached_top import cache_views, split_backbone, view_of
+
+    extractor = build_feature_extractor(1.0, 64, resolve_weights(str(imagenet_weights), 1.0, 64), "multi+cov")
+    bottom, top = split_backbone(extractor, "block_16_expand")
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    paths = []
+    for i, image in enumerate(pixels):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    paths.insert(1, str(tmp_path / "broken.png"))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    cached, failed = cache_views(bottom, paths, InputSpec(64), 2, batch_size=4)
+    assert list(failed) == [1]
+    assert [a.shape[:2] for a in cached] == [(2, 3)] * 4 and np.isnan(cached[3][:, 1]).all()
+    for view in range(2):
+        expected = bottom.predict(dihedral(pixels, view), verbose=0)
+        for array, part in zip(cached, expected):
+            np.testing.assert_allclose(array[view, [0, 2]], part, rtol=1e-5, atol=1e-4)  # other batch sizes: last digits
+    np.testing.assert_allclose(top.predict(view_of(cached, 0, np.array([0, 2])), verbose=0), extractor.predict(pixels, verbose=0),
+                               rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.slow
-def test_cached_top_trains_the_top_and_exports_one_graph_with_the_training_probabilities(tmp_path, demo_data, imagenet_weights) -> None:
+@pytest.mark.parametrize("features", ["gap", "multi+cov"])
+def test_cached_top_trains_the_top_and_exports_one_graph_with_the_training_probabilities(tmp_path, demo_data, imagenet_weights,
+                                                                                        features) -> None:
     """The exported classifier (image -> bottom -> trained top -> head) gives the probabilities the training-time
-    top computed from the cached activations (within 1e-4); layers below the cut and BatchNorm never move."""
+    top computed from the cached activations (within 1e-4); layers below the cut and BatchNorm never move, nor does
+    "multi+cov"'s texture projection (its part is cached beside the activations)."""
     import keras
 
     from keeneye.model.backbone import build_feature_extractor, resolve_weights
@@ -72,7 +122,7 @@ def test_cached_top_trains_the_top_and_exports_one_graph_with_the_training_proba
     from keeneye.training.distribute import choose_devices
     from keeneye.training.finetune import find_backbone, fine_tune, predict_paths
 
-    cfg = config_from_dict(tiny_config(tmp_path, demo_data, fine_tune={
+    cfg = config_from_dict(tiny_config(tmp_path, demo_data, model={"features": features}, fine_tune={
         "enabled": True, "method": "cached_top", "unfreeze": "block_16_expand", "views": 2, "epochs": 2, "patience": 0,
         "learning_rate": 1e-3, "schedule": "cosine"}), base_dir=tmp_path)
     extractor = build_feature_extractor(1.0, 96, resolve_weights(str(imagenet_weights), 1.0, 96), cfg.model.features)
@@ -94,6 +144,9 @@ def test_cached_top_trains_the_top_and_exports_one_graph_with_the_training_proba
         elif not same:
             changed.add(layer.name)
     assert {"block_16_expand", "Conv_1"} <= changed, changed
+    for layer in extractor.layers:  # the pooling and texture layers outside the backbone hold no trained weights
+        if layer.get_weights() and layer is not find_backbone(extractor):
+            assert all(np.array_equal(a, b) for a, b in zip(layer.get_weights(), result.extractor.get_layer(layer.name).get_weights()))
     classifier = build_classifier(result.extractor, result.head)
     exported, failed = predict_paths(classifier, rows["path"].iloc[1::2].tolist(), 96)
     assert not failed

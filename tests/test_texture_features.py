@@ -138,19 +138,18 @@ def test_tflite_int8_keeps_the_texture_part_in_float(extractors) -> None:
     assert not any("block_6" in name or "block_13" in name for name in kept)  # the backbone itself is quantised
 
 
-def test_cached_top_fine_tuning_is_refused_clearly(tmp_path, demo_data) -> None:
+def test_cached_top_fine_tuning_is_accepted(tmp_path, demo_data) -> None:
+    """multi+cov with the default fine-tuning method: its texture part is cached beside the activations
+    (tests/test_cached_top.py), so the run is no longer refused."""
     from keeneye.config import config_from_dict
-    from keeneye.errors import ConfigError
     from keeneye.training.phases import input_spec_for
 
     from conftest import tiny_config
 
     config = config_from_dict(tiny_config(tmp_path, demo_data, model={"features": "multi+cov"},
                                           fine_tune={"enabled": True}), base_dir=tmp_path)
-    with pytest.raises(ConfigError, match='fine_tune.method to "images"'):
-        input_spec_for(config, [])
-    images = config.model_copy(update={"fine_tune": config.fine_tune.model_copy(update={"method": "images"})})
-    assert input_spec_for(images, []).image_size == 96
+    assert config.fine_tune.method == "cached_top"
+    assert input_spec_for(config, []).image_size == 96
 
 
 @pytest.mark.slow

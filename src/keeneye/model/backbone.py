@@ -175,6 +175,41 @@ def texture_pooling(extractor: keras.Model):
     return lambda low: _apply_texture_layers(layers, low)
 
 
+#: The block each pooled map of the backbone comes from, by the prefix of its parts' names ("last": its output).
+BLOCK_OF_MAP = {"low": TEXTURE_LAYER, "mid": MID_LEVEL_LAYER, "last": None}
+
+
+def pooled_maps(extractor: keras.Model) -> list[str]:
+    """The prefixes of the backbone maps a per-image extractor pools, in the order its nested MobileNetV2 returns them
+    (finest first; build_feature_extractor): ["last"] for "gap" and "gap+gmp", ["low", "mid", "last"] for "multi+cov"."""
+    names = {layer.name for layer in extractor.layers}
+    return [prefix for prefix in BLOCK_OF_MAP if any(name.startswith(f"{prefix}_") for name in names)] or ["last"]
+
+
+def embedding_parts(extractor: keras.Model) -> list[tuple[str, int, object]]:
+    """(name, index of the map in pooled_maps, map -> pooled part) for each part of a per-image extractor's embedding,
+    in column order (FEATURE_PARTS), with the extractor's own layers: for whoever pools maps again (Grad-CAM,
+    fine-tuning from cached activations). join_parts makes the embedding of them."""
+    names = {layer.name for layer in extractor.layers}
+    if "last_avg" not in names:  # "gap": one average pooling named "features"
+        return [(FEATURE_LAYER_NAME, 0, extractor.get_layer(FEATURE_LAYER_NAME))]
+    order = pooled_maps(extractor)
+    return [(part, order.index(part.split("_")[0]), texture_pooling(extractor) if part == "low_cov" else extractor.get_layer(part))
+            for part in FEATURE_PARTS["multi+cov"] if part in names]
+
+
+def join_parts(extractor: keras.Model, pooled: list) -> object:
+    """The embedding of its parts (embedding_parts' order): the extractor's Concatenate, or the one part of "gap"."""
+    return pooled[0] if len(pooled) == 1 else extractor.get_layer(FEATURE_LAYER_NAME)(pooled)
+
+
+def maps_below(extractor: keras.Model, backbone: keras.Model, first_layer: str) -> list[int]:
+    """Indices (pooled_maps) of the maps that come from blocks below `first_layer` of the backbone."""
+    names = [layer.name for layer in backbone.layers]
+    cut = names.index(first_layer)
+    return [i for i, prefix in enumerate(pooled_maps(extractor)) if BLOCK_OF_MAP[prefix] and names.index(BLOCK_OF_MAP[prefix]) < cut]
+
+
 def has_texture_part(extractor: keras.Model) -> bool:
     """Whether a (per-image, tiled or views) extractor holds the fitted "multi+cov" projection."""
     return TEXTURE_PROJECTION in {layer.name for layer in per_square(extractor)[0].layers}

@@ -115,32 +115,23 @@ class GradCam:
         """
         import keras
 
-        from keeneye.model.backbone import FEATURE_LAYER_NAME, MID_LEVEL_LAYER, TEXTURE_LAYER, has_texture_part, texture_pooling
+        from keeneye.model.backbone import BLOCK_OF_MAP, embedding_parts, join_parts, pooled_maps
 
-        pool = extractor.get_layer(FEATURE_LAYER_NAME)
-        names = {layer.name for layer in extractor.layers}
-        if "mid_avg" in names:  # "multi" or "multi+cov"
-            texture = texture_pooling(extractor) if has_texture_part(extractor) else None
-            levels = [backbone.get_layer(n).output for n in ([TEXTURE_LAYER] if texture else []) + [MID_LEVEL_LAYER]]
-            cuts = [backbone.inputs, *levels, backbone.outputs[-1]]
-            steps = [keras.Model(a, b, name=f"grad_cam_step_{i}") for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
-            mid_avg, mid_max, last_avg, last_max = (extractor.get_layer(n) for n in ("mid_avg", "mid_max", "last_avg", "last_max"))
+        blocks = [BLOCK_OF_MAP[prefix] for prefix in pooled_maps(extractor)[:-1]]  # the finer maps, finest first
+        cuts = [backbone.inputs, *(backbone.get_layer(block).output for block in blocks), backbone.outputs[-1]]
+        steps = [keras.Model(a, b, name=f"grad_cam_step_{i}") for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+        parts = embedding_parts(extractor)
 
-            def chained_maps(scaled):
-                maps = [scaled]
-                for step in steps:
-                    maps.append(step(maps[-1], training=False))
-                return maps[1:]
+        def chained_maps(scaled):
+            maps = [scaled]
+            for step in steps:
+                maps.append(step(maps[-1], training=False))
+            return maps[1:]
 
-            def pooled(maps):
-                *low, mid, last = maps
-                return pool([mid_avg(mid), mid_max(mid), last_avg(last), last_max(last)] + [texture(m) for m in low])
+        def pooled(maps):
+            return join_parts(extractor, [pool(maps[i]) for _, i, pool in parts])
 
-            return chained_maps, pooled
-        if "last_avg" in names:  # "gap+gmp"
-            average, maximum = extractor.get_layer("last_avg"), extractor.get_layer("last_max")
-            return lambda scaled: [backbone(scaled, training=False)], lambda maps: pool([average(maps[0]), maximum(maps[0])])
-        return lambda scaled: [backbone(scaled, training=False)], lambda maps: pool(maps[0])  # "gap"
+        return chained_maps, pooled
 
     def _logit(self, pooled):
         """The head's logit (N,) for pooled features: its hidden layers, then the output unit without the sigmoid."""

@@ -28,6 +28,7 @@ import pandas as pd
 
 from keeneye.data.preprocess import InputSpec, dihedral
 from keeneye.errors import ConfigError
+from keeneye.model.backbone import embedding_parts, join_parts, maps_below
 from keeneye.runtime.batches import run_engine
 from keeneye.training.pipeline import EpochPlan, epoch_rng
 
@@ -41,10 +42,14 @@ IN_MEMORY_BYTES = 1 << 30
 def split_backbone(extractor: keras.Model, first_trained: str) -> tuple[keras.Model, keras.Model]:
     """(bottom, top) of the extractor's MobileNetV2 at the input of layer `first_trained`.
 
-    bottom: uint8 image -> activations entering `first_trained` (preprocessing included);
-    top: those activations -> the extractor's pooled features, built from the extractor's own
-    layers (training the top trains the extractor). The cut must be one tensor: the input of a
-    block's first layer (e.g. ``block_16_expand``), not a layer inside a block with a skip connection.
+    bottom: uint8 image -> [activations entering `first_trained`, then the embedding parts pooled from blocks
+    below the cut]; top: that list -> the extractor's pooled features, built from the extractor's own layers
+    (training the top trains the extractor). A part pooled from a block below the cut ("multi"'s
+    block_13_expand_relu when the cut is higher, "multi+cov"'s texture part from block_6_expand_relu) is as
+    frozen as that block, so the bottom pools it once and it is cached beside the activations: small vectors
+    instead of a deeper cut's larger maps. The cut must be one tensor: the input of a block's first layer
+    (e.g. ``block_16_expand``), not a layer inside a block with a skip connection. Without frozen parts the
+    bottom has one output and the top one input.
     """
     from keeneye.training.finetune import find_backbone
 
@@ -53,53 +58,62 @@ def split_backbone(extractor: keras.Model, first_trained: str) -> tuple[keras.Mo
     if isinstance(cut, (list, tuple)):
         raise ConfigError(f"fine_tune.unfreeze: {first_trained} takes several inputs; cached_top needs the first layer of a "
                           "block, e.g. block_16_expand or block_13_expand")
+    parts = embedding_parts(extractor)
+    below = maps_below(extractor, base, first_trained)
+    trained_maps = [i for i in range(len(base.outputs)) if i not in below]
     try:
-        top_base = keras.Model(cut, base.outputs if len(base.outputs) > 1 else base.outputs[0], name="cached_top_backbone")
+        top_base = keras.Model(cut, [base.outputs[i] for i in trained_maps], name="cached_top_backbone")
     except ValueError as exc:
         raise ConfigError(f"fine_tune.unfreeze: the top of the network from {first_trained} needs more than that layer's "
                           f"input ({exc}); with fine_tune.method cached_top unfreeze from the first layer of a block, e.g. "
-                          "block_16_expand or block_13_expand (and from block_13_expand or lower with model.features multi)") from None
+                          "block_16_expand or block_13_expand") from None
     image = keras.Input(extractor.input_shape[1:], dtype="uint8", name="image")
     scaled = extractor.get_layer("mobilenet_v2_preprocess")(image)
-    bottom = keras.Model(image, keras.Model(base.inputs, cut)(scaled), name="cached_bottom")
+    lower = keras.Model(base.inputs, [cut, *(base.outputs[i] for i in below)], name="cached_bottom_backbone")(scaled)
+    frozen = [(name, pool(lower[1 + below.index(i)])) for name, i, pool in parts if i in below]
+    bottom = keras.Model(image, [lower[0], *(t for _, t in frozen)], name="cached_bottom")
     activations = keras.Input(tuple(cut.shape[1:]), name="activations")
-    outputs = top_base(activations)
-    top = keras.Model(activations, _pool_like(extractor, outputs), name="cached_top")
-    return bottom, top
-
-
-def _pool_like(extractor: keras.Model, outputs) -> object:
-    """The extractor's own pooling layers (model.features) applied to the backbone outputs of the top."""
-    names = {layer.name for layer in extractor.layers}
-    if "last_avg" not in names:  # "gap": one average pooling named "features"
-        return extractor.get_layer("features")(outputs)
-    if "mid_avg" in names:  # "multi": (middle, last)
-        middle, last = outputs
-        pooled = [extractor.get_layer(n)(t) for n, t in (("mid_avg", middle), ("mid_max", middle), ("last_avg", last), ("last_max", last))]
-    else:  # "gap+gmp"
-        pooled = [extractor.get_layer(n)(outputs) for n in ("last_avg", "last_max")]
-    return extractor.get_layer("features")(pooled)
+    cached = {name: keras.Input(tuple(t.shape[1:]), name=f"cached_{name}") for name, t in frozen}
+    maps = top_base(activations)
+    maps = dict(zip(trained_maps, maps if isinstance(maps, (list, tuple)) else [maps]))
+    pooled = [cached[name] if name in cached else pool(maps[i]) for name, i, pool in parts]
+    return bottom, keras.Model(model_inputs([activations, *cached.values()]), join_parts(extractor, pooled), name="cached_top")
 
 
 def cache_views(bottom: keras.Model, paths: Sequence[str], spec: InputSpec, views: int, batch_size: int = 32,
-                progress=None) -> tuple[np.ndarray, dict[int, str]]:
-    """(views, N, h, w, c) float32 bottom activations of every view of every image (NaN for files that fail), failures.
+                progress=None) -> tuple[tuple[np.ndarray, ...], dict[int, str]]:
+    """One (views, N, ...) float32 array per output of the bottom (the activations, then any parts it pools; see
+    split_backbone) for every view of every image (NaN for files that fail), and the failures.
 
     Each file is decoded once; its `views` dihedral views go through the bottom together.
     """
-    shape = tuple(bottom.output_shape[1:])
-    out = activation_array((views, len(paths), *shape))
+    shapes = [tuple(t.shape[1:]) for t in bottom.outputs]
+    starts = np.cumsum([0] + [int(np.prod(shape)) for shape in shapes])  # each output's columns in the flat batch
+    out = tuple(activation_array((views, len(paths), *shape)) for shape in shapes)
 
     def all_views(batch: np.ndarray) -> np.ndarray:
         stacked = np.concatenate([dihedral(batch, v) for v in range(views)])
-        acts = np.asarray(bottom.predict_on_batch(stacked))
-        return acts.reshape(views, len(batch), *shape).swapaxes(0, 1)  # (B, views, ...) for the sink
+        outputs = bottom.predict_on_batch(stacked)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        flat = np.concatenate([np.asarray(o).reshape(views, len(batch), -1) for o in outputs], axis=-1)
+        return flat.swapaxes(0, 1)  # (B, views, all outputs flattened): one array for the batch loop
 
     def sink(keys: list[int], result: np.ndarray) -> None:
-        out[:, keys] = result.swapaxes(0, 1)
+        for array, shape, start, end in zip(out, shapes, starts[:-1], starts[1:]):
+            array[:, keys] = result[..., start:end].reshape(len(keys), views, *shape).swapaxes(0, 1)
 
     run = run_engine(all_views, list(paths), spec, max(1, batch_size // views), progress=progress, sink=sink)
     return out, run.failures
+
+
+def view_of(cached: Sequence[np.ndarray], view: int, columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One view of the `columns` images from every cached array (the top's inputs for those images)."""
+    return tuple(np.asarray(array[view, columns]) for array in cached)
+
+
+def model_inputs(parts: Sequence) -> object:
+    """What a Keras model with these inputs takes: the one array (or tensor) alone, several as a tuple."""
+    return parts[0] if len(parts) == 1 else tuple(parts)
 
 
 def activation_array(shape: tuple[int, ...], limit: int = IN_MEMORY_BYTES) -> np.ndarray:
@@ -120,17 +134,18 @@ def activation_array(shape: tuple[int, ...], limit: int = IN_MEMORY_BYTES) -> np
     return array
 
 
-def views_dataset(activations: np.ndarray, labels: np.ndarray, weights: np.ndarray, plan: EpochPlan, epochs, seed: int,
+def views_dataset(cached: Sequence[np.ndarray], labels: np.ndarray, weights: np.ndarray, plan: EpochPlan, epochs, seed: int,
                   positions: np.ndarray | None = None):
-    """tf.data batches (activations, label, weight) following `plan`; every image in a random view drawn per (seed, epoch).
+    """tf.data batches (top inputs, label, weight) following `plan`; every image in a random view drawn per (seed, epoch).
 
-    `positions`: the columns of `activations` that the labels belong to (the files that decoded), so the
-    array (possibly memory-mapped) is read batch by batch instead of being copied without its failures.
+    `cached`: cache_views' arrays (possibly memory-mapped); `positions`: the columns that the labels belong
+    to (the files that decoded), so the arrays are read batch by batch instead of being copied without
+    their failures. Every array of one image is read in the same view.
     """
     import tensorflow as tf
 
     epochs = list(epochs)
-    views, shape = activations.shape[0], activations.shape[2:]
+    views = cached[0].shape[0]
     labels, weights = np.asarray(labels, np.float32), np.asarray(weights, np.float32)
     columns = np.arange(len(labels)) if positions is None else np.asarray(positions)
 
@@ -138,9 +153,10 @@ def views_dataset(activations: np.ndarray, labels: np.ndarray, weights: np.ndarr
         for epoch in epochs:
             drawn = epoch_rng(seed, epoch, VIEW_STREAM).integers(0, views, len(labels))
             for rows in plan.batches(epoch):
-                yield activations[drawn[rows], columns[rows]], labels[rows], weights[rows]
+                yield model_inputs([array[drawn[rows], columns[rows]] for array in cached]), labels[rows], weights[rows]
 
-    signature = (tf.TensorSpec([None, *shape], tf.float32), tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.float32))
+    inputs = model_inputs([tf.TensorSpec([None, *array.shape[2:]], tf.float32) for array in cached])
+    signature = (inputs, tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.float32))
     return tf.data.Dataset.from_generator(batches, output_signature=signature).prefetch(2)
 
 
@@ -155,22 +171,22 @@ def learning_rate(rate: float, schedule: str, steps_per_epoch: int, epochs: int)
 
 def train_top(cfg, top: keras.Model, head: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
               checkpoint_dir: Path | None, callbacks: Sequence = (), verbose: int = 0, positions: np.ndarray | None = None):
-    """Train top + head on cached views (train: (views, N, ...) activations, labels of the `positions` columns (default
-    all); val: view 0 only). Returns PhaseOutcome."""
+    """Train top + head on cached views (train: cache_views' arrays, labels of the `positions` columns (default all);
+    val: the top's inputs in view 0 (view_of), labels). Returns (model, PhaseOutcome)."""
     import tensorflow as tf
 
     from keeneye.training.fit import run_phase, sample_weights
 
     ft, training = cfg.fine_tune, cfg.training
-    activations = keras.Input(top.input_shape[1:], name="activations")
-    model = keras.Model(activations, head(top(activations)), name="keeneye_cached_top")
+    inputs = [keras.Input(tuple(t.shape[1:]), name=t.name) for t in top.inputs]
+    model = keras.Model(model_inputs(inputs), head(top(model_inputs(inputs))), name="keeneye_cached_top")
     plan = EpochPlan(train[1], training.batch_size, training.seed, shuffle=True, oversample=training.oversample, stream=1)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate(ft.learning_rate, ft.schedule, plan.steps_per_epoch, ft.epochs)),
                   loss="binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
     weights = sample_weights(train[1], training.class_weight)
     validation = None
     if len(val[1]):
-        validation = tf.data.Dataset.from_tensor_slices((val[0], np.asarray(val[1], np.float32))).batch(training.batch_size)
+        validation = tf.data.Dataset.from_tensor_slices((model_inputs(val[0]), np.asarray(val[1], np.float32))).batch(training.batch_size)
     return model, run_phase(
         model, lambda first: views_dataset(train[0], train[1], weights, plan, range(first, ft.epochs), training.seed, positions),
         plan.steps_per_epoch, ft.epochs, validation, "val_loss" if validation is not None else "loss", ft.patience,

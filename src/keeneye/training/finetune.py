@@ -43,7 +43,7 @@ from keeneye.runtime.batches import first_column, run_engine
 from keeneye.runtime.engines import KerasEngine
 from keeneye.terminal import Task
 from keeneye.training.augment import build_augmenter
-from keeneye.training.cached_top import learning_rate
+from keeneye.training.cached_top import learning_rate, view_of
 from keeneye.training.distribute import Devices, dtype_policy
 from keeneye.training.fit import run_phase, sample_weights, seed_state_variables
 from keeneye.training.pipeline import DecodeFailures, EpochPlan, ImagePipeline
@@ -246,7 +246,8 @@ def fine_tune_cached_top(
     train_ok = np.setdiff1d(np.arange(len(train_rows)), list(train_failed))
     val_ok = np.setdiff1d(np.arange(len(val_rows)), list(val_failed))
     result, validation_p = fit_cached_top(cfg, extractor, head, train_acts, train_ok, np.asarray(train_labels)[train_ok],
-                                          val_acts[0, val_ok], np.asarray(val_labels)[val_ok], checkpoint_dir, callbacks, verbose)
+                                          view_of(val_acts, 0, val_ok), np.asarray(val_labels)[val_ok], checkpoint_dir, callbacks,
+                                          verbose)
     del train_acts, val_acts, bottom
     result.dropped = pd.concat([dropped_frame(train_rows.index, train_failed), dropped_frame(val_rows.index, val_failed)])
     result.seconds = time.perf_counter() - started
@@ -254,20 +255,21 @@ def fine_tune_cached_top(
     return result
 
 
-def fit_cached_top(cfg: Config, extractor: keras.Model, head: keras.Model, activations: np.ndarray, train_at: np.ndarray,
-                   train_labels: np.ndarray, held_acts: np.ndarray, held_labels: np.ndarray, checkpoint_dir: Path | None,
+def fit_cached_top(cfg: Config, extractor: keras.Model, head: keras.Model, activations: Sequence[np.ndarray], train_at: np.ndarray,
+                   train_labels: np.ndarray, held_acts: Sequence[np.ndarray], held_labels: np.ndarray, checkpoint_dir: Path | None,
                    callbacks: Sequence = (), verbose: int = 0) -> tuple[FineTuneResult, np.ndarray]:
-    """Train the top + head of copies of `extractor` and `head` on cached views (`activations` columns `train_at`),
-    early-stopping on `held_acts` (none: a fixed number of epochs); the result and the held rows' probabilities."""
-    from keeneye.training.cached_top import train_top
+    """Train the top + head of copies of `extractor` and `head` on cached views (cache_views' arrays, columns `train_at`),
+    early-stopping on `held_acts` (the top's inputs of the held rows, view 0; none: a fixed number of epochs); the result
+    and the held rows' probabilities."""
+    from keeneye.training.cached_top import model_inputs, train_top
 
     started = time.perf_counter()
     keras.utils.set_random_seed(cfg.training.seed)
     ext_copy, head_copy, unfrozen, _, top = cached_top_parts(cfg, extractor, head)
     model, outcome = train_top(cfg, top, head_copy, (activations, train_labels), (held_acts, held_labels), checkpoint_dir,
                                callbacks, verbose, positions=train_at)
-    held_p = (np.asarray(model.predict(held_acts, batch_size=cfg.training.batch_size, verbose=0))[:, 0]
-              if len(held_acts) else np.empty(0, np.float32))
+    held_p = (np.asarray(model.predict(model_inputs(held_acts), batch_size=cfg.training.batch_size, verbose=0))[:, 0]
+              if len(held_labels) else np.empty(0, np.float32))
     final_extractor, final_head = plain_copy(cfg, ext_copy, head_copy)
     history = outcome.history
     # the training graph and its optimizer state hold a few hundred MB in reference cycles: free them before the next fit
@@ -589,7 +591,7 @@ class FoldFineTuner:
                           callbacks: Sequence) -> tuple[FineTuneResult, np.ndarray]:
         train_at, held_at = np.flatnonzero(train & self.decoded), np.flatnonzero(held & self.decoded)
         result, held_p = fit_cached_top(cfg, self.extractor, head, self.activations, train_at, self.labels[train_at],
-                                        self.activations[0, held_at], self.labels[held_at], folder, callbacks)
+                                        view_of(self.activations, 0, held_at), self.labels[held_at], folder, callbacks)
         p = np.full(int(held.sum()), np.nan, np.float32)
         p[self.decoded[held]] = held_p
         return result, p

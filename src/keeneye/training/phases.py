@@ -78,10 +78,6 @@ def input_spec_for(cfg: Config, paths: Sequence[str], reporter: Any = None) -> I
     if model.views > 1 and (model.tiles != "none" or cfg.fine_tune.enabled or cfg.augmentation.frozen_views):
         raise ConfigError(f"model.views {model.views} cannot be combined with model.tiles, fine_tune.enabled or "
                           "augmentation.frozen_views (yet): set model.views to 1, or turn those off.")
-    if model.features == "multi+cov" and cfg.fine_tune.enabled and cfg.fine_tune.method == "cached_top":
-        raise ConfigError('model.features "multi+cov" cannot be combined with fine_tune.method "cached_top" (yet): its '
-                          "texture part comes from block_6, below the cached activations. Set fine_tune.method to "
-                          '"images", or model.features to "multi".')
     if model.tiles == "auto":
         size = median_size(paths)
         tiles = auto_grid(*size, model.image_size, model.tile_overlap) if size else None
