@@ -169,7 +169,8 @@ def learning_rate(rate: float, schedule: str, steps_per_epoch: int, epochs: int)
                                                   warmup_target=rate, warmup_steps=warmup)
 
 
-def train_top(cfg, top: keras.Model, head: keras.Model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+def train_top(cfg, top: keras.Model, head: keras.Model, train: tuple[Sequence[np.ndarray], np.ndarray],
+              val: tuple[Sequence[np.ndarray], np.ndarray],
               checkpoint_dir: Path | None, callbacks: Sequence = (), verbose: int = 0, positions: np.ndarray | None = None):
     """Train top + head on cached views (train: cache_views' arrays, labels of the `positions` columns (default all);
     val: the top's inputs in view 0 (view_of), labels). Returns (model, PhaseOutcome)."""
