@@ -74,8 +74,7 @@ def split_backbone(extractor: keras.Model, first_trained: str) -> tuple[keras.Mo
     bottom = keras.Model(image, [lower[0], *(t for _, t in frozen)], name="cached_bottom")
     activations = keras.Input(tuple(cut.shape[1:]), name="activations")
     cached = {name: keras.Input(tuple(t.shape[1:]), name=f"cached_{name}") for name, t in frozen}
-    maps = top_base(activations)
-    maps = dict(zip(trained_maps, maps if isinstance(maps, (list, tuple)) else [maps]))
+    maps = dict(zip(trained_maps, top_base(activations)))  # a Model built with a list of outputs returns a list
     pooled = [cached[name] if name in cached else pool(maps[i]) for name, i, pool in parts]
     return bottom, keras.Model(model_inputs([activations, *cached.values()]), join_parts(extractor, pooled), name="cached_top")
 
