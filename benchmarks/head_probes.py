@@ -36,10 +36,6 @@ import texture_pooling as tp  # noqa: E402
 WIDER_C = (0.3, 1.0, 3.0, 10.0)
 
 
-def l2_rows(x: np.ndarray) -> np.ndarray:
-    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
-
-
 def moments(maps: np.ndarray, pca, regions: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """keeneye's texture part of every image (whole 48 x 48 moment, L2) and, with `regions`, the element-wise
     maximum of its 2 x 2 quadrants' moments (each L2)."""
@@ -48,11 +44,11 @@ def moments(maps: np.ndarray, pca, regions: bool) -> tuple[np.ndarray, np.ndarra
     for start in range(0, n, 128):
         z = pca.transform(np.asarray(maps[start : start + 128], np.float32).reshape(-1, c)).astype(np.float32)
         z = z.reshape(-1, h, w, z.shape[-1])
-        whole.append(l2_rows(np.einsum("nhwi,nhwj->nij", z, z).reshape(len(z), -1)))
+        whole.append(tp.full_moment_l2(z.reshape(len(z), h * w, -1)))
         if regions:
             half = h // 2
             parts = [z[:, a * half : (a + 1) * half, b * half : (b + 1) * half] for a in (0, 1) for b in (0, 1)]
-            quadrants.append(np.max([l2_rows(np.einsum("nhwi,nhwj->nij", q, q).reshape(len(z), -1)) for q in parts], 0))
+            quadrants.append(np.max([tp.full_moment_l2(q.reshape(len(z), half * half, -1)) for q in parts], 0))
     return np.concatenate(whole), (np.concatenate(quadrants) if regions else None)
 
 

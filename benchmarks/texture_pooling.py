@@ -94,6 +94,12 @@ def second_moment(z: np.ndarray) -> np.ndarray:
     return signed_sqrt_l2(moment[:, upper[0], upper[1]]).astype(np.float32)
 
 
+def full_moment_l2(z: np.ndarray) -> np.ndarray:
+    """(N, P, D) projected positions -> (N, D * D): the whole Z^T Z, L2-normalised, as keeneye's "multi+cov" pools it."""
+    moment = np.einsum("npi,npj->nij", z, z).reshape(len(z), -1)
+    return moment / np.linalg.norm(moment, axis=1, keepdims=True)
+
+
 def vlad(z: np.ndarray, centres: np.ndarray, assign: np.ndarray) -> np.ndarray:
     """(N, P, D) positions and their nearest centre -> (N, K D) VLAD, intra- and L2-normalised."""
     out = np.zeros((z.shape[0], len(centres), z.shape[-1]), np.float32)
@@ -156,8 +162,7 @@ def projection_variant(maps: np.ndarray, train: np.ndarray, variant: str, seed: 
             moments = np.einsum("npi,npj->nij", z.astype(np.float64), z) / (h * w)
             out.append(matrix_normalised(moments, "sqrt" if variant.endswith("sqrt") else "log"))
         elif variant == "pca128_l2":
-            moment = np.einsum("npi,npj->nij", z, z).reshape(len(z), -1)
-            out.append(moment / np.linalg.norm(moment, axis=1, keepdims=True))
+            out.append(full_moment_l2(z))
         else:
             out.append(second_moment(z))
     return np.concatenate(out).astype(np.float32)
