@@ -158,10 +158,10 @@ def judge_fold(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, test_folds
 
 
 def logistic_fit_and_score(x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, inner: list,
-                           class_weight: str) -> dict:
-    """keeneye's logistic head on the train rows (C by pooled out-of-fold AP over the `inner` folds, the
-    threshold out of fold), refit at that C and scored on the test rows: C, threshold, out-of-fold
-    probabilities and AP, test probabilities, F1, ROC AUC and AP."""
+                           class_weight: str, grid: tuple[float, ...] | None = None) -> dict:
+    """keeneye's logistic head on the train rows (C from `grid`, default head.logistic_c's, by pooled out-of-fold
+    AP over the `inner` folds, the threshold out of fold), refit at that C and scored on the test rows: C,
+    threshold, out-of-fold probabilities and AP, test probabilities, F1, ROC AUC and AP."""
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
     from keeneye.evaluation.metrics import predict_labels
@@ -169,7 +169,7 @@ def logistic_fit_and_score(x: np.ndarray, labels: np.ndarray, train: np.ndarray,
     from keeneye.training.crossval import HeadCandidate, cross_validate_logistic
     from keeneye.training.fit import LOGISTIC_C_GRID, fit_logistic
 
-    candidate = HeadCandidate("logistic", (), 0.0, 0.0, class_weight, kind="logistic", logistic_c=LOGISTIC_C_GRID)
+    candidate = HeadCandidate("logistic", (), 0.0, 0.0, class_weight, kind="logistic", logistic_c=tuple(grid or LOGISTIC_C_GRID))
     result = cross_validate_logistic(x[train], labels[train], inner, candidate)
     threshold = choose_threshold(labels[train], result.oof, source="out_of_fold").threshold
     c = result.candidate.logistic_c[0]

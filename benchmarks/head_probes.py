@@ -55,18 +55,25 @@ def moments(maps: np.ndarray, pca, regions: bool) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(whole), (np.concatenate(quadrants) if regions else None)
 
 
-def fit_and_score(view_rows: list[np.ndarray], labels: np.ndarray, pool: np.ndarray, test: np.ndarray, inner: np.ndarray,
-                  grid: list[float], predict_rows: list[np.ndarray] | None = None) -> dict:
-    """keeneye's logistic protocol on features given per view (one array: the averaged features; several: one row
-    per view, predicted by the mean logit): C by pooled out-of-fold AP, threshold out of fold, refit, test.
-    `predict_rows` (default: `view_rows`) are the views the out-of-fold and test predictions average over."""
+def keeneye_fit(x: np.ndarray, labels: np.ndarray, pool: np.ndarray, test: np.ndarray, inner: np.ndarray,
+                grid: tuple[float, ...] | None = None) -> dict:
+    """keeneye's own logistic fit on one row per image (feature_layers' judge: keeneye's cross_validate_logistic),
+    without the probability arrays, so the result goes into the JSON."""
+    fit = fl.logistic_fit_and_score(x, labels, pool, test, inner, "balanced", grid)
+    del fit["p"], fit["oof"]
+    return fit
+
+
+def fit_on_views(view_rows: list[np.ndarray], predict_rows: list[np.ndarray], labels: np.ndarray, pool: np.ndarray,
+                 test: np.ndarray, inner: np.ndarray, grid: list[float]) -> dict:
+    """keeneye's logistic protocol with every view of an image as a training row (`view_rows`), predicted by the
+    mean logit over `predict_rows`: C by pooled out-of-fold AP, threshold out of fold, refit, test. Its own loop,
+    since keeneye's cross_validate_logistic scores every row, not an image's mean over its views."""
     from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
     from keeneye.evaluation.metrics import predict_labels
     from keeneye.evaluation.threshold import choose_threshold
     from keeneye.training.fit import logistic_path
-
-    predict_rows = view_rows if predict_rows is None else predict_rows
 
     def fitted(rows: np.ndarray, cs: list[float]) -> list:
         return logistic_path(np.concatenate([v[rows] for v in view_rows]), np.tile(labels[rows], len(view_rows)), cs)
@@ -117,19 +124,17 @@ def main() -> int:
         per_view = [np.concatenate([x, t[0]], axis=1) for x, t in zip(multi, texture)]
         averaged = np.mean(per_view, axis=0)
         inner = group_folds(labels[pool], groups[pool], 5, 0)
-        if args.probe == "train_rows":  # its baseline is keeneye with one view: fitted and scored on the image alone
-            rows["keeneye"].append(fit_and_score(per_view[:1], labels, pool, test, inner, grid))
-        else:
-            rows["keeneye"].append(fit_and_score([averaged], labels, pool, test, inner, grid))
+        # train_rows' baseline is keeneye with one view: fitted and scored on the image alone
+        rows["keeneye"].append(keeneye_fit(per_view[0] if args.probe == "train_rows" else averaged, labels, pool, test, inner))
         if args.probe == "rows":
-            probe = fit_and_score(per_view, labels, pool, test, inner, [c / len(views) for c in grid])
+            probe = fit_on_views(per_view, per_view, labels, pool, test, inner, [c / len(views) for c in grid])
         elif args.probe == "train_rows":
-            probe = fit_and_score(per_view, labels, pool, test, inner, [c / len(views) for c in grid], per_view[:1])
+            probe = fit_on_views(per_view, per_view[:1], labels, pool, test, inner, [c / len(views) for c in grid])
         elif args.probe == "c_grid":
-            probe = fit_and_score([averaged], labels, pool, test, inner, grid + list(WIDER_C))
+            probe = keeneye_fit(averaged, labels, pool, test, inner, tuple(grid) + WIDER_C)
         else:
             regions = np.mean([t[1] for t in texture], axis=0)
-            probe = fit_and_score([np.concatenate([averaged, regions], axis=1)], labels, pool, test, inner, grid)
+            probe = keeneye_fit(np.concatenate([averaged, regions], axis=1), labels, pool, test, inner)
         rows[args.probe].append(probe)
         print(f"fold {k} ({time.perf_counter() - started:.0f} s): " + "  ".join(
             f"{name} C {r[-1]['c']:g} F1 {r[-1]['f1']:.3f} AUC {r[-1]['auc']:.3f} AP {r[-1]['ap']:.3f} OOF AP {r[-1]['oof_ap']:.3f}"
